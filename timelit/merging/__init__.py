@@ -1,0 +1,138 @@
+"""Model merging for TIME (arXiv 2412.06712): pure functions over state dicts, streamed from safetensors files.
+
+    from timelit.merging import ExpertStore, merge
+    ema = merge(base, [ema_prev, expert], "interpolation", w=0.5)      # the task-level EMA
+    deployed = merge("base.safetensors", ExpertStore("experts"), "ties", k=0.3, scope="tower")   # "all"
+
+Formulas, conventions and defaults: shared/MERGING.md. Each technique is one module holding one frozen dataclass
+whose fields are its hyperparameters and whose kernel is element-wise over a chunk; ``engine`` runs any of them over
+state dicts or files in bounded memory. ``TECHNIQUES`` is the only registry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+
+from timelit.merging.average import Average
+from timelit.merging.breadcrumbs import Breadcrumbs, BreadcrumbsTies
+from timelit.merging.dare import Dare, DareTies
+from timelit.merging.engine import DEFAULT_CHUNK_SIZE, run
+from timelit.merging.interpolation import Interpolation
+from timelit.merging.lines import Lines
+from timelit.merging.magmax import MagMax
+from timelit.merging.safetensors_io import load_weights, read_metadata, save_weights
+from timelit.merging.slerp import Slerp
+from timelit.merging.sources import WeightsLike
+from timelit.merging.store import ExpertStore
+from timelit.merging.task_arithmetic import TaskArithmetic
+from timelit.merging.technique import Scope, Technique
+from timelit.merging.ties import Ties
+
+__all__ = [
+    "TECHNIQUES",
+    "ExpertStore",
+    "MergeMethod",
+    "Scope",
+    "Technique",
+    "load_weights",
+    "merge",
+    "read_metadata",
+    "save_weights",
+    "validate",
+]
+
+MergeMethod = Literal[
+    "average",
+    "interpolation",
+    "slerp",
+    "task_arithmetic",
+    "ties",
+    "dare",
+    "dare_ties",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "magmax",
+    "lines",
+]
+"""The merge methods, for typed configs (``method: MergeMethod``); the keys of ``TECHNIQUES``."""
+
+TECHNIQUES: dict[str, type[Technique]] = {
+    technique.name: technique
+    for technique in (
+        Average,
+        Interpolation,
+        Slerp,
+        TaskArithmetic,
+        Ties,
+        Dare,
+        DareTies,
+        Breadcrumbs,
+        BreadcrumbsTies,
+        MagMax,
+        Lines,
+    )
+}
+
+
+def validate(method: str, hparams: Mapping[str, Any] | None = None) -> Technique:
+    """Check a method name and its hyperparameters without merging; return the configured technique.
+
+    Raises a ValueError that lists the valid names and suggests the nearest one (``"tie"`` -> ``"ties"``), or that
+    translates a name from the pipeline or mergekit (``prune_percentile`` -> ``k = 1 - prune_percentile``). Checks that
+    need the experts (how many, the length of ``weights``) happen when merging.
+    """
+    if method not in TECHNIQUES:
+        raise ValueError(
+            f"unknown merge method {method!r}{_nearest(method, TECHNIQUES)}; valid: {', '.join(TECHNIQUES)}"
+        )
+    technique = TECHNIQUES[method]
+    valid = [field.name for field in dataclasses.fields(technique)]
+    for name in hparams or {}:
+        if name not in valid:
+            hint = f" ({technique.hints[name]})" if name in technique.hints else _nearest(name, valid)
+            raise ValueError(f"unknown hyperparameter {name!r} for {method!r}{hint}; valid: {', '.join(valid)}")
+    return technique(**(hparams or {}))
+
+
+def _nearest(name: str, valid: Sequence[str] | Mapping[str, Any]) -> str:
+    near = difflib.get_close_matches(name, list(valid), n=1)
+    return f"; did you mean {near[0]!r}?" if near else ""
+
+
+def merge(
+    base: WeightsLike,
+    experts: Sequence[WeightsLike] | ExpertStore,
+    method: MergeMethod | Technique,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    progress: bool = False,
+    **hparams: Any,
+) -> dict[str, torch.Tensor]:
+    """Merge ``experts`` (oldest first) onto the base weights theta_0 with ``method`` and its hyperparameters.
+
+    Args:
+        base: theta_0 as a state dict or a safetensors path; task vectors are taken against it, and its keys, shapes
+            and dtypes are the output's. Non-floating and ``skip``-ped tensors are copied from it.
+        experts: state dicts, safetensors paths, or an :class:`ExpertStore`. Files are streamed chunk by chunk.
+        method: a name from ``TECHNIQUES`` (see :data:`MergeMethod`), or a technique from :func:`validate`.
+        chunk_size: elements per slice of a tensor held per expert at a time; results do not depend on it except
+            for whole-tensor float64 statistics (SLERP's angle, LiNeS' auto alpha), which are summed chunk by chunk.
+        progress: show a tqdm bar over tensors.
+        **hparams: the method's hyperparameters, e.g. ``k=0.3, scope="tower"`` for TIES.
+
+    Returns:
+        A new state dict; the inputs are not modified.
+    """
+    if isinstance(method, Technique):
+        if hparams:
+            raise ValueError("pass hyperparameters either in the technique or as keywords, not both")
+        technique = method
+    else:
+        technique = validate(method, hparams)
+    paths = experts.paths if isinstance(experts, ExpertStore) else experts
+    return run(technique, base, paths, chunk_size=chunk_size, progress=progress)

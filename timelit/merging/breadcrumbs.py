@@ -1,0 +1,96 @@
+"""Model Breadcrumbs: drop the largest and the smallest entries of each task vector (arXiv 2312.06795).
+
+    merge(base, experts, "breadcrumbs", top_drop=0.01, bottom_drop=0.7)
+    merge(base, experts, "breadcrumbs_ties", top_drop=0.01, bottom_drop=0.7, scope="tower")  # the TIME configs
+
+Per expert over the scope's n entries, keep lower <= |tau_i| <= upper, where upper is the (floor(top_drop n) + 1)-th
+largest and lower the (floor(bottom_drop n) + 1)-th smallest |tau_i| (the pipeline's bounds; ties at either bound are
+kept). ``breadcrumbs`` then adds the masked vectors (task arithmetic, as in the paper); ``breadcrumbs_ties`` elects
+signs and takes the disjoint mean as TIES does (the pipeline's ``breadcrumbs_ties``).
+
+Naming: the paper's and the codes' beta/gamma disagree, so timelit names the fractions by what they drop:
+
+| timelit         | shared/MERGING.md | FoMo-in-Flux pipeline    | authors' code (rezazzr) | mergekit              |
+|-----------------|-------------------|--------------------------|-------------------------|-----------------------|
+| ``top_drop``    | beta (largest)    | ``top_prune_percentile`` | gamma (largest dropped) | ``gamma``             |
+| ``bottom_drop`` | gamma (smallest)  | ``prune_percentile``     | 1 - beta - gamma        | 1 - density - gamma   |
+
+(the authors' beta is the fraction kept; mergekit's density likewise.)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import ClassVar
+
+import torch
+
+from timelit.merging.task_vectors import Elected, elect_disjoint_mean, sum_in_order
+from timelit.merging.technique import Chunk, TaskVectorTechnique, check_range
+
+_NAMES = (
+    "breadcrumbs names its fractions by what they drop: `top_drop` (largest |tau| dropped; MERGING.md's beta, "
+    "the authors' gamma) and `bottom_drop` (smallest dropped; MERGING.md's gamma)"
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Breadcrumbs(TaskVectorTechnique):
+    """Breadcrumbs + task arithmetic.
+
+    Args:
+        top_drop: fraction of the largest |tau_i| dropped per expert over the scope (default 0.01).
+        bottom_drop: fraction of the smallest |tau_i| dropped (default 0.7). top_drop + bottom_drop must be < 1.
+    """
+
+    top_drop: float = 0.01
+    bottom_drop: float = 0.7
+
+    name: ClassVar[str] = "breadcrumbs"
+    order_statistics: ClassVar[bool] = True
+    hints: ClassVar[dict[str, str]] = {
+        "beta": _NAMES,
+        "gamma": _NAMES,
+        "top_prune_percentile": "the pipeline's top_prune_percentile is `top_drop`",
+        "prune_percentile": "the pipeline's prune_percentile is `bottom_drop`",
+    }
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("top_drop", self.top_drop, 0.0, 1.0)
+        check_range("bottom_drop", self.bottom_drop, 0.0, 1.0)
+        if self.top_drop + self.bottom_drop >= 1:
+            raise ValueError(f"top_drop + bottom_drop = {self.top_drop + self.bottom_drop} drops everything")
+
+    def ranks(self, n: int) -> tuple[int, ...]:
+        top, bottom = _floor(self.top_drop, n), _floor(self.bottom_drop, n)
+        if top + bottom >= n:
+            raise ValueError(f"dropping {top} largest and {bottom} smallest of {n} entries leaves nothing")
+        return (top + 1, n - bottom)
+
+    def masked(self, chunk: Chunk) -> Iterator[torch.Tensor]:
+        """tau_i with the largest top_drop and smallest bottom_drop fractions zeroed, per expert in store order."""
+        for tau, (upper, lower) in zip(chunk.task_vectors(), chunk.thresholds, strict=True):
+            magnitude = tau.abs()
+            yield torch.where((magnitude >= lower) & (magnitude <= upper), tau, 0.0)
+
+    def merge_chunk(self, chunk: Chunk) -> torch.Tensor | Elected:
+        return sum_in_order(self.masked(chunk))
+
+
+@dataclass(frozen=True, kw_only=True)
+class BreadcrumbsTies(Breadcrumbs):
+    """Breadcrumbs masks + TIES sign election and disjoint mean."""
+
+    name: ClassVar[str] = "breadcrumbs_ties"
+
+    def merge_chunk(self, chunk: Chunk) -> Elected:
+        return elect_disjoint_mean(self.masked(chunk))
+
+
+def _floor(fraction: float, n: int) -> int:
+    """floor(fraction * n), reading ``fraction`` as the decimal it is written as (0.7 * 10 drops 7, not 6)."""
+    return math.floor(Fraction(repr(float(fraction))) * n)

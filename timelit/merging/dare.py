@@ -1,0 +1,86 @@
+"""DARE: drop and rescale task vectors (Yu et al., arXiv 2311.03099), merged by sum (``dare``) or TIES (``dare_ties``).
+
+    merge(base, experts, "dare", p=0.9, seed=0)
+    merge(base, experts, "dare_ties", p=0.7, seed=0)   # the TIME configs
+
+Each entry of tau_i is kept with probability 1 - p (an i.i.d. Bernoulli draw, as in the paper) and kept entries are
+divided by 1 - p, so E[drop(tau_i)] = tau_i. ``dare`` then adds the rescaled vectors (task arithmetic); ``dare_ties``
+elects signs and takes the disjoint mean as TIES does, with no magnitude trim (as in mergekit and the pipeline).
+
+The mask of expert i over tensor ``key`` is cut into blocks of 65,536 entries; block b's uniforms come from a
+generator seeded with a hash of (seed, i, key, b). A merge therefore gives the same weights whenever it is recomputed,
+whatever the chunk size or processing order (the pipeline re-draws its masks from the global RNG on every call).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from timelit.merging.task_vectors import Elected, elect_disjoint_mean, sum_in_order
+from timelit.merging.technique import Chunk, TaskVectorTechnique, check_range
+
+BLOCK = 1 << 16
+
+
+def keep_mask(seed: int, expert: int, key: str, start: int, stop: int, p: float) -> torch.Tensor:
+    """Entries ``start:stop`` of the keep mask (True with probability 1 - p) of ``expert`` over tensor ``key``."""
+    pieces = []
+    for block in range(start // BLOCK, (stop - 1) // BLOCK + 1):
+        digest = hashlib.blake2b(f"{seed}/{expert}/{key}/{block}".encode(), digest_size=8).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+        offset = block * BLOCK
+        # Drawing n uniforms gives the first n of a longer draw (torch's CPU generator is serial; a test guards
+        # this), so a block is drawn only up to the end of the slice and small tensors draw only their size.
+        uniforms = torch.rand(min(stop, offset + BLOCK) - offset, generator=generator)
+        pieces.append(uniforms[max(start, offset) - offset :])
+    return torch.cat(pieces) >= p
+
+
+@dataclass(frozen=True, kw_only=True)
+class Dare(TaskVectorTechnique):
+    """DARE + task arithmetic: theta = theta_0 + lam * sum_i drop_p(tau_i) / (1 - p).
+
+    Args:
+        p: drop probability in [0, 1) (paper default 0.9; the TIME configs use 0.7). p = 0 is task arithmetic.
+        seed: seeds the masks (with the expert index, tensor name and block), so a merge is reproducible.
+    """
+
+    p: float = 0.9
+    seed: int = 0
+
+    name: ClassVar[str] = "dare"
+    hints: ClassVar[dict[str, str]] = {
+        "density": "mergekit's density is the fraction kept: p = 1 - density",
+        "prune_percentile": "the pipeline's dare prune_percentile is the drop probability `p`",
+        "sparsity_ratio": "FusionBench's sparsity_ratio is the drop probability `p`",
+    }
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("p", self.p, 0.0, 1.0, high_open=True)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+    def dropped(self, chunk: Chunk) -> Iterator[torch.Tensor]:
+        """drop_p(tau_i) / (1 - p) for every expert, in store order."""
+        for i, tau in enumerate(chunk.task_vectors()):
+            keep = keep_mask(self.seed, i, chunk.key, chunk.start, chunk.stop, self.p)
+            yield torch.where(keep, tau / (1 - self.p), 0.0)
+
+    def merge_chunk(self, chunk: Chunk) -> torch.Tensor | Elected:
+        return sum_in_order(self.dropped(chunk))
+
+
+@dataclass(frozen=True, kw_only=True)
+class DareTies(Dare):
+    """DARE + TIES sign election and disjoint mean (no magnitude trim); same p and seed as :class:`Dare`."""
+
+    name: ClassVar[str] = "dare_ties"
+
+    def merge_chunk(self, chunk: Chunk) -> Elected:
+        return elect_disjoint_mean(self.dropped(chunk))

@@ -1,0 +1,166 @@
+"""The streaming merge engine: one pass per scope group, chunk by chunk, expert by expert.
+
+    merged = run(Ties(k=0.3, scope="tower"), "base.safetensors", ExpertStore("experts").paths)
+
+Memory is bounded by the output (one model in the base's dtype) plus a few chunk-sized float32 buffers, whatever
+the number of experts: every kernel folds experts one at a time, safetensors inputs are read by byte range (no
+memory maps), and no tensor is ever stacked across experts (ARCHITECTURE.md property 3). A merge over state dicts
+in memory goes through the same code with the same chunking, so the two agree bitwise.
+
+Per scope group (the whole model, each tower, or each tensor, see ``Scope``):
+1. order statistics, if the technique trims by magnitude: two streamed passes (``order_stats``);
+2. the merge pass: per tensor and chunk, the technique's kernel gives merged weights, or a merged task vector that
+   is added to the base scaled by lambda or LiNeS;
+3. TIES-family patches: positions whose elected sign was 0 get the group's majority sign (``Elected``);
+4. with LiNeS ``alpha="auto"``: the group's merged task vectors are held in float32 until alpha is known.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from timelit.merging import order_stats
+from timelit.merging.lines import auto_alpha, depth_ratios
+from timelit.merging.sources import Source, WeightsLike, merged_keys, open_sources
+from timelit.merging.task_vectors import Elected, scope_groups, sum_in_order
+from timelit.merging.technique import Chunk, Technique, TensorJob
+
+DEFAULT_CHUNK_SIZE = 1 << 22
+"""4,194,304 elements (16 MB in float32) per chunk: ViT-B/16's 25.3M-entry token embedding is read in 7 slices."""
+
+
+def run(
+    technique: Technique,
+    base: WeightsLike,
+    experts: Sequence[WeightsLike],
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    progress: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Merge ``experts`` (state dicts or safetensors paths, oldest first) onto ``base`` with ``technique``.
+
+    Keys, shapes and dtypes of every input are validated before any tensor data is read. Returns a new state dict
+    with the base's keys, order, shapes and dtypes; the inputs are never modified.
+    """
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    with open_sources(base, experts) as (base_source, expert_sources):
+        technique.check_experts(len(expert_sources))
+        keys = merged_keys(base_source, technique.skip)
+        return _Merge(technique, base_source, expert_sources, chunk_size).run(keys, progress)
+
+
+class _Merge:
+    def __init__(self, technique: Technique, base: Source, experts: Sequence[Source], chunk_size: int) -> None:
+        self.technique, self.base, self.experts, self.chunk_size = technique, base, experts, chunk_size
+        self.scaling = technique.scaling()
+        self.ratios = depth_ratios(base.entries) if self.scaling.beta else {}
+        self.out: dict[str, torch.Tensor] = {}
+
+    def run(self, keys: list[str], progress: bool) -> dict[str, torch.Tensor]:
+        merged = set(keys)
+        for key, entry in self.base.entries.items():
+            if key not in merged:  # non-floating or skipped: the base's own values
+                self.out[key] = self.base.read(key, 0, entry.numel).clone().reshape(entry.shape)
+        passes = 3 if self.technique.order_statistics else 1
+        with tqdm(total=passes * len(keys), disable=not progress, unit="tensor", desc=self.technique.name) as bar:
+            self.bar = bar
+            for name, group in scope_groups(keys, getattr(self.technique, "scope", "model")):
+                self._merge_group(name, group)
+        return {key: self.out[key] for key in self.base.entries}
+
+    def _job(self, key: str, thresholds: Sequence[tuple] = ()) -> TensorJob:
+        numel = self.base.entries[key].numel
+        return TensorJob(key, numel, self.base, self.experts, self.chunk_size, thresholds)
+
+    def _merge_group(self, name: str, keys: list[str]) -> None:
+        thresholds = self._thresholds(name, keys)
+        undecided = _Undecided()
+        auto = self.scaling.alpha == "auto"
+        held: dict[str, torch.Tensor] = {}  # merged task vectors, only while alpha is "auto"
+        sum_l1 = 0.0
+        self.bar.set_description(f"{self.technique.name}: merge {name}")
+        for key in keys:
+            target = held.setdefault(key, torch.empty(self.base.entries[key].numel)) if auto else self._output(key)
+            for chunk, result in self.technique.merge_tensor(self._job(key, thresholds)):
+                tau = undecided.record(chunk, result)
+                if auto:
+                    target[chunk.start : chunk.stop] = tau
+                    sum_l1 += _l1(sum_in_order(chunk.task_vectors()))
+                else:
+                    target[chunk.start : chunk.stop] = self._theta(chunk.base, tau, key)
+            self.bar.update()
+        if auto:
+            for key, positions, _, value in undecided.resolved():
+                held[key][positions] = value
+            alpha = auto_alpha(sum_l1, sum(_l1(tau) for tau in held.values()), len(self.experts))
+            for key, tau in held.items():
+                flat = self._output(key)
+                for chunk in self._job(key).chunks():
+                    flat[chunk.start : chunk.stop] = self._theta(chunk.base, tau[chunk.start : chunk.stop], key, alpha)
+        else:
+            for key, positions, base, value in undecided.resolved():
+                flat = self.out[key].view(-1)
+                flat[positions] = self._theta(base, value, key).to(flat.dtype)
+
+    def _thresholds(self, name: str, keys: list[str]) -> list[tuple]:
+        """Per expert, the exact order statistics of |tau_i| over the group that the technique asks for."""
+        if not self.technique.order_statistics:
+            return [() for _ in self.experts]
+        n = sum(self.base.entries[key].numel for key in keys)
+        try:
+            ranks = self.technique.ranks(n)
+        except ValueError as err:
+            raise ValueError(f"{self.technique.name} over scope {name!r}: {err}") from None
+
+        def magnitudes() -> Iterator[tuple[int, torch.Tensor]]:
+            for key in keys:
+                for chunk in self._job(key).chunks():
+                    for i, tau in enumerate(chunk.task_vectors()):
+                        yield i, tau.abs()
+                self.bar.update()
+
+        self.bar.set_description(f"{self.technique.name}: order statistics {name}")
+        return order_stats.largest(magnitudes, len(self.experts), ranks)
+
+    def _output(self, key: str) -> torch.Tensor:
+        entry = self.base.entries[key]
+        self.out[key] = torch.empty(entry.shape, dtype=entry.dtype)
+        return self.out[key].view(-1)
+
+    def _theta(self, base: torch.Tensor, tau: torch.Tensor, key: str, alpha: float | None = None) -> torch.Tensor:
+        """Weights for the output: the kernel's own for weight-space techniques, else theta_0 + s(key) * tau."""
+        if self.technique.space == "weights":
+            return tau
+        scale = (self.scaling.alpha if alpha is None else alpha) + self.scaling.beta * self.ratios.get(key, 0.0)
+        return base + (scale * tau)  # two roundings, no fused multiply-add
+
+
+def _l1(tensor: torch.Tensor) -> float:
+    return float(tensor.abs().sum(dtype=torch.float64))
+
+
+class _Undecided:
+    """TIES positions of one scope group whose elected sign was 0; resolved by the group's majority sign."""
+
+    def __init__(self) -> None:
+        self.sign_sum = 0
+        self.entries: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def record(self, chunk: Chunk, result: torch.Tensor | Elected) -> torch.Tensor:
+        if not isinstance(result, Elected):
+            return result
+        self.sign_sum += result.sign_sum
+        if len(result.undecided):
+            base = chunk.base[result.undecided]
+            self.entries.append((chunk.key, result.undecided + chunk.start, base, result.pos_mean, result.neg_mean))
+        return result.tau
+
+    def resolved(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(key, flat positions, base values, merged task-vector values) with the majority sign applied."""
+        for key, positions, base, pos_mean, neg_mean in self.entries:
+            value = pos_mean if self.sign_sum > 0 else neg_mean if self.sign_sum < 0 else torch.zeros_like(pos_mean)
+            yield key, positions, base, value

@@ -1,0 +1,43 @@
+"""Pairwise linear interpolation theta = (1 - w) a + w b, with b the newer model: the TIME task-level EMA.
+
+    merge(base, [ema_prev, expert_t], "interpolation", w=0.5)  # ema_t = 0.5 ema_{t-1} + 0.5 expert_t
+
+TIME (arXiv 2412.06712) and the FoMo-in-Flux pipeline use a fixed w = 0.5, not 1/t, so the EMA forgets
+geometrically. For N models use ``average``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from timelit.merging.technique import Chunk, Technique, check_range
+
+
+@dataclass(frozen=True, kw_only=True)
+class Interpolation(Technique):
+    """(1 - w) a + w b for exactly two models [a, b]; b is the newer one.
+
+    Args:
+        w: weight of the newer model b, in [0, 1] (default 0.5).
+    """
+
+    w: float = 0.5
+
+    name: ClassVar[str] = "interpolation"
+    space: ClassVar = "weights"
+    experts_allowed: ClassVar = (2, 2)
+    hints: ClassVar[dict[str, str]] = {
+        "weight_coefficients": "the pipeline's weight_coefficients=[w_new, w_old] is w=w_new",
+        "t": "interpolation's weight of the newer model is `w`",
+    }
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("w", self.w, 0.0, 1.0)
+
+    def merge_chunk(self, chunk: Chunk) -> torch.Tensor:
+        older, newer = chunk.expert(0), chunk.expert(1)
+        return ((1 - self.w) * older) + (self.w * newer)

@@ -1,0 +1,245 @@
+"""Safetensors files without memory maps: header parsing, ranged reads, atomic writes.
+
+    sha256 = save_weights("ema.safetensors", model.state_dict(), {"task": "3"})  # atomic, returns the file hash
+    weights = load_weights("ema.safetensors")
+
+The format (https://github.com/huggingface/safetensors#format) is an 8-byte little-endian header length, a JSON header
+``{"__metadata__": {str: str}, key: {"dtype", "shape", "data_offsets": [begin, end]}}`` and the raw little-endian
+tensor bytes. ``safetensors.safe_open`` memory-maps the file, and every page it touches counts in the process's RSS
+while the file is open; merging 20 experts that way can show ~12 GB of RSS (merging_anchors.md §3). This module reads
+byte ranges with ``os.preadv`` into buffers that the merge frees chunk by chunk, so resident memory is what the merge
+holds, not what it has read. Files written here load with ``safetensors.torch.load_file`` and vice versa.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Where one tensor lives: its dtype, shape and byte offset from the start of the file."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for size in self.shape:
+            n *= size
+        return n
+
+
+class SafetensorsReader:
+    """An open safetensors file whose header has been validated; reads flat element ranges of one tensor.
+
+    Construction reads only the header, so opening every expert to validate keys, shapes and dtypes before a merge
+    costs a few kilobytes per file. Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.name = str(self.path)
+        self._fd = os.open(self.path, os.O_RDONLY)
+        try:
+            self.entries, self.metadata = _parse_header(self.path, self._fd)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def read(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Elements ``start:stop`` of the flattened tensor ``key``, in its stored dtype (a fresh tensor)."""
+        entry = self.entries[key]
+        size = entry.dtype.itemsize
+        buffer = torch.empty((stop - start) * size, dtype=torch.uint8)
+        view, position, done = memoryview(buffer.numpy()), entry.offset + start * size, 0
+        while done < len(view):
+            got = os.preadv(self._fd, [view[done:]], position + done)
+            if got == 0:
+                raise ValueError(f"{self.path}: tensor {key!r} is truncated (the file ends early)")
+            done += got
+        return buffer.view(entry.dtype)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """The whole tensor ``key`` with its shape."""
+        entry = self.entries[key]
+        return self.read(key, 0, entry.numel).reshape(entry.shape)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _parse_header(path: Path, fd: int) -> tuple[dict[str, Entry], dict[str, str]]:
+    size = os.fstat(fd).st_size
+    if size < 8:
+        raise ValueError(f"{path}: not a safetensors file ({size} bytes, shorter than the 8-byte header length)")
+    (length,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+    if length > min(size - 8, _MAX_HEADER):
+        raise ValueError(f"{path}: not a safetensors file (header length {length} exceeds the file size {size})")
+    try:
+        header = json.loads(os.pread(fd, length, 8))
+    except ValueError as err:
+        raise ValueError(f"{path}: the safetensors header is not valid JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ValueError(f"{path}: __metadata__ must map strings to strings")
+    data_start, data_size = 8 + length, size - 8 - length
+    entries = {key: _entry(path, key, info, data_start, data_size) for key, info in header.items()}
+    return entries, dict(metadata)
+
+
+def _entry(path: Path, key: str, info: object, data_start: int, data_size: int) -> Entry:
+    where = f"{path}: tensor {key!r}"
+    if not isinstance(info, dict) or info.get("dtype") not in DTYPES:
+        dtype = info.get("dtype") if isinstance(info, dict) else info
+        raise ValueError(f"{where}: unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+        raise ValueError(f"{where}: invalid shape {shape!r}")
+    entry = Entry(DTYPES[info["dtype"]], tuple(shape), 0)
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        raise ValueError(f"{where}: invalid data_offsets {offsets!r}")
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_size or end - begin != entry.numel * entry.dtype.itemsize:
+        raise ValueError(
+            f"{where}: data_offsets {offsets} do not hold {entry.numel} x {info['dtype']} "
+            f"inside the {data_size}-byte data section"
+        )
+    return Entry(entry.dtype, entry.shape, data_start + begin)
+
+
+def save_weights(
+    path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> str:
+    """Write ``tensors`` to ``path`` as safetensors, atomically, and return the file's sha256 (hex).
+
+    The bytes go to a temporary file in the same directory, are flushed and fsynced, and the file is renamed over
+    ``path`` with ``os.replace``; a crash at any point leaves either the old file or the new one, never half of one.
+    Tensors are written in the mapping's order; non-contiguous tensors are made contiguous one at a time.
+    """
+    path = Path(path)
+    metadata = dict(metadata or {})
+    bad = {k: v for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))}
+    if bad:
+        raise ValueError(f"{path}: safetensors metadata must map strings to strings; got {bad!r}")
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for key, tensor in tensors.items():
+        if tensor.dtype not in _NAMES:
+            raise ValueError(f"{path}: tensor {key!r} has dtype {tensor.dtype}, which safetensors cannot store")
+        nbytes = tensor.numel() * tensor.element_size()
+        header[key] = {
+            "dtype": _NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
+    digest = hashlib.sha256()
+    with atomic_file(path) as file:
+        for data in _serialised(encoded, tensors.values()):
+            digest.update(data)
+            file.write(data)
+    return digest.hexdigest()
+
+
+def _serialised(header: bytes, tensors: Iterable[torch.Tensor]) -> Iterator[bytes | memoryview]:
+    yield struct.pack("<Q", len(header)) + header
+    for tensor in tensors:
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        yield memoryview(flat.view(torch.uint8).numpy())
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """Open a temporary file beside ``path``; on a clean exit flush, fsync and rename it to ``path``.
+
+    On an exception the temporary file is removed and ``path`` is untouched. A process killed mid-write leaves only
+    a hidden ``.<name>.*.tmp`` file, which no reader here ever lists.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+        _fsync_directory(path.parent)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # makes the rename itself durable
+    finally:
+        os.close(fd)
+
+
+def load_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read a whole safetensors file into memory (no memory map stays open)."""
+    with SafetensorsReader(path) as reader:
+        return {key: reader.tensor(key) for key in reader.entries}
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file, read from its header only."""
+    with SafetensorsReader(path) as reader:
+        return reader.metadata
+
+
+def file_sha256(path: str | os.PathLike[str], block: int = 1 << 24) -> str:
+    """The sha256 (hex) of a file, read in 16 MB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while data := file.read(block):
+            digest.update(data)
+    return digest.hexdigest()

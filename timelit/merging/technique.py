@@ -1,0 +1,206 @@
+"""The contract between a merge technique and the streaming engine, and the checks its hyperparameters share.
+
+A technique is a frozen dataclass: its fields are its hyperparameters (so ``dataclasses.fields`` is the schema that
+``validate`` and ``--help`` show) and its one kernel, :meth:`Technique.merge_chunk`, maps a :class:`Chunk` (a slice
+of one tensor across the base and every expert, read in float32) to the merged slice. Kernels are element-wise and
+reduce over experts in store order, one expert at a time, so the engine needs memory for a few chunks whatever the
+number of experts, and a merge gives the same bits whether its inputs were files or state dicts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args
+
+import torch
+
+if TYPE_CHECKING:
+    from timelit.merging.sources import Source
+    from timelit.merging.task_vectors import Elected
+
+Scope = Literal["model", "tower", "tensor"]
+"""Over which entries a global statistic (a trim threshold, the majority sign, LiNeS' auto alpha) is taken:
+``model`` = every merged entry (the TIES paper), ``tower`` = the visual tower (keys ``visual.*``) and the text tower
+(every other key, ``logit_scale`` included) separately, as the FoMo-in-Flux pipeline merges them, ``tensor`` = each
+tensor on its own (mergekit)."""
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> None:
+    """Raise a ValueError naming the valid choices and the nearest one when ``value`` is not among ``choices``."""
+    if value not in choices:
+        near = difflib.get_close_matches(str(value), list(choices), n=1)
+        hint = f" Did you mean {near[0]!r}?" if near else ""
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(choices)}.{hint}")
+
+
+def check_range(name: str, value: object, low: float, high: float, *, high_open: bool = False) -> float:
+    """``value`` as a float in ``[low, high]`` (``[low, high)`` when ``high_open``), else a ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not (low <= value < high if high_open else low <= value <= high):
+        raise ValueError(f"{name}={value} is outside [{low}, {high}{')' if high_open else ']'}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """How a merged task vector is added to the base: per key ``alpha + beta * depth_ratio(key)``.
+
+    Without LiNeS, ``alpha`` is lambda and ``beta`` is 0. ``alpha="auto"`` is LiNeS' multi-task choice, computed by
+    the engine per scope once the merged task vector is known (``lines.auto_alpha``).
+    """
+
+    alpha: float | Literal["auto"] = 1.0
+    beta: float = 0.0
+
+
+class Chunk:
+    """Elements ``start:stop`` of the flattened tensor ``key`` across the base and every expert, read on demand.
+
+    Everything it returns is float32 and read-only: it may be a view of the caller's state dict.
+    ``thresholds[i]`` holds expert i's order statistics of ``|tau_i|`` over this tensor's scope (the values of the
+    ranks that :meth:`Technique.ranks` asked for).
+    """
+
+    def __init__(
+        self, key: str, start: int, stop: int, base: Source, experts: Sequence[Source], thresholds: Sequence[tuple]
+    ) -> None:
+        self.key, self.start, self.stop = key, start, stop
+        self._base, self._experts, self.thresholds = base, experts, thresholds
+
+    @property
+    def n_experts(self) -> int:
+        return len(self._experts)
+
+    @cached_property
+    def base(self) -> torch.Tensor:
+        return self._base.read(self.key, self.start, self.stop).float()
+
+    def expert(self, i: int) -> torch.Tensor:
+        return self._experts[i].read(self.key, self.start, self.stop).float()
+
+    def experts(self) -> Iterator[torch.Tensor]:
+        return (self.expert(i) for i in range(self.n_experts))
+
+    def task_vectors(self) -> Iterator[torch.Tensor]:
+        """tau_i = theta_i - theta_0 in float32, one expert at a time, in store order."""
+        return (self.expert(i) - self.base for i in range(self.n_experts))
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """One tensor to merge, cut into chunks of at most ``chunk_size`` elements of its flattened form."""
+
+    key: str
+    numel: int
+    base: Source
+    experts: Sequence[Source]
+    chunk_size: int
+    thresholds: Sequence[tuple]
+
+    def chunks(self) -> Iterator[Chunk]:
+        for start in range(0, self.numel, self.chunk_size):
+            stop = min(start + self.chunk_size, self.numel)
+            yield Chunk(self.key, start, stop, self.base, self.experts, self.thresholds)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Technique:
+    """Base of every merge technique. Fields are hyperparameters; subclasses implement :meth:`merge_chunk`.
+
+    Args:
+        skip: key patterns (``fnmatch``) copied from the base instead of merged, e.g. ``["logit_scale"]``; empty by
+            default, so every floating tensor is merged, as the FoMo-in-Flux pipeline does.
+    """
+
+    skip: tuple[str, ...] = ()
+
+    name: ClassVar[str]
+    """The method name under which ``merging.TECHNIQUES`` registers the technique."""
+    space: ClassVar[Literal["weights", "task"]] = "task"
+    """``weights``: the kernel returns merged weights; ``task``: a merged task vector, added to the base with
+    :meth:`scaling`."""
+    experts_allowed: ClassVar[tuple[int, int | None]] = (1, None)
+    order_statistics: ClassVar[bool] = False
+    hints: ClassVar[dict[str, str]] = {}
+    """Explanations for hyperparameter names from other code bases, shown when a user passes one."""
+
+    def __post_init__(self) -> None:
+        skip = (self.skip,) if isinstance(self.skip, str) else tuple(self.skip)
+        if not all(isinstance(pattern, str) for pattern in skip):
+            raise ValueError(f"skip must be a list of key patterns, got {self.skip!r}")
+        object.__setattr__(self, "skip", skip)
+
+    def check_experts(self, n: int) -> None:
+        low, high = self.experts_allowed
+        if n < low or (high is not None and n > high):
+            wanted = f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low} to {high}"
+            raise ValueError(f"{self.name} merges {wanted} experts, got {n}")
+
+    def ranks(self, n: int) -> tuple[int, ...]:
+        """Which order statistics of ``|tau_i|`` (rank 1 = the largest, 0 = none) the kernel needs per expert,
+        over a scope of ``n`` entries; the engine computes them exactly and passes them as ``chunk.thresholds``."""
+        return ()
+
+    def scaling(self) -> Scaling:
+        return Scaling()
+
+    def merge_tensor(self, job: TensorJob) -> Iterator[tuple[Chunk, torch.Tensor | Elected]]:
+        """Merge one tensor chunk by chunk; techniques that need a whole-tensor statistic (SLERP) override this."""
+        for chunk in job.chunks():
+            yield chunk, self.merge_chunk(chunk)
+
+    def merge_chunk(self, chunk: Chunk) -> torch.Tensor | Elected:
+        raise NotImplementedError
+
+    def hparams(self) -> dict[str, Any]:
+        """The hyperparameters as plain values (for provenance metadata)."""
+        values = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        return {name: list(value) if isinstance(value, tuple) else value for name, value in values.items()}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskVectorTechnique(Technique):
+    """A technique that merges task vectors into tau_m and returns theta_0 + lam * tau_m, or LiNeS-scaled.
+
+    Args:
+        lam: lambda, the scale of the merged task vector (default 1, as in the papers' definitions and the TIME
+            configs; task arithmetic's paper tunes 0.3-0.4 for 8 tasks). Not allowed with ``lines=True``.
+        scope: where global statistics are taken (see :data:`Scope`); default ``model`` as in the papers.
+        lines: scale tau_m by depth with LiNeS (arXiv 2410.17146) instead of lambda.
+        lines_alpha: LiNeS alpha (default 0.5, the pipeline's), or ``"auto"`` = ||sum tau_i||_1 / (N ||tau_m||_1).
+        lines_beta: LiNeS beta (default 0.5).
+    """
+
+    lam: float | None = None
+    scope: Scope = "model"
+    lines: bool = False
+    lines_alpha: float | Literal["auto"] | None = None
+    lines_beta: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("scope", self.scope, get_args(Scope))
+        if not isinstance(self.lines, bool):
+            raise ValueError(f"lines must be true or false, got {self.lines!r}")
+        if self.lines and self.lam is not None:
+            raise ValueError("lam has no effect with lines=True: the LiNeS scale replaces lambda (arXiv 2410.17146)")
+        if not self.lines and (self.lines_alpha is not None or self.lines_beta is not None):
+            raise ValueError("lines_alpha and lines_beta need lines=True")
+        if self.lam is not None:
+            check_range("lam", self.lam, float("-inf"), float("inf"))
+        if self.lines_alpha is not None and self.lines_alpha != "auto":
+            check_range("lines_alpha", self.lines_alpha, float("-inf"), float("inf"))
+        if self.lines_beta is not None:
+            check_range("lines_beta", self.lines_beta, float("-inf"), float("inf"))
+
+    def scaling(self) -> Scaling:
+        if self.lines:
+            alpha = 0.5 if self.lines_alpha is None else self.lines_alpha
+            beta = 0.5 if self.lines_beta is None else float(self.lines_beta)
+            return Scaling(alpha if alpha == "auto" else float(alpha), beta)
+        return Scaling(1.0 if self.lam is None else float(self.lam))

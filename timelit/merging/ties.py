@@ -1,0 +1,65 @@
+"""TIES-merging: trim, elect sign, disjoint merge (Yadav et al., arXiv 2306.01708, Alg. 1).
+
+    merge(base, experts, "ties", k=0.2)                  # the paper: keep the top 20% of each |tau_i| over the model
+    merge(base, experts, "ties", k=0.3, scope="tower")   # the TIME configs (the pipeline's prune_percentile 0.7)
+
+1. Trim: per expert, keep tau_i where |tau_i| >= the ceil(k n)-th largest |tau_i| over the scope's n entries.
+   Ties at the threshold are kept (as in the reference code, FusionBench and the pipeline), so more than ceil(k n)
+   entries survive exactly when the threshold value repeats. k = 0 keeps nothing, k = 1 keeps everything.
+   The threshold is exact (``order_stats``), found in two streamed passes.
+2. Elect: gamma = sign(sum_i trimmed tau_i) per entry (by mass). Where the sum is exactly 0, gamma is the sign of the
+   sum of all elected signs over the scope (the reference code's "majority" rule).
+3. Disjoint mean: average of the trimmed entries whose sign equals gamma (nonzero ones only).
+theta = theta_0 + lam * tau_m.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import ClassVar
+
+import torch
+
+from timelit.merging.task_vectors import Elected, elect_disjoint_mean
+from timelit.merging.technique import Chunk, TaskVectorTechnique, check_range
+
+
+@dataclass(frozen=True, kw_only=True)
+class Ties(TaskVectorTechnique):
+    """TIES with k = the fraction of each task vector KEPT (paper default 0.2; the TIME configs use 0.3).
+
+    Args:
+        k: fraction of entries of each |tau_i| kept by the trim, in [0, 1].
+    """
+
+    k: float = 0.2
+
+    name: ClassVar[str] = "ties"
+    order_statistics: ClassVar[bool] = True
+    hints: ClassVar[dict[str, str]] = {
+        "prune_percentile": "the pipeline's prune_percentile is the fraction DROPPED: k = 1 - prune_percentile",
+        "density": "mergekit's density is the fraction kept, `k`",
+        "threshold": "FusionBench's threshold (percent kept) is 100 * k",
+        "scaling_factor": "the pipeline's scaling_factor is `lam`",
+    }
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("k", self.k, 0.0, 1.0)
+
+    def ranks(self, n: int) -> tuple[int, ...]:
+        return (kept_count(self.k, n),)
+
+    def merge_chunk(self, chunk: Chunk) -> Elected:
+        trimmed = (
+            torch.where(tau.abs() >= threshold, tau, 0.0)
+            for tau, (threshold,) in zip(chunk.task_vectors(), chunk.thresholds, strict=True)
+        )
+        return elect_disjoint_mean(trimmed)
+
+
+def kept_count(fraction: float, n: int) -> int:
+    """ceil(fraction * n), reading ``fraction`` as the decimal it is written as (so 0.3 * 10 keeps 3, not 4)."""
+    return math.ceil(Fraction(repr(float(fraction))) * n)
