@@ -1,0 +1,62 @@
+"""Decoding one raw shard sample into an image, its training caption and its metadata.
+
+Only three kinds of member are ever decoded: an image (jpg/jpeg/png/webp through PIL), UTF-8 text (`.txt`) and
+JSON (`.json`). webdataset's default decoder would also unpickle `.pyd`/`.pth` members; shards are untrusted input,
+so this module is the only decoder timelit uses.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from timelit.data.shards import IMAGE_EXTENSIONS, CorruptSampleError
+
+
+@dataclass
+class Sample:
+    key: str
+    image: Image.Image
+    caption: str
+    meta: dict[str, Any]
+
+    @property
+    def captions(self) -> list[str]:
+        """Every caption of the image: the metadata's list (retrieval sets), else the `.txt` caption."""
+        listed = self.meta.get("captions")
+        return list(listed) if isinstance(listed, list) and listed else [self.caption]
+
+    def training_caption(self, rng: random.Random) -> str:
+        """One caption drawn at random when there are several, as the reference pipeline trains on captions."""
+        captions = self.captions
+        return captions[0] if len(captions) == 1 else rng.choice(captions)
+
+
+def decode(raw: dict[str, Any]) -> Sample:
+    """Decode a raw sample from `ShardIndex.read`; anything unreadable raises `CorruptSampleError` with the key."""
+    key = raw.get("__key__", "?")
+    where = f"sample '{key}' ({raw.get('__shard__', 'unknown shard')})"
+    image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
+    if image_ext is None:
+        raise CorruptSampleError(f"{where} has no image member ({'/'.join(IMAGE_EXTENSIONS)})")
+    try:
+        image = Image.open(io.BytesIO(raw[image_ext]))
+        image.load()
+        image = image.convert("RGB")
+    except Exception as error:  # PIL raises many types for broken files
+        raise CorruptSampleError(f"{where}: image does not decode ({type(error).__name__}: {error})") from error
+    try:
+        meta = json.loads(raw["json"]) if "json" in raw else {}
+        caption = raw["txt"].decode("utf-8").strip() if "txt" in raw else ""
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CorruptSampleError(f"{where}: text or JSON member does not decode ({error})") from error
+    if not isinstance(meta, dict):
+        raise CorruptSampleError(f"{where}: the JSON member is not an object")
+    if not caption and not meta.get("captions"):
+        raise CorruptSampleError(f"{where} has no caption (.txt) and no 'captions' in its JSON")
+    return Sample(key=key, image=image, caption=caption, meta=meta)

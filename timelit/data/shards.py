@@ -1,0 +1,283 @@
+"""Webdataset shards on disk, and an index that reads any sample of them directly.
+
+    python -c "from timelit.data.shards import ShardIndex; print(len(ShardIndex.load('DATA/CIFAR100', 'train')))"
+
+Layout of one dataset split (`timelit data prepare` and `timelit data synth` write it):
+
+    <root>/<DATASET>/<split>-000000.tar ...   webdataset shards; a sample is <key>.jpg|png + <key>.txt + <key>.json
+    <root>/<DATASET>/<split>.index.safetensors per sample: shard number, byte offset and length, class label
+
+Sample keys are `DATASET/split/00000042`; `.txt` holds the training caption, `.json` the metadata (dataset, label,
+classname, and `captions` for retrieval sets).
+
+Why an index beside the tar files: a FoMo-in-Flux task is a set of concepts scattered over 41 datasets, so a task's
+loader must pick samples by class. webdataset's streaming reader (split by node, then by worker, then filter) would
+read every shard to keep a few percent of it, could not give every rank the same number of samples, and could only
+resume by re-reading what it skipped. The index gives each worker exactly its samples with one `pread` each, and a
+resume is arithmetic. The tar files stay plain webdataset shards (written with webdataset's TarWriter, readable by
+any webdataset pipeline), and pools from img2dataset are indexed in place (`index_shards`).
+
+Nothing here unpickles: a sample's members are decoded as image, UTF-8 text or JSON, and other members are ignored.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+from webdataset import TarWriter
+from webdataset.tariterators import base_plus_ext
+
+INDEX_SUFFIX = ".index.safetensors"
+INDEX_FORMAT = "timelit-shard-index/1"
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+class CorruptSampleError(ValueError):
+    """A sample could not be read or decoded; the message names the key and the shard."""
+
+
+def shard_name(split: str, number: int) -> str:
+    return f"{split}-{number:06d}.tar"
+
+
+def index_path(directory: str | Path, split: str) -> Path:
+    return Path(directory) / f"{split}{INDEX_SUFFIX}"
+
+
+def sample_key(dataset: str, split: str, index: int) -> str:
+    return f"{dataset}/{split}/{index:08d}"
+
+
+def _atomic_replace(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, final)
+
+
+@dataclass
+class _Entry:
+    key: str
+    offset: int
+    end: int
+    label: int
+
+
+def _scan_tar(path: Path) -> list[_Entry]:
+    """One entry per sample (members grouped by webdataset's key rule), reading headers and the small JSON only."""
+    entries: list[_Entry] = []
+    with tarfile.open(path, "r:") as archive:
+        for member in archive:
+            if not member.isfile():
+                continue
+            key, extension = base_plus_ext(member.name)
+            if key is None:
+                continue
+            end = member.offset_data + ((member.size + 511) // 512) * 512
+            if not entries or entries[-1].key != key:
+                entries.append(_Entry(key=key, offset=member.offset, end=end, label=-1))
+            entries[-1].end = end
+            if extension == "json":
+                try:
+                    meta = json.loads(archive.extractfile(member).read())  # type: ignore[union-attr]
+                    entries[-1].label = int(meta.get("label", -1)) if isinstance(meta, dict) else -1
+                except (ValueError, TypeError):
+                    entries[-1].label = -1
+    return entries
+
+
+@dataclass
+class ShardIndex:
+    """Where every sample of one split lives; loads in milliseconds, memory-maps nothing, pickles nothing."""
+
+    directory: Path
+    split: str
+    shards: list[str]
+    shard: np.ndarray
+    offset: np.ndarray
+    length: np.ndarray
+    label: np.ndarray
+
+    def __post_init__(self) -> None:
+        self._handles: dict[int, int] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.shard)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state
+
+    @classmethod
+    def load(cls, directory: str | Path, split: str) -> ShardIndex:
+        directory = Path(directory)
+        path = index_path(directory, split)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no shard index {path}: the split '{split}' of {directory.name} is not prepared. Run "
+                f"`timelit data prepare` (real data) or `timelit data synth` (quickstart) for it."
+            )
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as handle:
+            metadata = handle.metadata() or {}
+        if metadata.get("format") != INDEX_FORMAT:
+            raise ValueError(f"{path}: not a timelit shard index (format {metadata.get('format')!r})")
+        arrays = load_file(str(path))
+        return cls(
+            directory=directory,
+            split=split,
+            shards=json.loads(metadata["shards"]),
+            shard=arrays["shard"],
+            offset=arrays["offset"],
+            length=arrays["length"],
+            label=arrays["label"],
+        )
+
+    def save(self) -> Path:
+        path = index_path(self.directory, self.split)
+        tmp = path.with_name(path.name + ".tmp")
+        arrays = {"shard": self.shard, "offset": self.offset, "length": self.length, "label": self.label}
+        save_file(arrays, str(tmp), metadata={"format": INDEX_FORMAT, "shards": json.dumps(self.shards)})
+        _atomic_replace(tmp, path)
+        return path
+
+    def _handle(self, shard: int) -> int:
+        if self._pid != os.getpid():  # a forked loader worker opens its own files
+            self._handles, self._pid = {}, os.getpid()
+        if shard not in self._handles:
+            path = self.directory / self.shards[shard]
+            try:
+                self._handles[shard] = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                raise FileNotFoundError(
+                    f"shard {path} is listed in {index_path(self.directory, self.split)} "
+                    f"but missing; prepare the dataset again"
+                ) from None
+        return self._handles[shard]
+
+    def read(self, position: int) -> dict[str, bytes]:
+        """The raw members of sample `position` by extension, plus `__key__` and `__shard__`."""
+        shard = int(self.shard[position])
+        length = int(self.length[position])
+        data = os.pread(self._handle(shard), length, int(self.offset[position]))
+        where = f"{self.directory / self.shards[shard]} at byte {int(self.offset[position])}"
+        if len(data) != length:
+            raise CorruptSampleError(f"sample {position} of {where}: file ends early (truncated shard?)")
+        sample: dict[str, Any] = {"__shard__": where}
+        try:
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as archive:
+                for member in archive:
+                    key, extension = base_plus_ext(member.name)
+                    sample["__key__"] = key
+                    sample[extension.lower()] = archive.extractfile(member).read()  # type: ignore[union-attr]
+        except tarfile.TarError as error:
+            raise CorruptSampleError(f"sample {position} of {where}: broken tar member ({error})") from error
+        return sample
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            os.close(handle)
+        self._handles = {}
+
+
+def index_shards(directory: str | Path, split: str, shards: list[str] | None = None) -> ShardIndex:
+    """Build (and save) the index of existing shards, e.g. an img2dataset pool; `shards` defaults to
+    every `<split>-*.tar`, else every `*.tar` of the folder, in name order."""
+    directory = Path(directory)
+    if shards is None:
+        found = sorted(directory.glob(f"{split}-*.tar")) or sorted(directory.glob("*.tar"))
+        shards = [p.name for p in found]
+    if not shards:
+        raise FileNotFoundError(f"{directory}: no .tar shards to index for split '{split}'")
+    columns: dict[str, list[int]] = {"shard": [], "offset": [], "length": [], "label": []}
+    for number, name in enumerate(shards):
+        for entry in _scan_tar(directory / name):
+            columns["shard"].append(number)
+            columns["offset"].append(entry.offset)
+            columns["length"].append(entry.end - entry.offset)
+            columns["label"].append(entry.label)
+    index = ShardIndex(
+        directory=directory,
+        split=split,
+        shards=shards,
+        shard=np.asarray(columns["shard"], dtype=np.int32),
+        offset=np.asarray(columns["offset"], dtype=np.int64),
+        length=np.asarray(columns["length"], dtype=np.int64),
+        label=np.asarray(columns["label"], dtype=np.int32),
+    )
+    index.save()
+    return index
+
+
+class ShardWriter:
+    """Write one split of one dataset as webdataset shards, then its index.
+
+    Each shard is written under a temporary name and renamed when complete, and the index is written last, so an
+    interrupted write leaves no index and the split reads as "not prepared" instead of half there.
+    """
+
+    def __init__(self, directory: str | Path, split: str, samples_per_shard: int = 1000):
+        self.directory = Path(directory)
+        self.split = split
+        self.samples_per_shard = samples_per_shard
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._shards: list[str] = []
+        self._writer: TarWriter | None = None
+        self._tmp: Path | None = None
+        self._count = 0
+
+    def _rotate(self) -> None:
+        self._finish_shard()
+        name = shard_name(self.split, len(self._shards))
+        self._tmp = self.directory / (name + ".tmp")
+        self._writer = TarWriter(str(self._tmp), mtime=0.0)
+        self._shards.append(name)
+
+    def _finish_shard(self) -> None:
+        if self._writer is not None and self._tmp is not None:
+            self._writer.close()
+            _atomic_replace(self._tmp, self.directory / self._shards[-1])
+            self._writer = None
+
+    def add(self, key: str, image: bytes, image_format: str, caption: str, meta: dict[str, Any]) -> None:
+        if image_format not in IMAGE_EXTENSIONS:
+            raise ValueError(f"image format must be one of {IMAGE_EXTENSIONS}, got '{image_format}'")
+        if self._writer is None or self._count % self.samples_per_shard == 0:
+            self._rotate()
+        assert self._writer is not None
+        self._writer.write({"__key__": key, image_format: image, "txt": caption, "json": meta})
+        self._count += 1
+
+    def close(self) -> ShardIndex:
+        self._finish_shard()
+        return index_shards(self.directory, self.split, self._shards)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if exc_info[0] is None:
+            self.close()
+        elif self._writer is not None:
+            self._writer.close()
+
+
+def iter_split(directory: str | Path, split: str) -> Iterator[dict[str, bytes]]:
+    """Every raw sample of a split in shard order (for `data verify` and tests)."""
+    index = ShardIndex.load(directory, split)
+    try:
+        for position in range(len(index)):
+            yield index.read(position)
+    finally:
+        index.close()

@@ -1,0 +1,51 @@
+"""Where the files that ship with timelit live: configs, dataset manifests, tiny model configs.
+
+In a wheel, `configs/` and `data_manifests/` are copied to `timelit/_shipped/` (see pyproject.toml); in a source
+checkout (editable install, tests) they sit at the repository root beside the package. Both layouts resolve here so
+that `timelit fit --config best_in_time.yaml` works from any directory (ARCHITECTURE.md, property 5).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+MODEL_CONFIGS_DIR = PACKAGE_DIR / "model_configs"
+
+
+def _shipped(name: str) -> Path:
+    for candidate in (PACKAGE_DIR / "_shipped" / name, PACKAGE_DIR.parent / name):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(
+        f"timelit's shipped '{name}/' folder is missing: looked in {PACKAGE_DIR / '_shipped' / name} and "
+        f"{PACKAGE_DIR.parent / name}. Reinstall timelit (pip install timelit) or run from a source checkout."
+    )
+
+
+def configs_dir() -> Path:
+    """The folder of shipped LightningCLI configs (`configs/` in the repository)."""
+    return _shipped("configs")
+
+
+def manifests_dir() -> Path:
+    """The folder of shipped dataset manifests, streams and pretraining pools (`data_manifests/`)."""
+    return _shipped("data_manifests")
+
+
+def resolve_config(name: str) -> Path:
+    """Find a config given as a path, or as a bare name of a shipped config (with or without `.yaml`).
+
+    A path that exists wins, so a user's own `best_in_time.yaml` in the working directory shadows the shipped one.
+    """
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    shipped = configs_dir()
+    for candidate in (shipped / name, shipped / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    available = sorted(str(p.relative_to(shipped)) for p in shipped.rglob("*.yaml"))
+    raise FileNotFoundError(
+        f"config '{name}' is neither a file nor a shipped config. Shipped configs ({shipped}): {', '.join(available)}"
+    )
