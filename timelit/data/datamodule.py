@@ -1,0 +1,304 @@
+"""TimeDataModule: the stream of tasks, each a mixture of current data, replay and a pretraining pool.
+
+    timelit fit --config quickstart.yaml --data.num_workers 2
+
+Task t is epoch t of the trainer. Its training loader yields `steps_per_task` batches on every rank (set directly, or
+derived from the compute budget by the ComputeBudget callback), mixing the current task's samples, replay of the
+samples of tasks < t and the pretraining pool (`timelit.data.mixture`). Validation has one loader per evaluation
+dataset: the adaptation datasets of the stream and the held-out datasets, on their fixed subsets during the stream
+and on the full test splits at the start and the end (`full_eval`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+from lightning.pytorch.trainer.states import TrainerFn
+
+from timelit.data.loaders import (
+    EvalBatches,
+    OnCorrupt,
+    SampleReader,
+    SourcePart,
+    TaskBatches,
+    TaskLoader,
+    encode,
+    loader_kwargs,
+)
+from timelit.data.manifest import DatasetManifest, ManifestSet, load_manifests
+from timelit.data.mixture import Mixture, SourceSequence, pool_offsets, rank_slices, source_counts
+from timelit.data.shards import ShardIndex
+from timelit.data.streams import Stream, load_stream
+from timelit.evaluation.subsets import SubsetRule
+
+log = logging.getLogger(__name__)
+
+EvalPoint = Literal["start", "end"]
+
+
+@dataclass
+class EvalSpec:
+    """What the evaluator needs to know about one evaluation dataset."""
+
+    name: str
+    role: Literal["adapt", "eval"]
+    task: Literal["classification", "retrieval"]
+    classnames: tuple[str, ...]
+    prompt_templates: tuple[str, ...]
+    num_samples: int
+    subset: np.ndarray = field(repr=False)
+
+
+@dataclass
+class Preprocessing:
+    """The model's image transforms and tokenizer, applied in loader workers."""
+
+    train_transform: Any
+    eval_transform: Any
+    tokenizer: Any
+
+
+class TimeDataModule(L.LightningDataModule):
+    """The FoMo-in-Flux stream as Lightning data: one training loader per task, one validation loader per dataset.
+
+    Args:
+        data_root: folder of prepared shards, `<data_root>/<DATASET>/<split>-000000.tar` plus indexes.
+        manifests: the manifest set: `fomo_in_flux` (shipped) or a folder (the quickstart's lives with its data).
+        stream: a stream name from the manifest set's `streams/`, or a path to a stream JSON.
+        num_tasks: how many tasks the stream is cut into (the trainer's `max_epochs` follows it).
+        batch_size: the global batch size, across ranks and sources (reference: 512).
+        mixture: shares of the pretraining pool, the current task and replay in every batch.
+        pretraining_pool: name of a pool in the manifest set; required when `mixture.pretraining > 0`.
+        steps_per_task: training steps of every task; left empty when a ComputeBudget callback derives it.
+        eval_datasets: datasets to evaluate; default: the stream's adaptation datasets and every held-out dataset.
+        eval_batch_size: per-rank batch size of evaluation.
+        eval_subset: the rule for the fixed evaluation subsets used during the stream.
+        full_eval: where to evaluate on the full test splits as well: before the stream, after it, or both.
+        num_workers: loader worker processes per rank.
+        on_corrupt: a sample that does not decode is skipped and counted, or stops the run.
+        seed: seeds every shuffle of the data (linked to `seed_everything` by the CLI).
+        synthesize_if_missing: write the procedural quickstart benchmark into `data_root` if it is not there.
+    """
+
+    def __init__(
+        self,
+        data_root: str,
+        manifests: str = "fomo_in_flux",
+        stream: str = "random_sequence_1",
+        num_tasks: int = 20,
+        batch_size: int = 512,
+        mixture: Mixture = Mixture(),
+        pretraining_pool: str | None = None,
+        steps_per_task: int | None = None,
+        eval_datasets: list[str] | None = None,
+        eval_batch_size: int = 512,
+        eval_subset: SubsetRule = SubsetRule(),
+        full_eval: list[EvalPoint] = ["start", "end"],  # noqa: B006 (jsonargparse needs a literal default)
+        num_workers: int = 8,
+        on_corrupt: OnCorrupt = "skip",
+        seed: int = 0,
+        synthesize_if_missing: bool = False,
+    ):
+        super().__init__()
+        self.data_root = Path(data_root).expanduser()
+        self.manifests_spec = str(Path(manifests).expanduser()) if "/" in manifests or "~" in manifests else manifests
+        self.stream_spec = stream
+        self.num_tasks = num_tasks
+        self.batch_size = batch_size
+        self.mixture = mixture
+        self.pretraining_pool = pretraining_pool
+        self.steps_per_task = steps_per_task
+        self.eval_dataset_names = eval_datasets
+        self.eval_batch_size = eval_batch_size
+        self.eval_subset = eval_subset
+        self.full_eval = tuple(full_eval)
+        self.num_workers = num_workers
+        self.on_corrupt = on_corrupt
+        self.seed = seed
+        self.synthesize_if_missing = synthesize_if_missing
+        if mixture.pretraining > 0 and not pretraining_pool:
+            raise ValueError("data.mixture.pretraining > 0 needs data.pretraining_pool (a pool of the manifest set)")
+        self.preprocessing: Preprocessing | None = None
+        self._ready = False
+
+    # ------------------------------------------------------------------ set-up
+
+    def prepare_data(self) -> None:
+        if self.synthesize_if_missing:
+            from timelit.data.synth import synthesize
+
+            synthesize(self.data_root)
+
+    def setup(self, stage: str) -> None:
+        if self._ready:
+            return
+        self.manifest_set: ManifestSet = load_manifests(self.manifests_spec)
+        self.stream: Stream = load_stream(self.stream_spec, self.manifest_set, self.num_tasks)
+        self.eval_specs: list[EvalSpec] = []
+        self._train_indexes: dict[str, ShardIndex] = {}
+        self._eval_indexes: dict[str, ShardIndex] = {}
+        missing = []
+        for name in self.stream.datasets:
+            self._load_index(name, "train", self._train_indexes, missing)
+        for manifest in self._eval_manifests():
+            self._load_index(manifest.name, "test", self._eval_indexes, missing)
+        if self.mixture.pretraining > 0:
+            self._load_index(self.manifest_set.pool(self.pretraining_pool).name, "train", self._train_indexes, missing)
+        if missing:
+            raise FileNotFoundError(
+                f"data_root {self.data_root} lacks {len(missing)} prepared split(s):\n  "
+                + "\n  ".join(missing)
+                + "\nPrepare them with `timelit data prepare` (or `timelit data synth` for the quickstart)."
+            )
+        for manifest in self._eval_manifests():
+            index = self._eval_indexes[manifest.name]
+            classes = manifest.num_classes if manifest.classnames else None
+            self.eval_specs.append(
+                EvalSpec(
+                    name=manifest.name,
+                    role=manifest.role,
+                    task=manifest.task,
+                    classnames=manifest.classnames,
+                    prompt_templates=manifest.prompt_templates,
+                    num_samples=len(index),
+                    subset=self.eval_subset.select(index.label, classes),
+                )
+            )
+        self._train_names = list(self._train_indexes)
+        self._ready = True
+
+    def _eval_manifests(self) -> list[DatasetManifest]:
+        if self.eval_dataset_names is not None:
+            return [self.manifest_set.dataset(name) for name in self.eval_dataset_names]
+        streamed = set(self.stream.datasets)
+        adapt = [m for m in self.manifest_set.by_role("adapt") if m.name in streamed]
+        return adapt + self.manifest_set.by_role("eval")
+
+    def _load_index(self, name: str, split: str, into: dict[str, ShardIndex], missing: list[str]) -> None:
+        try:
+            into[name] = ShardIndex.load(self.data_root / name, split)
+        except FileNotFoundError:
+            missing.append(f"{name}/{split}")
+
+    def set_preprocessing(self, preprocessing: Preprocessing) -> None:
+        """Use these transforms and tokenizer instead of asking the LightningModule (for use without a Trainer)."""
+        self.preprocessing = preprocessing
+
+    def _preprocessing(self) -> Preprocessing:
+        if self.preprocessing is None:
+            self.preprocessing = self.trainer.lightning_module.preprocessing()  # type: ignore[union-attr]
+        return self.preprocessing
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    # ------------------------------------------------------------------ training
+
+    def _candidates(self, task: int) -> np.ndarray:
+        """Sample ids of every training sample of the concepts of `task`."""
+        parts = []
+        for name, labels in self.stream.labels[task].items():
+            index = self._train_indexes[name]
+            positions = np.flatnonzero(np.isin(index.label, np.fromiter(labels, dtype=np.int32)))
+            if len(positions) == 0:
+                raise ValueError(f"task {task}: dataset {name} has no training samples of labels {sorted(labels)[:10]}")
+            parts.append(encode(self._train_names.index(name), positions))
+        return np.concatenate(parts)
+
+    def counts(self, task: int) -> dict[str, int]:
+        """Samples per source in a global batch of `task`."""
+        return source_counts(self.batch_size, self.mixture, first_task=task == 0)
+
+    def require_steps(self) -> int:
+        if self.steps_per_task is None:
+            raise ValueError(
+                "data.steps_per_task is not set: set it, or add a ComputeBudget callback (the `budget:` section of the "
+                "config) that derives it from a GFLOP budget"
+            )
+        if self.steps_per_task < 1:
+            raise ValueError(f"data.steps_per_task must be at least 1, got {self.steps_per_task}")
+        return self.steps_per_task
+
+    def task_batches(self, task: int) -> TaskBatches:
+        """The training batches of `task` for this rank (usable without a Trainer)."""
+        if not 0 <= task < self.num_tasks:
+            raise ValueError(
+                f"task {task} is outside the stream of {self.num_tasks} tasks; trainer.max_epochs must equal "
+                f"data.num_tasks"
+            )
+        steps = self.require_steps()
+        rank, world = self._world()
+        counts = self.counts(task)
+        slices = rank_slices(counts, world, rank)
+        parts = []
+        for source in ("current", "replay", "pretraining"):
+            if counts[source] == 0:
+                continue
+            if source == "pretraining":
+                pool = self._train_names.index(self.manifest_set.pool(self.pretraining_pool).name)
+                candidates = encode(pool, np.arange(len(self._train_indexes[self._train_names[pool]])))
+                sequence = SourceSequence(candidates, self.seed, -1, source)
+                start = pool_offsets([self.counts(t)["pretraining"] for t in range(task + 1)], steps)[task]
+            else:
+                tasks = [task] if source == "current" else list(range(task))
+                sequence = SourceSequence(np.concatenate([self._candidates(t) for t in tasks]), self.seed, task, source)
+                start = 0
+            offset, count = slices[source]
+            parts.append(SourcePart(source, sequence, start, counts[source], offset, count))
+        reader = SampleReader([self._train_indexes[name] for name in self._train_names], self.on_corrupt)
+        prep = self._preprocessing()
+        return TaskBatches(task, steps, parts, reader, prep.train_transform, prep.tokenizer, self.seed)
+
+    def train_dataloader(self) -> TaskLoader:
+        task = self.trainer.current_epoch  # type: ignore[union-attr]
+        batches = self.task_batches(task)
+        log.info("task %d: %d steps, batch mix %s", task, batches.steps, self.counts(task))
+        return TaskLoader(batches, **loader_kwargs(self.num_workers))
+
+    # ------------------------------------------------------------------ evaluation
+
+    def eval_scope(self) -> Literal["subset", "full"]:
+        """Full test splits before the stream (the sanity check is the zero-shot evaluation) and after the last
+        task, as configured by `full_eval`; the fixed subsets otherwise."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return "full"  # `timelit validate` / `test`: the whole test split
+        if trainer.sanity_checking and "start" in self.full_eval:
+            return "full"
+        if trainer.current_epoch == self.num_tasks - 1 and "end" in self.full_eval:
+            return "full"
+        return "subset"
+
+    def eval_batches(self, spec: EvalSpec, scope: Literal["subset", "full"]) -> EvalBatches:
+        rank, world = self._world()
+        positions = spec.subset if scope == "subset" else np.arange(spec.num_samples)
+        prep = self._preprocessing()
+        return EvalBatches(
+            spec.name,
+            spec.task,
+            self._eval_indexes[spec.name],
+            positions[rank::world],
+            self.eval_batch_size,
+            prep.eval_transform,
+            prep.tokenizer,
+            self.on_corrupt,
+            scope,
+        )
+
+    def val_dataloader(self) -> list:
+        from torch.utils.data import DataLoader
+
+        scope = self.eval_scope()
+        return [
+            DataLoader(self.eval_batches(spec, scope), batch_size=None, **loader_kwargs(self.num_workers))
+            for spec in self.eval_specs
+        ]
+
+    def test_dataloader(self) -> list:
+        return self.val_dataloader()

@@ -1,0 +1,234 @@
+"""The loaders of one task (training) and of one evaluation dataset, built on the shard index.
+
+A training loader is an epoch of exactly `steps_per_task` batches on every rank (ARCHITECTURE.md decision 2): sized,
+so Lightning knows where a task ends, and resumable through `state_dict()` = (task, batches consumed), which Lightning
+stores in the fit loop of every checkpoint and hands back before the loader is iterated again. Batch i is a pure
+function of (seed, task, i, rank layout): a worker builds whole batches, round-robin, so resuming at batch k only
+changes where the workers start. Random crops and caption choices are seeded per sample from its place in the
+*global* batch, so they do not depend on the number of ranks or workers either.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import signal
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from timelit.data.mixture import _SOURCE_CODES, SourceSequence
+from timelit.data.samples import Sample, decode
+from timelit.data.shards import CorruptSampleError, ShardIndex
+
+log = logging.getLogger(__name__)
+
+# Each worker of these IterableDatasets builds a disjoint set of whole batches, so their `__len__` is exact.
+warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+
+OnCorrupt = Literal["skip", "raise"]
+_POSITION_BITS = 40
+_MAX_REPLACEMENTS = 16
+
+
+def encode(index_number: int, positions: np.ndarray) -> np.ndarray:
+    """Pack (which shard index, which sample) into one int64 so a source is a single array of candidates."""
+    return (np.int64(index_number) << _POSITION_BITS) | positions.astype(np.int64)
+
+
+def decode_id(sample_id: int) -> tuple[int, int]:
+    return int(sample_id) >> _POSITION_BITS, int(sample_id) & ((1 << _POSITION_BITS) - 1)
+
+
+def _mix(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across processes, unlike `hash` of a tuple containing strings)."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def ignore_preemption_signals(_worker_id: int) -> None:
+    """Loader workers leave SIGTERM/SIGUSR1 to the main process, which saves and requeues (PL#20280)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+@dataclass
+class SourcePart:
+    """One source of a task as this rank sees it: its sequence, and its slice of every global batch."""
+
+    name: str
+    sequence: SourceSequence
+    start: int
+    per_batch: int
+    rank_offset: int
+    rank_count: int
+
+
+class SampleReader:
+    """Reads and decodes samples by id; a corrupt sample is skipped (counted, logged) or fatal."""
+
+    def __init__(self, indexes: list[ShardIndex], on_corrupt: OnCorrupt):
+        self.indexes = indexes
+        self.on_corrupt = on_corrupt
+        self.corrupt = 0
+
+    def read(self, sample_id: int) -> Sample | None:
+        number, position = decode_id(sample_id)
+        try:
+            return decode(self.indexes[number].read(position))
+        except CorruptSampleError as error:
+            if self.on_corrupt == "raise":
+                raise
+            self.corrupt += 1
+            log.warning("skipping corrupt sample: %s", error)
+            return None
+
+
+class TaskBatches(IterableDataset):
+    """The training batches of one task for one rank; `len()` is the whole task even after a resume."""
+
+    def __init__(
+        self,
+        task: int,
+        steps: int,
+        parts: list[SourcePart],
+        reader: SampleReader,
+        transform: Callable[[Any], torch.Tensor],
+        tokenizer: Callable[[list[str]], torch.Tensor],
+        seed: int,
+    ):
+        self.task, self.steps, self.parts = task, steps, parts
+        self.reader, self.transform, self.tokenizer, self.seed = reader, transform, tokenizer, seed
+        self.start = 0
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for batch_index in range(self.start + worker, self.steps, workers):
+            yield self.batch(batch_index)
+
+    def _fill_slot(self, part: SourcePart, position: int) -> Sample:
+        # A corrupt sample is replaced by the same slot of the following passes: deterministic, so every run skips
+        # the same samples and the batch keeps its size.
+        for attempt in range(_MAX_REPLACEMENTS):
+            sample_id = part.sequence.take(position + attempt * len(part.sequence), 1)[0]
+            sample = self.reader.read(sample_id)
+            if sample is not None:
+                return sample
+        raise CorruptSampleError(f"{_MAX_REPLACEMENTS} corrupt samples in a row in the {part.name} source")
+
+    def batch(self, batch_index: int) -> dict[str, Any]:
+        images, captions, sources, keys = [], [], [], []
+        with torch.random.fork_rng(devices=[]):
+            for part in self.parts:
+                first = part.start + batch_index * part.per_batch + part.rank_offset
+                for slot in range(part.rank_count):
+                    sample = self._fill_slot(part, first + slot)
+                    slot_seed = _mix(
+                        self.seed, self.task, batch_index, _SOURCE_CODES[part.name], part.rank_offset + slot
+                    )
+                    torch.manual_seed(slot_seed)
+                    images.append(self.transform(sample.image))
+                    captions.append(sample.training_caption(random.Random(slot_seed)))
+                    sources.append(_SOURCE_CODES[part.name])
+                    keys.append(sample.key)
+        return {
+            "image": torch.stack(images),
+            "text": self.tokenizer(captions),
+            "source": torch.tensor(sources, dtype=torch.int8),
+            "keys": keys,
+            "corrupt": self.reader.corrupt,
+        }
+
+
+class TaskLoader(DataLoader):
+    """A DataLoader over `TaskBatches` whose position survives a restart (Lightning's resumable-loader protocol)."""
+
+    def __init__(self, batches: TaskBatches, **kwargs: Any):
+        super().__init__(batches, batch_size=None, **kwargs)
+        self._yielded = 0
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        self._yielded = self.dataset.start  # type: ignore[attr-defined]
+        for batch in super().__iter__():
+            self._yielded += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"task": self.dataset.task, "batches": self._yielded}  # type: ignore[attr-defined]
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        # A checkpoint written at the end of a task carries that task's state; the loader of the next task starts at 0.
+        if state.get("task") == self.dataset.task:  # type: ignore[attr-defined]
+            self.dataset.start = int(state["batches"])  # type: ignore[attr-defined]
+
+
+class EvalBatches(IterableDataset):
+    """Batches of one evaluation dataset for one rank: the rank takes every world_size-th sample, no padding, so no
+    sample is evaluated twice; workers take whole batches round-robin."""
+
+    def __init__(
+        self,
+        dataset: str,
+        task_type: Literal["classification", "retrieval"],
+        index: ShardIndex,
+        positions: np.ndarray,
+        batch_size: int,
+        transform: Callable[[Any], torch.Tensor],
+        tokenizer: Callable[[list[str]], torch.Tensor],
+        on_corrupt: OnCorrupt,
+        scope: Literal["subset", "full"],
+    ):
+        self.dataset, self.task_type, self.index, self.positions = dataset, task_type, index, positions
+        self.batch_size, self.transform, self.tokenizer = batch_size, transform, tokenizer
+        self.reader = SampleReader([index], on_corrupt)
+        self.scope = scope
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.positions) / self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for number in range(worker, len(self), workers):
+            chunk = self.positions[number * self.batch_size : (number + 1) * self.batch_size]
+            yield self.batch(chunk)
+
+    def batch(self, chunk: np.ndarray) -> dict[str, Any]:
+        images, labels, kept, captions, owners = [], [], [], [], []
+        for position in chunk:
+            sample = self.reader.read(int(position))  # one shard index: the id is the position
+            if sample is None:
+                continue
+            images.append(self.transform(sample.image))
+            labels.append(int(sample.meta.get("label", -1)))
+            kept.append(int(position))
+            if self.task_type == "retrieval":
+                captions.extend(sample.captions)
+                owners.extend([int(position)] * len(sample.captions))
+        batch: dict[str, Any] = {
+            "image": torch.stack(images) if images else torch.empty(0),
+            "label": torch.tensor(labels, dtype=torch.long),
+            "position": torch.tensor(kept, dtype=torch.long),
+            "corrupt": self.reader.corrupt,
+        }
+        if self.task_type == "retrieval":
+            batch["caption_tokens"] = self.tokenizer(captions) if captions else torch.empty(0, dtype=torch.long)
+            batch["caption_owner"] = torch.tensor(owners, dtype=torch.long)
+        return batch
+
+
+def loader_kwargs(num_workers: int) -> dict[str, Any]:
+    """Settings shared by every timelit loader."""
+    kwargs: dict[str, Any] = {"num_workers": num_workers, "pin_memory": torch.cuda.is_available()}
+    if num_workers > 0:
+        kwargs.update(worker_init_fn=ignore_preemption_signals, prefetch_factor=2, persistent_workers=False)
+    return kwargs

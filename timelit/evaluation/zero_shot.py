@@ -1,0 +1,83 @@
+"""Zero-shot classification heads from prompts, and retrieval recall@k.
+
+    python -m pytest tests/unit/evaluation -q
+
+Classification follows the reference pipeline: each class name goes through the dataset's prompt templates (one
+"primer" per FoMo-in-Flux dataset), the normalised text embeddings are averaged over templates and normalised again,
+and an image is assigned the class of highest cosine similarity. Retrieval ranks every caption for every image and
+every image for every caption; an image-to-text hit is any of the image's own captions in the top k.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@torch.no_grad()
+def encode_texts(
+    model: nn.Module, tokenizer, texts: Sequence[str], device: torch.device, batch_size: int = 256
+) -> torch.Tensor:
+    """L2-normalised text embeddings, in batches."""
+    chunks = []
+    for start in range(0, len(texts), batch_size):
+        tokens = tokenizer(list(texts[start : start + batch_size])).to(device)
+        chunks.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def classification_head(
+    model: nn.Module, tokenizer, classnames: Sequence[str], templates: Sequence[str], device: torch.device
+) -> torch.Tensor:
+    """One unit vector per class: the mean over templates of the normalised prompt embeddings, normalised again."""
+    prompts = [template.format(name) for name in classnames for template in templates]
+    embeddings = encode_texts(model, tokenizer, prompts, device).view(len(classnames), len(templates), -1)
+    return F.normalize(embeddings.mean(dim=1), dim=-1)
+
+
+def true_class_rank(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """For each row, how many classes score strictly higher than the true one (0 = top-1 hit).
+
+    Storing this rank instead of predictions gives every top-k from one number per sample.
+    """
+    true_scores = logits.gather(1, labels.view(-1, 1))
+    return (logits > true_scores).sum(dim=1)
+
+
+def recall_at_k(
+    image_features: torch.Tensor, text_features: torch.Tensor, text_owner: torch.Tensor, ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
+    """Image-to-text and text-to-image recall@k in percent; `text_owner[j]` is the row of caption j's image.
+
+    Features must be L2-normalised. Ties count against the query (a strictly higher score ranks above).
+    """
+    similarity = image_features.float() @ text_features.float().T  # images x texts
+    own = text_owner.view(1, -1) == torch.arange(len(image_features), device=similarity.device).view(-1, 1)
+    # image -> text: rank of the best-scoring own caption
+    best_own = similarity.masked_fill(~own, float("-inf")).max(dim=1, keepdim=True).values
+    image_rank = (similarity > best_own).sum(dim=1)
+    # text -> image: rank of the caption's image among all images
+    caption_scores = similarity.T  # texts x images
+    true_image = caption_scores.gather(1, text_owner.view(-1, 1))
+    text_rank = (caption_scores > true_image).sum(dim=1)
+    out = {}
+    for k in ks:
+        out[f"i2t_R@{k}"] = 100.0 * (image_rank < k).float().mean().item()
+        out[f"t2i_R@{k}"] = 100.0 * (text_rank < k).float().mean().item()
+    return out
+
+
+def text_tower_fingerprint(model: nn.Module) -> str:
+    """A hash of every text-tower weight: zero-shot heads are reused only while it is unchanged."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in model.state_dict().items():
+        if name.startswith("visual.") or name == "logit_scale":
+            continue
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
