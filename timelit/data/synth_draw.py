@@ -1,0 +1,223 @@
+"""Drawing primitives of the procedural quickstart benchmark: shapes, glyphs, arrows and textures.
+
+Everything is drawn on a 64 px canvas and reduced to the stored size with a box filter, which gives anti-aliased
+edges at 32 px. All randomness comes from the `random.Random` passed in, so a dataset is a function of its seed.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+from PIL import Image, ImageDraw
+
+CANVAS = 64
+RGB = tuple[int, int, int]
+
+COLOURS: dict[str, RGB] = {
+    "red": (220, 30, 30),
+    "green": (40, 170, 50),
+    "blue": (40, 70, 220),
+    "yellow": (240, 220, 40),
+    "purple": (140, 50, 180),
+    "orange": (245, 140, 20),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+}
+
+# Finer shades than the pretraining pool's eight colour words: the base model has never seen these names.
+SHADES: dict[str, RGB] = {
+    "crimson": (200, 20, 60),
+    "maroon": (110, 10, 20),
+    "salmon": (250, 128, 114),
+    "navy": (10, 20, 110),
+    "sky blue": (120, 190, 240),
+    "teal": (0, 128, 128),
+    "olive": (120, 120, 10),
+    "lime": (140, 230, 40),
+    "gold": (250, 200, 10),
+    "beige": (225, 210, 170),
+    "magenta": (235, 30, 210),
+    "brown": (120, 70, 30),
+}
+
+SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond", "hexagon", "ring")
+TEXTURES = ("plain", "striped", "dotted", "checkered", "grid", "noisy")
+
+
+def jitter(colour: RGB, rng: random.Random, amount: int = 12) -> RGB:
+    return tuple(max(0, min(255, c + rng.randint(-amount, amount))) for c in colour)  # type: ignore[return-value]
+
+
+def contrasting(rng: random.Random, avoid: RGB, palette: dict[str, RGB] = COLOURS) -> RGB:
+    """A palette colour far enough from `avoid` that a shape stays visible on it."""
+    options = [c for c in palette.values() if sum(abs(a - b) for a, b in zip(c, avoid)) > 200]
+    return jitter(rng.choice(options or list(palette.values())), rng)
+
+
+def canvas(background: RGB) -> tuple[Image.Image, ImageDraw.ImageDraw]:
+    image = Image.new("RGB", (CANVAS, CANVAS), background)
+    return image, ImageDraw.Draw(image)
+
+
+def finish(image: Image.Image, size: int) -> Image.Image:
+    return image.resize((size, size), Image.Resampling.BOX) if size != CANVAS else image
+
+
+def texture(name: str, rng: random.Random, base: RGB, ink: RGB) -> Image.Image:
+    """A full-canvas texture in two colours."""
+    image, draw = canvas(base)
+    step = rng.randint(8, 14)
+    phase = rng.randint(0, step - 1)
+    if name == "striped":
+        vertical = rng.random() < 0.5
+        for pos in range(phase - step, CANVAS, step):
+            box = (pos, 0, pos + step // 2, CANVAS) if vertical else (0, pos, CANVAS, pos + step // 2)
+            draw.rectangle(box, fill=ink)
+    elif name == "dotted":
+        radius = max(1, step // 4)
+        for x in range(phase, CANVAS, step):
+            for y in range(phase, CANVAS, step):
+                draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=ink)
+    elif name == "checkered":
+        for x in range(phase - step, CANVAS, step):
+            for y in range(phase - step, CANVAS, step):
+                if ((x - phase) // step + (y - phase) // step) % 2 == 0:
+                    draw.rectangle((x, y, x + step - 1, y + step - 1), fill=ink)
+    elif name == "grid":
+        for pos in range(phase, CANVAS, step):
+            draw.line((pos, 0, pos, CANVAS), fill=ink, width=2)
+            draw.line((0, pos, CANVAS, pos), fill=ink, width=2)
+    elif name == "noisy":
+        pixels = image.load()
+        for x in range(0, CANVAS, 2):
+            for y in range(0, CANVAS, 2):
+                if rng.random() < 0.5:
+                    for dx in (0, 1):
+                        for dy in (0, 1):
+                            pixels[x + dx, y + dy] = ink  # type: ignore[index]
+    elif name != "plain":
+        raise ValueError(f"unknown texture '{name}'; known: {TEXTURES}")
+    return image
+
+
+def _regular(cx: float, cy: float, radius: float, sides: int, rotation: float) -> list[tuple[float, float]]:
+    return [
+        (
+            cx + radius * math.cos(rotation + 2 * math.pi * k / sides),
+            cy + radius * math.sin(rotation + 2 * math.pi * k / sides),
+        )
+        for k in range(sides)
+    ]
+
+
+def shape(
+    draw: ImageDraw.ImageDraw, name: str, cx: float, cy: float, radius: float, fill: RGB, rng: random.Random
+) -> None:
+    """Draw one of `SHAPES` centred at (cx, cy)."""
+    turn = rng.uniform(-0.2, 0.2)
+    if name == "circle":
+        draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=fill)
+    elif name == "ring":
+        width = max(3, int(radius / 2.5))
+        draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), outline=fill, width=width)
+    elif name == "square":
+        draw.polygon(_regular(cx, cy, radius * 1.3, 4, math.pi / 4 + turn), fill=fill)
+    elif name == "diamond":
+        draw.polygon(_regular(cx, cy, radius * 1.2, 4, turn), fill=fill)
+    elif name == "triangle":
+        draw.polygon(_regular(cx, cy, radius * 1.2, 3, -math.pi / 2 + turn), fill=fill)
+    elif name == "hexagon":
+        draw.polygon(_regular(cx, cy, radius * 1.1, 6, turn), fill=fill)
+    elif name == "star":
+        points = []
+        for k in range(10):
+            r = radius * (1.25 if k % 2 == 0 else 0.5)
+            angle = -math.pi / 2 + turn + math.pi * k / 5
+            points.append((cx + r * math.cos(angle), cy + r * math.sin(angle)))
+        draw.polygon(points, fill=fill)
+    elif name == "cross":
+        arm = radius / 2.6
+        draw.rectangle((cx - radius, cy - arm, cx + radius, cy + arm), fill=fill)
+        draw.rectangle((cx - arm, cy - radius, cx + arm, cy + radius), fill=fill)
+    else:
+        raise ValueError(f"unknown shape '{name}'; known: {SHAPES}")
+
+
+# Seven-segment digits: segments a (top), b (top right), c (bottom right), d (bottom), e (bottom left),
+# f (top left), g (middle).
+_SEGMENTS = {
+    "a": ((0, 0), (1, 0)),
+    "b": ((1, 0), (1, 1)),
+    "c": ((1, 1), (1, 2)),
+    "d": ((0, 2), (1, 2)),
+    "e": ((0, 1), (0, 2)),
+    "f": ((0, 0), (0, 1)),
+    "g": ((0, 1), (1, 1)),
+}
+DIGIT_SEGMENTS = ("abcdef", "bc", "abged", "abgcd", "fgbc", "afgcd", "afgedc", "abc", "abcdefg", "abcdfg")
+
+# Capital letters made of straight strokes, in a unit box (x right, y down).
+LETTER_STROKES: dict[str, list[tuple[tuple[float, float], ...]]] = {
+    "A": [((0, 1), (0.5, 0), (1, 1)), ((0.25, 0.55), (0.75, 0.55))],
+    "E": [((1, 0), (0, 0), (0, 1), (1, 1)), ((0, 0.5), (0.75, 0.5))],
+    "F": [((1, 0), (0, 0), (0, 1)), ((0, 0.5), (0.75, 0.5))],
+    "H": [((0, 0), (0, 1)), ((1, 0), (1, 1)), ((0, 0.5), (1, 0.5))],
+    "K": [((0, 0), (0, 1)), ((1, 0), (0, 0.55), (1, 1))],
+    "L": [((0, 0), (0, 1), (1, 1))],
+    "M": [((0, 1), (0, 0), (0.5, 0.6), (1, 0), (1, 1))],
+    "N": [((0, 1), (0, 0), (1, 1), (1, 0))],
+    "T": [((0, 0), (1, 0)), ((0.5, 0), (0.5, 1))],
+    "V": [((0, 0), (0.5, 1), (1, 0))],
+    "X": [((0, 0), (1, 1)), ((1, 0), (0, 1))],
+    "Z": [((0, 0), (1, 0), (0, 1), (1, 1))],
+}
+
+
+def _strokes(draw: ImageDraw.ImageDraw, strokes, box: tuple[float, float, float, float], ink: RGB, width: int) -> None:
+    x0, y0, w, h = box
+    for stroke in strokes:
+        points = [(x0 + x * w, y0 + y * h) for x, y in stroke]
+        draw.line(points, fill=ink, width=width, joint="curve")
+
+
+def digit(draw: ImageDraw.ImageDraw, value: int, ink: RGB, rng: random.Random) -> None:
+    width = rng.randint(5, 8)
+    w, h = rng.uniform(20, 28), rng.uniform(36, 46)
+    x0, y0 = rng.uniform(6, CANVAS - 6 - w), rng.uniform(4, CANVAS - 4 - h)
+    strokes = [tuple((x, y / 2) for x, y in _SEGMENTS[s]) for s in DIGIT_SEGMENTS[value]]
+    _strokes(draw, strokes, (x0, y0, w, h), ink, width)
+
+
+def letter(draw: ImageDraw.ImageDraw, name: str, ink: RGB, rng: random.Random) -> None:
+    width = rng.randint(5, 7)
+    w, h = rng.uniform(28, 38), rng.uniform(34, 44)
+    x0, y0 = rng.uniform(5, CANVAS - 5 - w), rng.uniform(5, CANVAS - 5 - h)
+    _strokes(draw, LETTER_STROKES[name], (x0, y0, w, h), ink, width)
+
+
+ARROW_DIRECTIONS = {
+    "up": (0, -1),
+    "down": (0, 1),
+    "left": (-1, 0),
+    "right": (1, 0),
+    "up and left": (-1, -1),
+    "up and right": (1, -1),
+    "down and left": (-1, 1),
+    "down and right": (1, 1),
+}
+
+
+def arrow(draw: ImageDraw.ImageDraw, direction: str, ink: RGB, rng: random.Random) -> None:
+    dx, dy = ARROW_DIRECTIONS[direction]
+    norm = math.hypot(dx, dy)
+    dx, dy = dx / norm, dy / norm
+    length = rng.uniform(34, 46)
+    cx, cy = CANVAS / 2 + rng.uniform(-5, 5), CANVAS / 2 + rng.uniform(-5, 5)
+    tail = (cx - dx * length / 2, cy - dy * length / 2)
+    tip = (cx + dx * length / 2, cy + dy * length / 2)
+    draw.line((tail, tip), fill=ink, width=rng.randint(5, 7))
+    head = length * 0.4
+    for side in (-1, 1):
+        angle = math.atan2(-dy, -dx) + side * 0.5
+        draw.line((tip, (tip[0] + head * math.cos(angle), tip[1] + head * math.sin(angle))), fill=ink, width=6)
