@@ -1,0 +1,195 @@
+"""TaskResults: what every evaluation found, written where researchers read it.
+
+After each evaluation of the stream (the zero-shot point before task 1, then after every task) it records, per
+dataset, the subset figure, then A_KA, A_ZS and GM, plus whatever other callbacks report for that task (GFLOPs spent,
+protocol, ...). The records live in this callback's `state_dict`, so they survive a restart, and are rendered to
+
+    <log_dir>/results.json           one entry per point; full-split figures before and after the stream
+    TensorBoard                      summary/A_KA, summary/A_ZS, summary/GM and eval/<dataset>/<metric>,
+                                     x-axis = number of tasks trained (0 = zero-shot); full/... for full splits
+
+A callback contributes fields to a point by defining `task_record(trainer) -> dict`, and to the run header by
+defining `run_record(trainer) -> dict`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from typing_extensions import override
+
+from timelit.evaluation.evaluator import summary_figure
+from timelit.evaluation.metrics import summarize
+
+log = logging.getLogger(__name__)
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN: write null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_clean(data), indent=1, allow_nan=False))
+    os.replace(tmp, path)
+
+
+class TaskResults(Callback):
+    """Records A_KA / A_ZS / GM and per-dataset figures after every task (see the module docstring).
+
+    Args:
+        filename: name of the results file in the run directory.
+    """
+
+    def __init__(self, filename: str = "results.json"):
+        self.filename = filename
+        self.points: list[dict[str, Any]] = []
+        self.full: dict[str, dict[str, Any]] = {}
+        self.complete = False
+
+    # ---------------------------------------------------------------- recording
+
+    @override
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.num_sanity_val_steps != float("inf"):
+            rank_zero_warn(
+                "trainer.num_sanity_val_steps is not -1: the sanity check will not evaluate whole datasets, so the "
+                "zero-shot point (task 0) is not recorded. timelit's configs set it to -1."
+            )
+
+    @override
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        evaluation = getattr(pl_module, "last_evaluation", None)
+        if evaluation is None:
+            return
+        pl_module.last_evaluation = None
+        if trainer.state.fn != TrainerFn.FITTING:
+            self._write_single(trainer, evaluation)
+            return
+        if trainer.sanity_checking and trainer.num_sanity_val_steps != float("inf"):
+            return
+        tasks_done = 0 if trainer.sanity_checking else trainer.current_epoch + 1
+        point = self._point(trainer, evaluation, tasks_done)
+        self.points = [p for p in self.points if p["tasks_done"] != tasks_done] + [point]
+        self.points.sort(key=lambda p: p["tasks_done"])
+        if evaluation["scope"] == "full":
+            where = "start" if tasks_done == 0 else "end"
+            self.full[where] = {
+                "tasks_done": tasks_done,
+                **summarize(evaluation["datasets"], "full"),
+                "datasets": self._figures(evaluation["datasets"], "full"),
+            }
+        self._log_tensorboard(trainer, point, evaluation)
+        self._write(trainer)
+        log.info(
+            "after %d task(s): A_KA %.2f  A_ZS %.2f  GM %.2f", tasks_done, point["A_KA"], point["A_ZS"], point["GM"]
+        )
+
+    def _point(self, trainer: L.Trainer, evaluation: dict[str, Any], tasks_done: int) -> dict[str, Any]:
+        point: dict[str, Any] = {"tasks_done": tasks_done, "global_step": trainer.global_step}
+        point.update(summarize(evaluation["datasets"], "subset"))
+        point["datasets"] = self._figures(evaluation["datasets"], "subset")
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
+            if callback is not self and hasattr(callback, "task_record"):
+                point.update(callback.task_record(trainer))
+        return point
+
+    @staticmethod
+    def _figures(datasets: dict[str, Any], scope: str) -> dict[str, Any]:
+        return {
+            name: {"role": e["role"], "task": e["task"], "figure": summary_figure(e, scope), **e[scope]}
+            for name, e in datasets.items()
+            if scope in e
+        }
+
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        datamodule = getattr(trainer, "datamodule", None)
+        num_tasks = getattr(datamodule, "num_tasks", None)
+        self.complete = bool(self.points) and self.points[-1]["tasks_done"] == num_tasks
+        self._write(trainer)
+
+    # ---------------------------------------------------------------- output
+
+    @staticmethod
+    def run_dir(trainer: L.Trainer) -> Path:
+        return Path(trainer.log_dir or trainer.default_root_dir)
+
+    def _run_header(self, trainer: L.Trainer) -> dict[str, Any]:
+        module, datamodule = trainer.lightning_module, getattr(trainer, "datamodule", None)
+        header: dict[str, Any] = {"model": dict(module.hparams) if module is not None else {}}
+        if datamodule is not None:
+            header["data"] = {
+                "stream": getattr(datamodule, "stream_spec", None),
+                "num_tasks": getattr(datamodule, "num_tasks", None),
+                "batch_size": getattr(datamodule, "batch_size", None),
+                "steps_per_task": getattr(datamodule, "steps_per_task", None),
+                "seed": getattr(datamodule, "seed", None),
+            }
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
+            if hasattr(callback, "run_record"):
+                header.update(callback.run_record(trainer))
+        return header
+
+    @rank_zero_only
+    def _write(self, trainer: L.Trainer) -> None:
+        run_dir = self.run_dir(trainer)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(
+            run_dir / self.filename,
+            {"run": self._run_header(trainer), "complete": self.complete, "points": self.points, "full": self.full},
+        )
+
+    @rank_zero_only
+    def _write_single(self, trainer: L.Trainer, evaluation: dict[str, Any]) -> None:
+        run_dir = self.run_dir(trainer)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        scope = evaluation["scope"]
+        record = {
+            "scope": scope,
+            **summarize(evaluation["datasets"], scope),
+            "datasets": self._figures(evaluation["datasets"], scope),
+        }
+        write_json_atomic(run_dir / f"{trainer.state.fn.value}_{self.filename}", record)
+
+    @rank_zero_only
+    def _log_tensorboard(self, trainer: L.Trainer, point: dict[str, Any], evaluation: dict[str, Any]) -> None:
+        writers = [lg.experiment for lg in trainer.loggers if hasattr(lg.experiment, "add_scalar")]
+        step = point["tasks_done"]
+        for writer in writers:
+            for key in ("A_KA", "A_ZS", "GM"):
+                writer.add_scalar(f"summary/{key}", point[key], global_step=step)
+            for name, entry in evaluation["datasets"].items():
+                for metric, value in entry["subset"].items():
+                    if metric != "n":
+                        writer.add_scalar(f"eval/{name}/{metric}", value, global_step=step)
+            if evaluation["scope"] == "full":
+                for key, value in summarize(evaluation["datasets"], "full").items():
+                    writer.add_scalar(f"full/{key}", value, global_step=step)
+            writer.flush()
+
+    # ---------------------------------------------------------------- checkpoint
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"points": self.points, "full": self.full, "complete": self.complete}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.points = list(state_dict.get("points", []))
+        self.full = dict(state_dict.get("full", {}))
+        self.complete = bool(state_dict.get("complete", False))

@@ -1,0 +1,150 @@
+"""The `timelit` command.
+
+    timelit fit --config best_in_time.yaml            the whole stream; resumes from last.ckpt when there is one
+    timelit validate --config quickstart.yaml --ckpt_path runs/quickstart/checkpoints/last.ckpt
+    timelit data synth --out ~/.cache/timelit/quickstart
+
+`fit`, `validate` and `test` go to a LightningCLI (jsonargparse, `class_path`/`init_args`, `--print_config`,
+dotted overrides). The other subcommands are plain typed functions dispatched by jsonargparse: LightningCLI
+subcommands must be Trainer methods, so they cannot live inside it. A `--config` that is not a file is looked up
+among the configs shipped with timelit, so the commands above work from any directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from typing import Any
+
+from lightning.pytorch.cli import LightningCLI
+
+from timelit.resources import PACKAGE_DIR
+
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
+DEFAULTS_DIR = PACKAGE_DIR / "cli_defaults"
+
+
+class TimeLightningCLI(LightningCLI):
+    """LightningCLI with timelit's always-on callbacks and the trainer settings a stream needs.
+
+    Config sections beyond LightningCLI's own: `results` (TaskResults: results.json and per-task TensorBoard
+    scalars) and `checkpoint` (StreamCheckpoint: last.ckpt every N steps and at every task end). The trainer's
+    `max_epochs` follows `data.num_tasks` and the seeds of model and data follow `seed_everything`.
+    """
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        from timelit.callbacks.checkpoint import StreamCheckpoint
+        from timelit.callbacks.results import TaskResults
+
+        parser.add_lightning_class_args(TaskResults, "results")
+        parser.add_lightning_class_args(StreamCheckpoint, "checkpoint")
+        parser.link_arguments("data.init_args.num_tasks", "trainer.max_epochs")
+        parser.link_arguments("seed_everything", "data.init_args.seed")
+        parser.link_arguments("seed_everything", "model.init_args.seed")
+        parser.set_defaults(
+            {
+                # The sanity check is the zero-shot evaluation before the stream: it must see whole datasets.
+                "trainer.num_sanity_val_steps": -1,
+                # Every task has its own training loader (and evaluation switches between subsets and full splits).
+                "trainer.reload_dataloaders_every_n_epochs": 1,
+                # timelit's loaders split data by rank themselves; a DistributedSampler would duplicate samples.
+                "trainer.use_distributed_sampler": False,
+                "trainer.gradient_clip_val": 1.0,
+                "trainer.logger": {
+                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    "init_args": {"save_dir": "runs", "name": "timelit", "version": ""},
+                },
+            }
+        )
+
+
+def _resolve_config_args(args: list[str]) -> list[str]:
+    """Replace `--config NAME` by the path of a shipped config when NAME is not a file."""
+    from timelit.resources import resolve_config
+
+    resolved, take_next = [], False
+    for arg in args:
+        if take_next:
+            resolved.append(str(resolve_config(arg)))
+            take_next = False
+        elif arg in ("--config", "-c"):
+            resolved.append(arg)
+            take_next = True
+        elif arg.startswith("--config="):
+            resolved.append(f"--config={resolve_config(arg.split('=', 1)[1])}")
+        else:
+            resolved.append(arg)
+    return resolved
+
+
+def run_lightning(args: list[str]) -> TimeLightningCLI:
+    """`timelit fit|validate|test ...` (also the entry point the tests call in-process)."""
+    from timelit.data.datamodule import TimeDataModule
+    from timelit.model import CLIPFineTuner
+
+    # `args` is the command line itself here, not a second one beside sys.argv.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
+    return TimeLightningCLI(
+        CLIPFineTuner,
+        TimeDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        # `fit` resumes from the run's last.ckpt by default (a requeued Slurm job must); see cli_defaults/fit.yaml.
+        parser_kwargs={"fit": {"default_config_files": [str(DEFAULTS_DIR / "fit.yaml")]}},
+        args=_resolve_config_args(args),
+    )
+
+
+def function_commands() -> dict[str, Any]:
+    """The non-Lightning subcommands, as jsonargparse dispatches them."""
+    from timelit.commands import synth_command
+
+    return {"data": {"synth": synth_command}}
+
+
+def _print_overview(commands: dict[str, Any]) -> None:
+    def lines(tree: dict[str, Any], prefix: str) -> list[str]:
+        out = []
+        for name, value in tree.items():
+            if isinstance(value, dict):
+                out += lines(value, f"{prefix}{name} ")
+            else:
+                summary = (value.__doc__ or "").strip().splitlines()[0] if value.__doc__ else ""
+                out.append(f"  {prefix + name:<22}{summary}")
+        return out
+
+    print(
+        "usage: timelit SUBCOMMAND [options]\n\n"
+        "TIME (Temporal Integration of Model Expertise) on FoMo-in-Flux, with PyTorch Lightning.\n\n"
+        "Training and evaluation (LightningCLI; `timelit fit --help` lists every option):\n"
+        "  fit                   train over the whole stream of tasks (resumes from last.ckpt)\n"
+        "  validate              evaluate a checkpoint on the full test splits\n"
+        "  test                  same as validate, through Lightning's test loop\n\n"
+        "Tools (`timelit data synth --help` etc.):\n" + "\n".join(lines(commands, ""))
+    )
+
+
+def configure_logging() -> None:
+    """timelit's own messages at INFO (TIMELIT_LOG_LEVEL overrides); other libraries' (open_clip logs to the root
+    logger) at WARNING."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("timelit").setLevel(os.environ.get("TIMELIT_LOG_LEVEL", "INFO"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    configure_logging()
+    if args and args[0] in LIGHTNING_SUBCOMMANDS:
+        run_lightning(args)
+        return
+    commands = function_commands()
+    if not args or args[0] in ("-h", "--help"):
+        _print_overview(commands)
+        return
+    from jsonargparse import CLI
+
+    CLI(commands, args=args, as_positional=False)

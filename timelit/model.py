@@ -1,0 +1,171 @@
+"""CLIPFineTuner: an open_clip model trained with the symmetric contrastive loss, task after task.
+
+    timelit fit --config quickstart.yaml
+
+One training step is: encode the batch's images and captions, compute open_clip's `ClipLoss` over the global batch
+(features are all-gathered across ranks, with gradients), step AdamW under the per-task cosine schedule. At the start
+of every task the AdamW moments are cleared, as the reference pipeline re-creates its optimizer per task. Evaluation
+runs the zero-shot evaluator over one loader per dataset; what it computes is handed to the callbacks through
+`last_evaluation` (the TaskResults callback records it).
+
+Checkpoint layout: `state_dict` holds the live training weights under `model.`; the zero-shot weights θ0 are not in
+it: they are rebuilt from `pretrained` in `setup` (ARCHITECTURE.md decision 6: the base weights are immutable).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from open_clip.loss import ClipLoss
+
+from timelit.clip import build_clip, load_pretrained
+from timelit.data.datamodule import Preprocessing
+from timelit.data.loaders import _mix
+from timelit.evaluation.evaluator import ZeroShotEvaluator
+from timelit.optim import TaskCosineSchedule, parameter_groups
+
+log = logging.getLogger(__name__)
+
+
+class CLIPFineTuner(L.LightningModule):
+    """Fine-tunes an open_clip CLIP over a stream of tasks.
+
+    Args:
+        model_name: an open_clip architecture (`ViT-B-16`, ...) or a timelit tiny one (`timelit-tiny-ViT`).
+        pretrained: an open_clip pretrained tag (`laion2b_s34b_b88k`), a weights file (safetensors, torch or a timelit
+            checkpoint), or null for random initialisation.
+        lr: AdamW learning rate at the end of warm-up (reference: 1e-5).
+        weight_decay: AdamW weight decay (reference: 0.2).
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        decay_norms_and_biases: also decay gains, biases and `logit_scale` (the reference pipeline does; open_clip
+            does not).
+        warmup_fraction: share of each task spent in linear warm-up (reference: 0.1).
+        min_lr_ratio: the cosine decays to this fraction of `lr` at the end of each task (reference: 0.001).
+        seed: re-seeds the random generators at every step from (seed, rank, step), so a resumed run draws exactly
+            what an uninterrupted one does (linked to `seed_everything` by the CLI).
+    """
+
+    def __init__(
+        self,
+        model_name: str = "ViT-B-16",
+        pretrained: str | None = "laion2b_s34b_b88k",
+        lr: float = 1e-5,
+        weight_decay: float = 0.2,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        decay_norms_and_biases: bool = False,
+        warmup_fraction: float = 0.1,
+        min_lr_ratio: float = 0.001,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        bundle = build_clip(model_name)
+        self.model = bundle.model
+        self._preprocessing = Preprocessing(bundle.train_transform, bundle.eval_transform, bundle.tokenizer)
+        self.evaluator = ZeroShotEvaluator()
+        self.zero_shot_weights: dict[str, torch.Tensor] | None = None
+        self.last_evaluation: dict[str, Any] | None = None
+        self.optimizer_task = -1
+        self.loss_fn: ClipLoss | None = None
+
+    # ------------------------------------------------------------------ set-up
+
+    def preprocessing(self) -> Preprocessing:
+        """The transforms and tokenizer that belong to this model (the data module applies them in its workers)."""
+        return self._preprocessing
+
+    def setup(self, stage: str) -> None:
+        if self.zero_shot_weights is None:
+            if self.hparams.pretrained:
+                load_pretrained(self.model, self.hparams.model_name, self.hparams.pretrained)
+            # θ0 is captured before any checkpoint is restored, so a resumed run has the same base weights.
+            self.zero_shot_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "eval_specs"):
+            self.evaluator.configure(datamodule.eval_specs)
+        self.loss_fn = ClipLoss(
+            local_loss=False,
+            gather_with_grad=True,
+            cache_labels=True,
+            rank=self.trainer.global_rank,
+            world_size=self.trainer.world_size,
+        )
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.visual.output_dim)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        steps = self.trainer.datamodule.require_steps()  # type: ignore[union-attr]
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(
+            parameter_groups(self.model, hp.weight_decay, hp.decay_norms_and_biases),
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+            eps=hp.eps,
+        )
+        schedule = TaskCosineSchedule(optimizer, steps, hp.warmup_fraction, hp.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ------------------------------------------------------------------ training
+
+    def on_train_epoch_start(self) -> None:
+        # Not called when resuming in the middle of a task, whose optimizer state the checkpoint restored.
+        if self.optimizer_task != self.current_epoch:
+            for optimizer in self.trainer.optimizers:
+                optimizer.state.clear()
+            self.optimizer_task = self.current_epoch
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        step_seed = _mix(self.hparams.seed, self.global_rank, self.global_step)
+        random.seed(step_seed)
+        np.random.seed(step_seed % 2**32)
+        torch.manual_seed(step_seed)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        image_features, text_features, logit_scale = self.model(batch["image"], batch["text"])
+        loss = self.loss_fn(image_features, text_features, logit_scale)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/logit_scale", logit_scale.detach())
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        if batch.get("corrupt"):
+            self.log("train/corrupt_samples", float(batch["corrupt"]))
+        return loss
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["timelit_optimizer_task"] = self.optimizer_task
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.optimizer_task = int(checkpoint.get("timelit_optimizer_task", -1))
+
+    # ------------------------------------------------------------------ evaluation
+
+    def on_validation_epoch_start(self) -> None:
+        with self.trainer.precision_plugin.forward_context():
+            self.evaluator.prepare(self.model, self._preprocessing.tokenizer, self.device)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.evaluator.update(dataloader_idx, self.model, batch)
+
+    def on_validation_epoch_end(self) -> None:
+        loaders = self.trainer.val_dataloaders
+        loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
+        scopes = {getattr(loader.dataset, "scope", "full") for loader in loaders}
+        scope = "full" if scopes == {"full"} else "subset"
+        self.last_evaluation = {"scope": scope, "datasets": self.evaluator.compute(scope, self.device, self.embed_dim)}
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.validation_step(batch, batch_idx, dataloader_idx)
+
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end()
