@@ -132,10 +132,15 @@ def _image_bytes(record: Record, resize: int | None) -> tuple[bytes, str]:
     return buffer.getvalue(), "png"
 
 
+def _temporary(path: Path) -> Path:
+    """A name of this process's own: after a kill, an orphaned worker may still be finishing the same shard."""
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
 def _write_dataset_shard(job: ShardJob) -> None:
     from webdataset import TarWriter
 
-    tmp = job.path.with_name(job.path.name + ".tmp")
+    tmp = _temporary(job.path)
     with TarWriter(str(tmp), mtime=0.0) as writer:  # mtime 0: the same records always give the same bytes
         for offset, record in enumerate(job.records):
             try:
@@ -155,7 +160,7 @@ def _write_dataset_shard(job: ShardJob) -> None:
 def _copy_shard(job: ShardJob) -> None:
     from webdataset.gopen import gopen
 
-    tmp = job.path.with_name(job.path.name + ".tmp")
+    tmp = _temporary(job.path)
     with gopen(job.url, "rb") as source, open(tmp, "wb") as target:
         shutil.copyfileobj(source, target, length=1 << 20)
     _replace_atomically(tmp, job.path)
@@ -328,8 +333,12 @@ def _own_files(plan: SplitPlan) -> list[Path]:
     return [f for f in files if f.exists()]
 
 
-def settle_state(plan: SplitPlan, overwrite: bool) -> str | None:
-    """Decide fresh / resume / done from what is on disk; a conflict is returned as a message, not resolved."""
+def settle_state(plan: SplitPlan, overwrite: bool) -> tuple[list[Path], str | None]:
+    """Decide fresh / resume / done from what is on disk, without touching it.
+
+    Returns the files a fresh start must remove first, and a conflict message when those are shards of another
+    source or settings and `overwrite` is not set.
+    """
     recorded = plan_path(plan.directory, plan.split)
     previous = None
     if recorded.is_file():
@@ -337,21 +346,19 @@ def settle_state(plan: SplitPlan, overwrite: bool) -> str | None:
             previous = json.loads(recorded.read_text()).get("fingerprint")
         except (ValueError, AttributeError):
             previous = None
-    leftovers = _own_files(plan)
     if previous == plan.fingerprint:
         complete = index_path(plan.directory, plan.split).is_file() and all(j.path.is_file() for j in plan.jobs)
         plan.state = "done" if complete else "resume"
-        return None
+        return [], None
+    plan.state = "fresh"
+    leftovers = _own_files(plan)
     if leftovers and plan.owns_shards and not overwrite:
         if previous:
             why = "was prepared from a different source or with other settings"
         else:
             why = "holds shards that no prepare plan describes (written by another tool?)"
-        return f"{plan.dataset}/{plan.split}: {plan.directory} {why}; --overwrite replaces its {len(leftovers)} file(s)"
-    for path in leftovers:
-        path.unlink()
-    plan.state = "fresh"
-    return None
+        return leftovers, f"{plan.dataset}/{plan.split}: {plan.directory} {why}; --overwrite replaces its files"
+    return leftovers, None
 
 
 def _start(plan: SplitPlan) -> None:
@@ -385,6 +392,9 @@ def _finish(plan: SplitPlan, scans: list[ShardScan]) -> tuple[int, list[str], li
     )
     if not problems:
         _readable_like_shards(index.save())
+        if plan.owns_shards:
+            for leftover in plan.directory.glob(f"{plan.split}-*.tmp"):  # of writers killed mid-shard
+                leftover.unlink(missing_ok=True)
     count = len(index)
     if plan.expected is not None and count != plan.expected:
         message = f"{plan.dataset}/{plan.split}: {count} samples, the manifest states {plan.expected}"
@@ -413,13 +423,18 @@ def _execute(plans: list[SplitPlan], workers: int) -> Iterator[tuple[SplitPlan, 
             except Exception as error:
                 yield plan, error
         return
-    with ProcessPoolExecutor(max_workers=workers) as executor:
+    executor = ProcessPoolExecutor(max_workers=workers)
+    try:
         futures: dict[Future, SplitPlan] = {
             executor.submit(run_shard_job, number, job): plan for plan, number, job in jobs
         }
         for future in as_completed(futures):
             error = future.exception()
             yield futures[future], (error if error is not None else future.result())
+    finally:
+        # On Ctrl-C (or any error here) drop the queued shards instead of waiting for all of them; finished shards
+        # are complete files and a rerun continues from them.
+        executor.shutdown(wait=True, cancel_futures=True)
 
 
 def run_plans(plans: list[SplitPlan], workers: int, progress: bool = True) -> tuple[list[SplitResult], list[str]]:
@@ -613,9 +628,15 @@ def prepare(
         resize,
         samples_per_shard,
     )
-    conflicts = [message for plan in plans if (message := settle_state(plan, overwrite)) is not None]
-    if problems or conflicts:
-        raise PrepareError(_listing("nothing was written", problems + conflicts))
+    if problems:
+        raise PrepareError(_listing("nothing was written", problems))
+    states = [settle_state(plan, overwrite) for plan in plans]
+    conflicts = [conflict for _, conflict in states if conflict is not None]
+    if conflicts:
+        raise PrepareError(_listing("nothing was written", conflicts))
+    for stale, _ in states:
+        for path in stale:
+            path.unlink()
     if skipped:
         log.info("not in %s (skipped): %s", source, ", ".join(skipped))
     results, problems = run_plans(plans, workers if workers is not None else (os.cpu_count() or 1), progress)

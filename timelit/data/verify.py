@@ -69,7 +69,7 @@ def _shard_problems(index: ShardIndex) -> tuple[list[str], list[str]]:
             problems.append(f"shard {path} lacks the end-of-archive blocks (truncated copy?): {size} bytes")
     listed = {Path(name).name for name in index.shards}
     stray = sorted(p.name for p in index.directory.glob(f"{index.split}-*.tar") if p.name not in listed)
-    leftovers = sorted(p.name for p in index.directory.glob(f"{index.split}-*.tar.tmp"))
+    leftovers = sorted(p.name for p in index.directory.glob(f"{index.split}-*.tmp"))
     if stray:
         warnings.append(f"{len(stray)} shard file(s) not in the index (e.g. {stray[0]})")
     if leftovers:

@@ -133,17 +133,18 @@ def slow(job):
     write(job)
     time.sleep(0.4)
 p._write_dataset_shard = slow
-p.prepare(sys.argv[1], sys.argv[2], manifests=sys.argv[3], samples_per_shard=2, workers=0, progress=False)
+p.prepare(sys.argv[1], sys.argv[2], manifests=sys.argv[3], samples_per_shard=2, workers=2, progress=False)
 """
 
 
 @pytest.mark.slow
-def test_a_prepare_killed_by_sigkill_resumes(release):
+def test_a_prepare_killed_by_sigkill_with_its_workers_resumes(release):
     data = release["root"] / "data"
     child = subprocess.Popen(
         [sys.executable, "-c", _CHILD, str(release["release"]), str(data), str(release["manifests"])],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group: the kill takes the worker processes too
     )
     deadline = time.monotonic() + 120
     folder = data / "SHAPES"
@@ -151,7 +152,7 @@ def test_a_prepare_killed_by_sigkill_resumes(release):
         assert child.poll() is None, child.stderr.read().decode() if child.stderr else "child exited"
         assert time.monotonic() < deadline, "the child prepare made no progress"
         time.sleep(0.02)
-    os.kill(child.pid, signal.SIGKILL)
+    os.killpg(child.pid, signal.SIGKILL)
     child.wait(timeout=30)
     finished = sorted(folder.glob("*.tar"))
     assert 2 <= len(finished) < 8 and not index_path(folder, "train").exists()
