@@ -29,15 +29,18 @@ DEFAULTS_DIR = PACKAGE_DIR / "cli_defaults"
 class TimeLightningCLI(LightningCLI):
     """LightningCLI with timelit's always-on callbacks and the trainer settings a stream needs.
 
-    Config sections beyond LightningCLI's own: `results` (TaskResults: results.json and per-task TensorBoard
-    scalars) and `checkpoint` (StreamCheckpoint: last.ckpt every N steps and at every task end). The trainer's
+    Config sections beyond LightningCLI's own: `protocol` (TimeMerge: init/deploy/merge technique), `results`
+    (TaskResults: results.json and per-task TensorBoard scalars) and `checkpoint` (StreamCheckpoint: last.ckpt every
+    N steps and at every task end). The trainer's
     `max_epochs` follows `data.num_tasks` and the seeds of model and data follow `seed_everything`.
     """
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         from timelit.callbacks.checkpoint import StreamCheckpoint
         from timelit.callbacks.results import TaskResults
+        from timelit.callbacks.time_merge import TimeMerge
 
+        parser.add_lightning_class_args(TimeMerge, "protocol")
         parser.add_lightning_class_args(TaskResults, "results")
         parser.add_lightning_class_args(StreamCheckpoint, "checkpoint")
         parser.link_arguments("data.init_args.num_tasks", "trainer.max_epochs")

@@ -88,8 +88,10 @@ class TaskResults(Callback):
         point = self._point(trainer, evaluation, tasks_done)
         self.points = [p for p in self.points if p["tasks_done"] != tasks_done] + [point]
         self.points.sort(key=lambda p: p["tasks_done"])
-        if evaluation["scope"] == "full":
-            where = "start" if tasks_done == 0 else "end"
+        num_tasks = getattr(trainer.datamodule, "num_tasks", None)  # type: ignore[union-attr]
+        where = {0: "start", num_tasks: "end"}.get(tasks_done)
+        # Lightning reuses the sanity check's (full) loaders for the first task's evaluation: that one is not "end".
+        if evaluation["scope"] == "full" and where is not None:
             self.full[where] = {
                 "tasks_done": tasks_done,
                 **summarize(evaluation["datasets"], "full"),

@@ -1,0 +1,311 @@
+"""TimeMerge: the TIME protocol at every task boundary.
+
+    timelit fit --config best_in_time.yaml --protocol.init ema --protocol.deploy ema
+
+At the end of task t (its last training batch, before its evaluation) rank 0 stores the expert θ_t and writes the
+merged weights the protocol needs — the task EMA m_t, the merge of all experts, or the expert merged with θ0 — as
+safetensors files next to the experts; every rank waits, then reads the same files, so all ranks hold bitwise equal
+weights. The deployed weights are swapped in for the evaluation and swapped out after it. At the start of task t+1
+the init weights are loaded from those files (θ0 comes from the LightningModule, which rebuilds it from
+`pretrained`). The AdamW state and the LR schedule restart with every task (CLIPFineTuner does that).
+
+Files, in `<run dir>/experts/` (or `store_dir`):
+
+    base.safetensors             θ0
+    expert_0003.safetensors      θ_3, the weights trained in task 3 (every task is kept: `all` needs them)
+    ema_0003.safetensors         m_3; also all_0003 / ft_zs_0003 when the protocol uses them (the last two tasks
+                                 are kept, older ones removed unless `keep_merged`)
+    <run dir>/final_model.safetensors   the deployed weights after the last task
+
+Checkpoint layout: the LightningModule's `state_dict` holds the live training weights (the expert being trained);
+this callback's state holds the expert store's index (file names and sha256), the last finished task and the
+sha256 of every merged file it may still read, all verified on restore.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from typing_extensions import override
+
+from timelit.merging import ExpertStore, MergeMethod, load_weights, save_weights
+from timelit.merging.safetensors_io import file_sha256
+from timelit.protocol import Deploy, Init, Weighting, check_technique, merge_all, pairwise
+
+log = logging.getLogger(__name__)
+
+BASE_FILE = "base.safetensors"
+FINAL_FILE = "final_model.safetensors"
+
+
+def _cpu_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+class TimeMerge(Callback):
+    """Initialise each expert and deploy after each task as a TIME protocol says (see the module docstring).
+
+    Args:
+        init: weights the next task starts from: `zs` (θ0), `ft` (last expert), `ema` (task EMA), `all` (merge of
+            all experts so far), `ft_zs` (last expert merged with θ0, the pipeline's FT-Merge).
+        deploy: weights evaluated and shipped after each task: `ft`, `ema`, `all` or `ft_zs`.
+        technique: the merge technique f of the EMA step, of `all` and of `ft_zs` (timelit.merging).
+        hparams: its hyperparameters, named as in the papers (e.g. `{"k": 0.3, "scope": "tower"}` for TIES).
+        ema_weight: weight of the newest expert in the pairwise step, m_t = (1 - w) m_{t-1} + w θ_t (reference:
+            0.5); also the expert's weight in `ft_zs`. Used by interpolation, average and SLERP.
+        ema_start: `base` starts the EMA at θ0 (TIME, `ema_paint`); `first_expert` at θ_1 (the pipeline's
+            `double_merge_*` protocols).
+        all_weighting: weights of the experts in `all` under interpolation/average: uniform, or by recency as the
+            pipeline's offline merge (`linear`, `sqrt`, `quadratic`, `cubic`, `exp`, `log`, `reverse_*`).
+        all_include_base: count θ0 as a member of `all` (the pipeline's `include_zero_shot_in_merge`).
+        store_dir: where experts and merged weights go; default `<run dir>/experts`.
+        keep_merged: keep every task's merged files instead of the last two.
+    """
+
+    def __init__(
+        self,
+        init: Init = "ema",
+        deploy: Deploy = "ema",
+        technique: MergeMethod = "interpolation",
+        hparams: dict[str, Any] | None = None,
+        ema_weight: float = 0.5,
+        ema_start: str = "base",
+        all_weighting: Weighting = "uniform",
+        all_include_base: bool = False,
+        store_dir: str | None = None,
+        keep_merged: bool = False,
+    ):
+        if ema_start not in ("base", "first_expert"):
+            raise ValueError(f"protocol.ema_start must be 'base' or 'first_expert', got '{ema_start}'")
+        if not 0.0 <= ema_weight <= 1.0:
+            raise ValueError(f"protocol.ema_weight must lie in [0, 1], got {ema_weight}")
+        self.init, self.deploy, self.technique = init, deploy, technique
+        self.hparams = dict(hparams or {})
+        check_technique(technique, self.hparams)
+        self.ema_weight, self.ema_start = ema_weight, ema_start
+        self.all_weighting, self.all_include_base = all_weighting, all_include_base
+        self.store_dir, self.keep_merged = store_dir, keep_merged
+        self.finished_task = -1  # the last task whose expert and merged weights are on disk
+        self.merged_hashes: dict[str, str] = {}
+        self.boundary_seconds: dict[int, float] = {}
+        self._store: ExpertStore | None = None
+        self._pending_state: dict[str, Any] | None = None
+        self._live: dict[str, torch.Tensor] | None = None
+
+    # ---------------------------------------------------------------- files
+
+    @property
+    def kinds(self) -> set[str]:
+        """Merged weights this protocol needs at each boundary."""
+        return {self.init, self.deploy} & {"ema", "all", "ft_zs"}
+
+    def directory(self, trainer: L.Trainer) -> Path:
+        return Path(self.store_dir).expanduser() if self.store_dir else Path(trainer.log_dir or ".") / "experts"
+
+    def artefact(self, trainer: L.Trainer, kind: str, task: int) -> Path:
+        """The file holding `kind` (ft = the expert, ema, all, ft_zs) after `task`."""
+        if kind == "ft":
+            return self.store.path(task)
+        return self.directory(trainer) / f"{kind}_{task:04d}.safetensors"
+
+    @property
+    def store(self) -> ExpertStore:
+        assert self._store is not None, "TimeMerge used before setup()"
+        return self._store
+
+    # ---------------------------------------------------------------- set-up
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != TrainerFn.FITTING.value or self._store is not None:
+            return
+        directory = self.directory(trainer)
+        if trainer.is_global_zero:
+            directory.mkdir(parents=True, exist_ok=True)
+        trainer.strategy.barrier("timelit-experts-dir")
+        self._store = ExpertStore(directory)
+        if self._pending_state is not None:
+            self._restore(self._pending_state)
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        base_path = self.directory(trainer) / BASE_FILE
+        if trainer.is_global_zero and not base_path.exists():
+            save_weights(base_path, self._base(pl_module), {"timelit.kind": "base"})
+        trainer.strategy.barrier("timelit-base")
+
+    @staticmethod
+    def _base(pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
+        base = getattr(pl_module, "zero_shot_weights", None)
+        if base is None:
+            raise RuntimeError("TimeMerge needs a LightningModule with `zero_shot_weights` (θ0), e.g. CLIPFineTuner")
+        return base
+
+    # ---------------------------------------------------------------- task start: init weights
+
+    @override
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        task = trainer.current_epoch
+        if task == 0:
+            return  # every protocol starts the first task from θ0
+        if self.finished_task != task - 1:
+            raise RuntimeError(f"task {task} starts but the boundary of task {task - 1} was not processed")
+        if self.init == "zs":
+            weights = self._base(pl_module)
+        else:
+            weights = load_weights(self.artefact(trainer, self.init, task - 1))
+        pl_module.model.load_state_dict(weights)
+        log.info("task %d starts from %s", task, "θ0" if self.init == "zs" else f"{self.init} of task {task - 1}")
+
+    # ---------------------------------------------------------------- task end: expert, merges
+
+    @override
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if batch_idx + 1 == trainer.num_training_batches:
+            self.finish_task(trainer, pl_module, trainer.current_epoch)
+
+    def finish_task(self, trainer: L.Trainer, pl_module: L.LightningModule, task: int) -> None:
+        """Store θ_task and write the merged weights the protocol needs; rank 0 writes, every rank waits."""
+        started = time.perf_counter()
+        if trainer.is_global_zero:
+            self._write_boundary(trainer, pl_module, task)
+        trainer.strategy.barrier("timelit-boundary")
+        state = trainer.strategy.broadcast(self._state(), src=0)
+        if not trainer.is_global_zero:
+            self._restore(state, verify=False)
+        self.finished_task = task
+        self.boundary_seconds[task] = time.perf_counter() - started
+
+    def _expert_weights(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
+            if hasattr(callback, "averaged_weights"):
+                return callback.averaged_weights()  # the step-level EMA's weights are the expert
+        return _cpu_copy(pl_module.model)
+
+    def _write_boundary(self, trainer: L.Trainer, pl_module: L.LightningModule, task: int) -> None:
+        base = self._base(pl_module)
+        expert = self._expert_weights(trainer, pl_module)
+        metadata = {"timelit.protocol": f"{self.init}/{self.deploy}", "timelit.technique": self.technique}
+        self.store.add(task, expert, metadata)
+        experts = [str(self.store.path(t)) for t in self.store.tasks if t <= task]
+        merged: dict[str, dict[str, torch.Tensor]] = {}
+        if "ema" in self.kinds:
+            if task == 0:
+                merged["ema"] = (
+                    expert
+                    if self.ema_start == "first_expert"
+                    else pairwise(base, base, expert, self.technique, self.hparams, self.ema_weight)
+                )
+            else:
+                previous = str(self.artefact(trainer, "ema", task - 1))
+                merged["ema"] = pairwise(base, previous, expert, self.technique, self.hparams, self.ema_weight)
+        if "all" in self.kinds:
+            merged["all"] = merge_all(
+                base, experts, self.technique, self.hparams, self.all_weighting, self.all_include_base
+            )
+        if "ft_zs" in self.kinds:
+            merged["ft_zs"] = pairwise(base, base, expert, self.technique, self.hparams, self.ema_weight)
+        for kind, weights in merged.items():
+            path = self.artefact(trainer, kind, task)
+            self.merged_hashes[path.name] = save_weights(path, weights, {**metadata, "timelit.kind": kind})
+        self._forget_old(trainer, task)
+
+    def _forget_old(self, trainer: L.Trainer, task: int) -> None:
+        """Remove merged files two or more tasks old: the newest checkpoint can only refer to the last two."""
+        if self.keep_merged:
+            return
+        for kind in self.kinds:
+            old = self.artefact(trainer, kind, task - 2)
+            if task >= 2 and old.exists():
+                old.unlink()
+                self.merged_hashes.pop(old.name, None)
+
+    # ---------------------------------------------------------------- evaluation of the deployed weights
+
+    @override
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        task = trainer.current_epoch
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or self.finished_task != task:
+            return  # before the stream, or in the middle of a task: evaluate the weights being trained
+        self._live = _cpu_copy(pl_module.model)
+        pl_module.model.load_state_dict(load_weights(self.artefact(trainer, self.deploy, task)))
+
+    @override
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_live(pl_module)
+
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore_live(pl_module)  # before ModelCheckpoint (which Lightning runs last) saves on the exception
+
+    def _restore_live(self, pl_module: L.LightningModule) -> None:
+        if self._live is not None:
+            pl_module.model.load_state_dict(self._live)
+            self._live = None
+
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        last = getattr(trainer.datamodule, "num_tasks", trainer.max_epochs) - 1  # type: ignore[union-attr]
+        if trainer.is_global_zero and self.finished_task == last:
+            final = Path(trainer.log_dir or ".") / FINAL_FILE
+            tmp = final.with_name(final.name + ".tmp")
+            shutil.copyfile(self.artefact(trainer, self.deploy, last), tmp)
+            tmp.replace(final)
+            log.info("deployed weights after the last task (%s): %s", self.deploy, final)
+
+    # ---------------------------------------------------------------- records and checkpoint
+
+    def run_record(self, trainer: L.Trainer) -> dict[str, Any]:
+        return {
+            "protocol": {
+                "init": self.init,
+                "deploy": self.deploy,
+                "technique": self.technique,
+                "hparams": self.hparams,
+                "ema_weight": self.ema_weight,
+                "ema_start": self.ema_start,
+                "all_weighting": self.all_weighting,
+            }
+        }
+
+    def task_record(self, trainer: L.Trainer) -> dict[str, Any]:
+        task = trainer.current_epoch
+        return {"boundary_seconds": round(self.boundary_seconds.get(task, float("nan")), 3)}
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "store": self.store.state_dict(),
+            "finished_task": self.finished_task,
+            "merged": dict(self.merged_hashes),
+        }
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return self._state() if self._store is not None else dict(self._pending_state or {})
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._store is None:
+            self._pending_state = state_dict
+        else:
+            self._restore(state_dict)
+
+    def _restore(self, state: dict[str, Any], verify: bool = True) -> None:
+        self.store.load_state_dict(state["store"], verify=verify)
+        self.finished_task = int(state["finished_task"])
+        self.merged_hashes = dict(state.get("merged", {}))
+        for name, digest in self.merged_hashes.items() if verify else ():
+            path = self.store.directory / name
+            if not path.exists() or file_sha256(path) != digest:
+                raise FileNotFoundError(f"{path}: merged weights listed in the checkpoint are missing or changed")
+        self._pending_state = None
