@@ -119,7 +119,7 @@ def _image_bytes(record: Record, resize: int | None) -> tuple[bytes, str]:
         # Shorter side to `resize`, bicubic, as the pipeline's resized `_224` variants (FIF_REFERENCE.md §5).
         scale = resize / min(image.size)
         size = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
-        image = image.convert("RGB").resize(size, Image.BICUBIC)
+        image = image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
     elif extension in IMAGE_EXTENSIONS:
         return data, extension
     buffer = io.BytesIO()
