@@ -1,0 +1,173 @@
+"""`timelit report` on hand-written results.json files: the CSV and Markdown rows, and which plots are drawn.
+
+python -m pytest tests/unit/test_report.py -q
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+from jsonargparse import CLI
+
+from timelit.report import find_results, load_runs, report_argv, report_command
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def results(
+    a_ka: list[float],
+    a_zs: list[float],
+    *,
+    num_tasks: int,
+    protocol: dict | None = None,
+    budget: dict | None = None,
+    model: str = "timelit-tiny-ViT",
+    complete: bool | None = None,
+) -> dict:
+    """A results.json as TaskResults writes it: one point per evaluation, task 0 being the zero-shot model."""
+    run: dict = {"model": {"model_name": model}, "data": {"stream": "random", "num_tasks": num_tasks, "seed": 0}}
+    if protocol is not None:
+        run["protocol"] = protocol
+    if budget is not None:
+        run["budget"] = budget
+    points = [
+        {"tasks_done": t, "global_step": 10 * t, "A_KA": ka, "A_ZS": zs, "GM": math.sqrt(ka * zs), "datasets": {}}
+        for t, (ka, zs) in enumerate(zip(a_ka, a_zs))
+    ]
+    done = len(points) - 1 == num_tasks if complete is None else complete
+    return {"run": run, "complete": done, "points": points, "full": {}}
+
+
+def write(root: Path, name: str, data: dict) -> Path:
+    path = root / name / "results.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def protocol(init: str, deploy: str, technique: str = "interpolation", **hparams: float) -> dict:
+    return {"init": init, "deploy": deploy, "technique": technique, "hparams": hparams, "ema_weight": 0.5}
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    root = tmp_path / "sweep"
+    budget = {"total_gflops": 3.0e6}
+    write(root, "ft_ft", results([10, 20, 30, 40], [80, 70, 60, 50], num_tasks=3, protocol=protocol("ft", "ft"),
+                                 budget=budget))  # fmt: skip
+    write(root, "ema_ema", results([10, 15, 20, 25], [80, 78, 76, 74], num_tasks=3, protocol=protocol("ema", "ema"),
+                                   budget=budget))  # fmt: skip
+    write(root, "all_all_ties", results([10, 12, 14, 16], [80, 80, 79, 79], num_tasks=3,
+                                        protocol=protocol("all", "all", "ties", k=0.3), budget=budget))  # fmt: skip
+    write(root, "killed/run", results([10, 30], [80, 60], num_tasks=3, protocol=protocol("ft", "ft"), budget=budget))
+    write(root, "no_protocol", results([10, 11, 12, 13], [80, 79, 78, 77], num_tasks=3))
+    return root
+
+
+def rows_by_run(out: Path) -> dict[str, dict[str, str]]:
+    with (out / "runs.csv").open() as handle:
+        return {row["run"]: row for row in csv.DictReader(handle)}
+
+
+def test_table_has_one_row_per_run_with_final_mean_and_zero_shot_figures(sweep, tmp_path, capsys):
+    out = tmp_path / "report"
+    written = report_command([str(sweep)], out=str(out))
+    rows = rows_by_run(out)
+    assert set(rows) == {"ft_ft", "ema_ema", "all_all_ties", "killed/run", "no_protocol"}
+    ft = rows["ft_ft"]
+    assert (ft["init"], ft["deploy"], ft["technique"], ft["model"]) == ("ft", "ft", "interpolation", "timelit-tiny-ViT")
+    assert float(ft["budget_gflops"]) == 3.0e6 and ft["num_tasks"] == "3" and ft["complete"] == "True"
+    assert float(ft["final_A_KA"]) == 40 and float(ft["final_A_ZS"]) == 50
+    assert float(ft["final_GM"]) == pytest.approx(math.sqrt(40 * 50))
+    assert float(ft["mean_A_KA"]) == pytest.approx(30)  # tasks 1-3; the zero-shot point is not a task
+    assert float(ft["mean_A_ZS"]) == pytest.approx(60)
+    assert float(ft["zs_A_KA"]) == 10 and float(ft["zs_GM"]) == pytest.approx(math.sqrt(800))
+    assert rows["all_all_ties"]["technique"] == "ties(k=0.3)"
+    assert rows["no_protocol"]["init"] == rows["no_protocol"]["technique"] == rows["no_protocol"]["budget_gflops"]
+    assert rows["no_protocol"]["init"] == "unknown"
+    killed = rows["killed/run"]
+    assert (killed["complete"], killed["tasks_done"], float(killed["final_A_KA"])) == ("False", "1", 30.0)
+
+    markdown = (out / "report.md").read_text()
+    printed = capsys.readouterr().out
+    for text in (markdown, printed):
+        assert "| killed/run | ft/ft | interpolation | timelit-tiny-ViT | 3e+06 | 3 |" in text
+        assert "no (1/3 tasks)" in text
+        assert "| ft_ft | ft/ft | interpolation | timelit-tiny-ViT | 3e+06 | 3 | 40.00 | 50.00 | 44.72 |" in text
+    assert "![curves](curves.png)" in markdown
+    assert out / "runs.csv" in written and out / "report.md" in written
+
+
+def test_plots_are_written_as_png(sweep, tmp_path):
+    out = tmp_path / "report"
+    written = report_command([str(sweep)], out=str(out))
+    pngs = {p.name for p in written if p.suffix == ".png"}
+    # Three protocols -> the grid; one model, budget and horizon -> no scaling plot.
+    assert pngs == {"curves.png", "protocol_grid.png", "ka_zs_plane.png"}
+    for name in pngs:
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+
+
+def test_scaling_plots_appear_when_the_runs_vary_horizon_budget_and_model(tmp_path):
+    root = tmp_path / "scaling"
+    for tasks in (2, 4):
+        for gflops in (1e6, 2e6):
+            for model in ("timelit-micro-ViT", "timelit-tiny-ViT"):
+                curve = [10 + 5 * t * gflops / 1e6 for t in range(tasks + 1)]
+                data = results(curve, [80 - t for t in range(tasks + 1)], num_tasks=tasks, model=model,
+                               protocol=protocol("ema", "ema"), budget={"gflops_per_task": gflops / tasks})  # fmt: skip
+                write(root, f"T{tasks}_B{gflops:g}_{model}", data)
+    written = report_command([str(root)], out=str(tmp_path / "out"))
+    names = {p.name for p in written}
+    assert {"scaling_model.png", "scaling_budget.png", "scaling_horizon.png"} <= names
+    assert "protocol_grid.png" not in names  # a single protocol is no grid
+    assert {float(row["budget_gflops"]) for row in rows_by_run(tmp_path / "out").values()} == {1e6, 2e6}
+
+
+def test_run_dirs_files_and_sweep_roots_are_all_accepted(sweep):
+    assert len(find_results([str(sweep)])) == 5
+    assert find_results([str(sweep / "ft_ft"), str(sweep / "ema_ema" / "results.json"), str(sweep / "ft_ft")]) == [
+        (sweep / "ema_ema" / "results.json").resolve(),
+        (sweep / "ft_ft" / "results.json").resolve(),
+    ]
+    runs, _ = load_runs([str(sweep / "ft_ft")])
+    assert [r.name for r in runs] == ["ft_ft"]
+
+
+def test_missing_paths_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        report_command([str(tmp_path / "nowhere")], out=str(tmp_path / "out"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no results\.json under .*empty"):
+        report_command([str(tmp_path / "empty")], out=str(tmp_path / "out"))
+
+
+def test_an_unreadable_results_file_is_skipped_and_reported(sweep, tmp_path, capsys):
+    (sweep / "broken").mkdir()
+    (sweep / "broken" / "results.json").write_text('{"run": ')
+    report_command([str(sweep)], out=str(tmp_path / "out"), plots=False)
+    assert len(rows_by_run(tmp_path / "out")) == 5
+    assert "broken/results.json" in capsys.readouterr().err
+    assert "broken/results.json" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_null_figures_read_as_missing(tmp_path):
+    data = results([10, 20], [50, 60], num_tasks=1)
+    data["points"][1]["A_ZS"] = data["points"][1]["GM"] = None  # results.json writes NaN as null
+    write(tmp_path / "runs", "a", data)
+    report_command([str(tmp_path / "runs")], out=str(tmp_path / "out"))
+    row = rows_by_run(tmp_path / "out")["a"]
+    assert row["final_A_ZS"] == "" and float(row["final_A_KA"]) == 20
+
+
+def test_command_line_with_run_dirs_as_positionals(sweep, tmp_path):
+    """How cli.py dispatches it: jsonargparse with as_positional=False, the run dirs gathered by report_argv."""
+    out = tmp_path / "cli"
+    args = [str(sweep / "ft_ft"), str(sweep / "ema_ema"), "--out", str(out), "--plots", "false"]
+    CLI({"report": report_command}, args=["report", *report_argv(args)], as_positional=False)
+    assert set(rows_by_run(out)) == {"ft_ft", "ema_ema"}

@@ -1,0 +1,307 @@
+"""`timelit report`: one table and a few plots over the results.json of many runs (a sweep).
+
+    timelit report runs/ --out report
+
+Every argument is a run directory, a results.json, or a folder searched recursively for results.json (a sweep root).
+One row per run goes to `runs.csv` and to the Markdown table of `report.md`, which is printed as well; the plots
+(`timelit.report_plots`) are written beside them and embedded in `report.md`.
+
+Which number is "final". The reference pipeline reports the evaluation after the last task, plus the zero-shot point
+(FIF_REFERENCE.md §6); its README says "averaged across tasks" but its code reports the last value. This table gives
+both: `final_*` is the last point of the stream (the fixed-subset evaluation after the last task trained so far),
+`mean_*` the mean over the points after each task (the zero-shot point excluded), `zs_*` the zero-shot point (task 0),
+and `full_end_*` the full-split evaluation after the stream when the run made one.
+
+Protocol fields come from the run header that callbacks write into results.json (`run.protocol` from TimeMerge,
+`run.budget` from ComputeBudget); a run without them reads "unknown". An incomplete run (killed, still running) keeps
+its row and is marked, so a half-finished sweep can be read.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+RESULTS_FILE = "results.json"
+UNKNOWN = "unknown"
+SUMMARY_KEYS = ("A_KA", "A_ZS", "GM")
+# Keys of `run.budget` read as the run's total budget in GFLOPs, in this order; a per-task budget times the number of
+# tasks is the fallback (the ComputeBudget callback accepts either, ../shared issue 4).
+TOTAL_BUDGET_KEYS = ("total_gflops", "gflops_total", "budget_gflops", "total")
+PER_TASK_BUDGET_KEYS = ("gflops_per_task", "per_task_gflops")
+
+
+def _number(value: Any) -> float:
+    """A JSON number, or NaN for null / missing (results.json writes NaN as null)."""
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
+
+
+@dataclass
+class RunResult:
+    """What the report needs of one run's results.json."""
+
+    name: str
+    path: Path
+    init: str = UNKNOWN
+    deploy: str = UNKNOWN
+    technique: str = UNKNOWN
+    model: str = UNKNOWN
+    budget_gflops: float | None = None
+    num_tasks: int | None = None
+    seed: int | None = None
+    complete: bool = False
+    tasks: list[int] = field(default_factory=list)
+    curves: dict[str, list[float]] = field(default_factory=dict)
+    full_end: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def protocol(self) -> str:
+        return f"{self.init}/{self.deploy}"
+
+    @property
+    def has_protocol(self) -> bool:
+        return UNKNOWN not in (self.init, self.deploy)
+
+    @property
+    def tasks_done(self) -> int:
+        return self.tasks[-1] if self.tasks else 0
+
+    def final(self, key: str) -> float:
+        return self.curves[key][-1] if self.tasks else math.nan
+
+    def mean(self, key: str) -> float:
+        """Mean over the evaluations after each task; the zero-shot point (task 0) is not a task."""
+        values = [v for t, v in zip(self.tasks, self.curves.get(key, [])) if t > 0]
+        return sum(values) / len(values) if values else math.nan
+
+    def zero_shot(self, key: str) -> float:
+        return self.curves[key][0] if self.tasks and self.tasks[0] == 0 else math.nan
+
+    @property
+    def status(self) -> str:
+        if self.complete:
+            return "yes"
+        return f"no ({self.tasks_done}/{self.num_tasks if self.num_tasks is not None else '?'} tasks)"
+
+
+def _budget_gflops(budget: Any, num_tasks: int | None) -> float | None:
+    if isinstance(budget, int | float) and not isinstance(budget, bool):
+        return float(budget)
+    if not isinstance(budget, dict):
+        return None
+    for key in TOTAL_BUDGET_KEYS:
+        if isinstance(budget.get(key), int | float):
+            return float(budget[key])
+    for key in PER_TASK_BUDGET_KEYS:
+        if isinstance(budget.get(key), int | float) and num_tasks:
+            return float(budget[key]) * num_tasks
+    return None
+
+
+def _technique_label(protocol: dict[str, Any]) -> str:
+    technique = protocol.get("technique")
+    if not technique:
+        return UNKNOWN
+    hparams = protocol.get("hparams") or {}
+    if isinstance(hparams, dict) and hparams:
+        return f"{technique}({', '.join(f'{k}={v}' for k, v in sorted(hparams.items()))})"
+    return str(technique)
+
+
+def parse_results(data: dict[str, Any], name: str, path: Path) -> RunResult:
+    """A RunResult from the content of one results.json (see timelit/callbacks/results.py for the layout)."""
+    header = data.get("run") or {}
+    protocol = header.get("protocol") or {}
+    model = header.get("model") or {}
+    data_header = header.get("data") or {}
+    num_tasks = data_header.get("num_tasks")
+    num_tasks = int(num_tasks) if isinstance(num_tasks, int) else None
+    points = sorted((p for p in data.get("points") or [] if "tasks_done" in p), key=lambda p: p["tasks_done"])
+    full_end = (data.get("full") or {}).get("end") or {}
+    return RunResult(
+        name=name,
+        path=path,
+        init=str(protocol.get("init") or UNKNOWN),
+        deploy=str(protocol.get("deploy") or UNKNOWN),
+        technique=_technique_label(protocol),
+        model=str(model.get("model_name") or UNKNOWN),
+        budget_gflops=_budget_gflops(header.get("budget"), num_tasks),
+        num_tasks=num_tasks,
+        seed=data_header.get("seed") if isinstance(data_header.get("seed"), int) else None,
+        complete=bool(data.get("complete", False)),
+        tasks=[int(p["tasks_done"]) for p in points],
+        curves={key: [_number(p.get(key)) for p in points] for key in SUMMARY_KEYS},
+        full_end={key: _number(full_end.get(key)) for key in SUMMARY_KEYS},
+    )
+
+
+def find_results(paths: list[str]) -> list[Path]:
+    """Every results.json named by `paths` (files, run directories, or roots searched recursively), sorted."""
+    found: set[Path] = set()
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if path.is_file():
+            found.add(path.resolve())
+        elif (path / RESULTS_FILE).is_file():
+            found.add((path / RESULTS_FILE).resolve())
+        elif path.is_dir():
+            hits = sorted(path.rglob(RESULTS_FILE))
+            if not hits:
+                raise FileNotFoundError(f"timelit report: no {RESULTS_FILE} under {path}")
+            found.update(hit.resolve() for hit in hits)
+        else:
+            raise FileNotFoundError(f"timelit report: {path} does not exist (expected a run directory or a sweep root)")
+    return sorted(found)
+
+
+def run_names(files: list[Path]) -> list[str]:
+    """Each run's directory relative to the deepest folder they share (a single run: its directory's name)."""
+    dirs = [f.parent for f in files]
+    if len(dirs) == 1:
+        return [dirs[0].name]
+    common = Path(os.path.commonpath([str(d) for d in dirs]))
+    return [str(d.relative_to(common)) if d != common else d.name for d in dirs]
+
+
+def load_runs(paths: list[str]) -> tuple[list[RunResult], list[str]]:
+    """The runs found under `paths`, and one message per results.json that could not be read."""
+    files = find_results(paths)
+    runs, skipped = [], []
+    for file, name in zip(files, run_names(files)):
+        try:
+            data = json.loads(file.read_text())
+            if not isinstance(data, dict):
+                raise ValueError("the top level is not an object")
+            runs.append(parse_results(data, name, file))
+        except (OSError, ValueError, TypeError, KeyError) as error:
+            skipped.append(f"{file}: {error}")
+    return runs, skipped
+
+
+# ---------------------------------------------------------------------------------------------------- table
+
+COLUMNS = [
+    "run", "init", "deploy", "technique", "model", "budget_gflops", "num_tasks", "seed", "tasks_done",
+    *(f"{kind}_{key}" for kind in ("final", "mean", "zs", "full_end") for key in SUMMARY_KEYS),
+    "complete",
+]  # fmt: skip
+
+
+def table_rows(runs: list[RunResult]) -> list[dict[str, Any]]:
+    """One dict per run, keyed by COLUMNS; numbers stay numbers (NaN where a figure is missing)."""
+    rows = []
+    for run in runs:
+        row: dict[str, Any] = {"run": run.name, "init": run.init, "deploy": run.deploy, "technique": run.technique,
+                               "model": run.model, "tasks_done": run.tasks_done, "complete": run.complete}  # fmt: skip
+        for column in ("budget_gflops", "num_tasks", "seed"):
+            row[column] = UNKNOWN if getattr(run, column) is None else getattr(run, column)
+        for key in SUMMARY_KEYS:
+            row[f"final_{key}"], row[f"mean_{key}"] = run.final(key), run.mean(key)
+            row[f"zs_{key}"], row[f"full_end_{key}"] = run.zero_shot(key), run.full_end.get(key, math.nan)
+        rows.append(row)
+    return rows
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()})
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "—" if math.isnan(value) else f"{value:.2f}"
+    return str(value)
+
+
+def markdown_table(runs: list[RunResult]) -> str:
+    """The headline columns: final, task-averaged and zero-shot A_KA / A_ZS / GM in %, one row per run."""
+    head = ["run", "protocol", "technique", "model", "budget (GFLOPs)", "tasks"]
+    head += [f"{kind} {key}" for kind in ("final", "mean", "ZS") for key in SUMMARY_KEYS] + ["complete"]
+    numeric = range(6, len(head) - 1)
+    lines = [
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join("---:" if i in numeric else "---" for i in range(len(head))) + "|",
+    ]
+    for run in runs:
+        budget = f"{run.budget_gflops:.3g}" if run.budget_gflops is not None else UNKNOWN
+        tasks = str(run.num_tasks) if run.num_tasks is not None else UNKNOWN
+        cells = [run.name, run.protocol, run.technique, run.model, budget, tasks]
+        cells += [_fmt(getter(key)) for getter in (run.final, run.mean, run.zero_shot) for key in SUMMARY_KEYS]
+        cells.append(run.status)
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- command
+
+
+def report_command(runs: list[str], out: str = "report", plots: bool = True) -> list[Path]:
+    """Tables and plots of A_KA, A_ZS and GM over many runs (a sweep): runs.csv, report.md and PNG plots.
+
+    Prints the table. Runs that have not finished are kept and marked; protocol, technique and budget read
+    "unknown" for runs whose results.json lacks them.
+
+    Args:
+        runs: run directories, results.json files, or folders searched recursively for results.json (a sweep root).
+        out: folder to write runs.csv, report.md and the plots into (created if missing).
+        plots: also draw the PNG plots (curves over tasks, init x deploy grid, A_KA vs A_ZS plane, scaling).
+    """
+    results, skipped = load_runs(list(runs))
+    for message in skipped:
+        print(f"timelit report: skipped {message}", file=sys.stderr)
+    if not results:
+        raise ValueError(f"timelit report: none of the results.json files under {list(runs)} could be read")
+    results.sort(key=lambda r: r.name)
+    out_dir = Path(out).expanduser()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / "runs.csv", out_dir / "report.md"]
+    write_csv(table_rows(results), written[0])
+    table = markdown_table(results)
+    figures: list[Path] = []
+    if plots:
+        from timelit.report_plots import draw_all
+
+        figures = draw_all(results, out_dir)
+    written[1].write_text(_markdown_document(table, figures, skipped))
+    print(table)
+    print(f"\nwrote {', '.join(str(p) for p in written + figures)}")
+    return written + figures
+
+
+def _markdown_document(table: str, figures: list[Path], skipped: list[str]) -> str:
+    parts = [
+        "# timelit report",
+        "",
+        "A_KA: mean over the adaptation datasets (knowledge accumulation); A_ZS: mean over the held-out datasets "
+        "(zero-shot retention); GM = sqrt(A_KA * A_ZS); all in %. *final*: after the last task trained; *mean*: "
+        "averaged over the evaluations after each task; *ZS*: the zero-shot model before the stream.",
+        "",
+        table,
+    ]
+    if skipped:
+        parts += ["", "Skipped (unreadable results.json):", *[f"- {message}" for message in skipped]]
+    for figure in figures:
+        parts += ["", f"![{figure.stem}]({figure.name})"]
+    return "\n".join(parts) + "\n"
+
+
+def report_argv(args: list[str]) -> list[str]:
+    """`RUN_DIR... --out DIR` -> `--runs=[...] --out DIR`, for a jsonargparse CLI called with as_positional=False.
+
+    jsonargparse reads a list argument from one token, so the run directories a user lists after `timelit report`
+    are gathered into one JSON list here.
+    """
+    positional = []
+    while len(positional) < len(args) and not args[len(positional)].startswith("-"):
+        positional.append(args[len(positional)])
+    rest = args[len(positional) :]
+    return ([f"--runs={json.dumps(positional)}"] if positional else []) + rest
