@@ -105,8 +105,13 @@ def run_lightning(args: list[str]) -> TimeLightningCLI:
 def function_commands() -> dict[str, Any]:
     """The non-Lightning subcommands, as jsonargparse dispatches them."""
     from timelit.commands import synth_command
+    from timelit.data.prepare import prepare_command
+    from timelit.data.stream_tools import stream_command
+    from timelit.data.verify import verify_command
 
-    return {"data": {"synth": synth_command}}
+    return {
+        "data": {"synth": synth_command, "prepare": prepare_command, "verify": verify_command, "stream": stream_command}
+    }
 
 
 def _print_overview(commands: dict[str, Any]) -> None:

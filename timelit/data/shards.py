@@ -57,6 +57,12 @@ def sample_key(dataset: str, split: str, index: int) -> str:
     return f"{dataset}/{split}/{index:08d}"
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 def _atomic_replace(tmp: Path, final: Path) -> None:
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
@@ -149,6 +155,7 @@ class ShardIndex:
         tmp = path.with_name(path.name + ".tmp")
         arrays = {"shard": self.shard, "offset": self.offset, "length": self.length, "label": self.label}
         save_file(arrays, str(tmp), metadata={"format": INDEX_FORMAT, "shards": json.dumps(self.shards)})
+        tmp.chmod(0o666 & ~_umask())  # safetensors creates files 0600; a shared data root must stay readable
         _atomic_replace(tmp, path)
         return path
 
