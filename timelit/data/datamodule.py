@@ -71,6 +71,8 @@ class TimeDataModule(L.LightningDataModule):
         manifests: the manifest set: `fomo_in_flux` (shipped) or a folder (the quickstart's lives with its data).
         stream: a stream name from the manifest set's `streams/`, or a path to a stream JSON.
         num_tasks: how many tasks the stream is cut into (the trainer's `max_epochs` follows it).
+        task_boundaries: `equal` cuts the stream into tasks of near-equal concept counts (the reference);
+            `dataset` starts a task wherever the dataset changes (dataset-incremental streams).
         batch_size: the global batch size, across ranks and sources (reference: 512).
         mixture: shares of the pretraining pool, the current task and replay in every batch.
         pretraining_pool: name of a pool in the manifest set; required when `mixture.pretraining > 0`.
@@ -91,6 +93,7 @@ class TimeDataModule(L.LightningDataModule):
         manifests: str = "fomo_in_flux",
         stream: str = "random_sequence_1",
         num_tasks: int = 20,
+        task_boundaries: Literal["equal", "dataset"] = "equal",
         batch_size: int = 512,
         mixture: Mixture = Mixture(),
         pretraining_pool: str | None = None,
@@ -109,6 +112,7 @@ class TimeDataModule(L.LightningDataModule):
         self.manifests_spec = str(Path(manifests).expanduser()) if "/" in manifests or "~" in manifests else manifests
         self.stream_spec = stream
         self.num_tasks = num_tasks
+        self.task_boundaries = task_boundaries
         self.batch_size = batch_size
         self.mixture = mixture
         self.pretraining_pool = pretraining_pool
@@ -138,7 +142,7 @@ class TimeDataModule(L.LightningDataModule):
         if self._ready:
             return
         self.manifest_set: ManifestSet = load_manifests(self.manifests_spec)
-        self.stream: Stream = load_stream(self.stream_spec, self.manifest_set, self.num_tasks)
+        self.stream: Stream = load_stream(self.stream_spec, self.manifest_set, self.num_tasks, self.task_boundaries)
         self.eval_specs: list[EvalSpec] = []
         self._train_indexes: dict[str, ShardIndex] = {}
         self._eval_indexes: dict[str, ShardIndex] = {}

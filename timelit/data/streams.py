@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from timelit.data.manifest import ManifestError, ManifestSet, load_manifests
 
@@ -101,8 +102,31 @@ def resolve(concepts: list[Concept], manifests: ManifestSet, source: str | Path)
     return {name: frozenset(found) for name, found in labels.items()}
 
 
-def load_stream(stream: str | Path, manifests: str | Path | ManifestSet, num_tasks: int) -> Stream:
-    """Read a stream (a path, or a name in the manifest set's `streams/`), check it and cut it into tasks."""
+def by_dataset(concepts: list[Concept], num_tasks: int, source: str | Path) -> list[list[Concept]]:
+    """One task per run of consecutive concepts of one dataset: the pipeline's `dataset_incremental` tasks."""
+    tasks: list[list[Concept]] = []
+    for concept in concepts:
+        if not tasks or tasks[-1][-1].dataset != concept.dataset:
+            tasks.append([])
+        tasks[-1].append(concept)
+    if len(tasks) != num_tasks:
+        raise ManifestError(
+            f"{source}: cutting the stream at dataset changes gives {len(tasks)} tasks, but num_tasks is {num_tasks}"
+        )
+    return tasks
+
+
+def load_stream(
+    stream: str | Path,
+    manifests: str | Path | ManifestSet,
+    num_tasks: int,
+    boundaries: Literal["equal", "dataset"] = "equal",
+) -> Stream:
+    """Read a stream (a path, or a name in the manifest set's `streams/`), check it and cut it into tasks.
+
+    `equal` cuts it into `num_tasks` chunks of near-equal concept counts (the reference); `dataset` starts a new task
+    wherever the dataset changes (dataset-incremental streams).
+    """
     manifest_set = manifests if isinstance(manifests, ManifestSet) else load_manifests(manifests)
     path = manifest_set.stream_path(str(stream))
     try:
@@ -112,5 +136,5 @@ def load_stream(stream: str | Path, manifests: str | Path | ManifestSet, num_tas
     if not isinstance(entries, list):
         raise ManifestError(f"{path}: a stream is a JSON list of 'DATASET{SEPARATOR}classname' strings")
     concepts = parse_concepts(entries, path)
-    tasks = chunk(concepts, num_tasks)
+    tasks = chunk(concepts, num_tasks) if boundaries == "equal" else by_dataset(concepts, num_tasks, path)
     return Stream(name=path.stem, tasks=tasks, labels=[resolve(task, manifest_set, path) for task in tasks])
