@@ -1,0 +1,63 @@
+"""Shared fixtures: a tiny procedural benchmark and the arguments of a quick `timelit fit`.
+
+Multi-process tests use the gloo backend on loopback; without these two variables its start-up takes a minute.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+os.environ.setdefault("TIMELIT_LOG_LEVEL", "WARNING")
+
+MICRO = "timelit-micro-ViT"
+
+
+@pytest.fixture(scope="session")
+def tiny_benchmark(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The quickstart benchmark at 5% size with a micro base model (a few seconds); read-only for tests."""
+    from timelit.data.synth import synthesize
+
+    root = tmp_path_factory.mktemp("benchmark") / "quickstart"
+    synthesize(root, scale=0.05, base_model=MICRO, base_steps=5)
+    return root
+
+
+def fit_args(benchmark: Path, run_dir: Path, *extra: str, tasks: int = 2, steps: int = 4) -> list[str]:
+    """`timelit fit` arguments for a seconds-long run of the quickstart config on `benchmark`."""
+    return [
+        "fit",
+        "--config",
+        "quickstart.yaml",
+        "--model.init_args.model_name",
+        MICRO,
+        "--model.init_args.pretrained",
+        str(benchmark / "base_model.safetensors"),
+        "--data.init_args.data_root",
+        str(benchmark),
+        "--data.init_args.manifests",
+        str(benchmark),
+        "--data.init_args.num_tasks",
+        str(tasks),
+        "--data.init_args.steps_per_task",
+        str(steps),
+        "--data.init_args.batch_size",
+        "16",
+        "--data.init_args.num_workers",
+        "0",
+        "--data.init_args.eval_batch_size",
+        "64",
+        "--trainer.logger.init_args.save_dir",
+        str(run_dir),
+        "--trainer.logger.init_args.name",
+        "run",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        *extra,
+    ]
