@@ -1,0 +1,110 @@
+"""Preemption end to end: `timelit fit` stopped by SIGTERM in task 1, resumed, stopped by SIGUSR1 in task 2, resumed
+again, ends with the same weights, bit for bit, and the same results as a run that was never stopped.
+
+The signals go to the whole process group, as Slurm sends them to every process of a job step: the loader worker
+must ignore them and the main process must save `last.ckpt` at the next batch boundary and exit with 128 + signal.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+slurm_cluster = importlib.import_module("slurm_cluster")
+
+pytestmark = pytest.mark.slow
+
+STEPS, EVERY_N = 8, 3  # 2 tasks of 8 steps; StreamCheckpoint saves at global steps 3, 6, 9, ... and at task ends
+
+
+def start(data: Path, save_dir: Path, log: Path) -> subprocess.Popen:
+    command = [
+        str(slurm_cluster.VENV_BIN / "timelit"),
+        "fit",
+        "--config",
+        "quickstart.yaml",
+        *slurm_cluster.tiny_overrides(data, steps_per_task=STEPS, every_n_train_steps=EVERY_N, num_workers=1),
+        f"--trainer.logger.init_args.save_dir={save_dir}",
+        "--trainer.logger.init_args.name=run",
+    ]
+    # Not a Slurm job, even when the tests run inside one: SIGUSR1 must not requeue the test's own job.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PYTHONUNBUFFERED="1", TIMELIT_LOG_LEVEL="INFO")
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            command, cwd=save_dir.parent, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def wait_for(condition, process: subprocess.Popen, log: Path, what: str, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if process.poll() is not None:
+            pytest.fail(f"the run ended ({process.returncode}) before {what}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.05)
+    pytest.fail(f"waited {timeout} s for {what}:\n{log.read_text()[-3000:]}")
+
+
+def tasks_evaluated(run: Path) -> int:
+    try:
+        return max(p["tasks_done"] for p in json.loads((run / "results.json").read_text())["points"])
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+def points(run: Path) -> list[tuple]:
+    return [
+        (p["tasks_done"], p["global_step"], p["A_KA"], p["A_ZS"], p["GM"])
+        for p in json.loads((run / "results.json").read_text())["points"]
+    ]
+
+
+def test_stopped_twice_and_resumed_it_ends_with_the_weights_of_an_uninterrupted_run(tiny_benchmark, tmp_path):
+    (tmp_path / "reference").mkdir()
+    (tmp_path / "stopped").mkdir()
+    reference_log, log = tmp_path / "reference.log", tmp_path / "stopped.log"
+    reference = start(tiny_benchmark, tmp_path / "reference", reference_log)
+    run = tmp_path / "stopped" / "run"
+
+    # 1. SIGTERM in task 1 (index 0), just after the periodic save at step 3.
+    first = start(tiny_benchmark, tmp_path / "stopped", log)
+    wait_for(lambda: (run / "checkpoints" / "last.ckpt").exists(), first, log, "the first periodic checkpoint")
+    os.killpg(first.pid, signal.SIGTERM)
+    assert first.wait(timeout=300) == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    first_stop = slurm_cluster.checkpoint_step(run)
+    assert EVERY_N <= first_stop < STEPS, f"expected a stop in the middle of task 1, at step {first_stop}"
+    assert f"SIGTERM: stopped at step {first_stop} (task 0" in log.read_text()
+
+    # 2. The same command resumes; SIGUSR1 once task 1 is evaluated lands at the end of it or early in task 2.
+    second = start(tiny_benchmark, tmp_path / "stopped", log)
+    wait_for(lambda: tasks_evaluated(run) >= 1, second, log, "the evaluation after task 1")
+    os.killpg(second.pid, signal.SIGUSR1)
+    assert second.wait(timeout=300) == 128 + signal.SIGUSR1, log.read_text()[-3000:]
+    second_stop = slurm_cluster.checkpoint_step(run)
+    assert STEPS < second_stop < 2 * STEPS, f"expected a stop in task 2, at step {second_stop}"
+    assert "SIGUSR1: not a Slurm job, so not requeued" in log.read_text()
+
+    # 3. Resumed again, it finishes; so does the run that was never stopped.
+    third = start(tiny_benchmark, tmp_path / "stopped", log)
+    assert third.wait(timeout=600) == 0, log.read_text()[-3000:]
+    assert reference.wait(timeout=600) == 0, reference_log.read_text()[-3000:]
+
+    stopped, uninterrupted = (
+        slurm_cluster.final_weights(run),
+        slurm_cluster.final_weights(tmp_path / "reference" / "run"),
+    )
+    assert stopped["global_step"] == str(2 * STEPS)
+    assert stopped == uninterrupted
+    assert points(run) == points(tmp_path / "reference" / "run")
+    assert json.loads((run / "results.json").read_text())["complete"] is True

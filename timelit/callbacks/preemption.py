@@ -1,0 +1,277 @@
+"""Preemption: when Slurm (or anyone) signals that the job must end, save `last.ckpt`, requeue, and stop.
+
+    sbatch --signal=SIGUSR1@300 --requeue slurm/train.sbatch ...     a run near its time limit saves and requeues
+    kill -TERM <pid of timelit fit>                                   saves last.ckpt, exits with status 143
+
+Slurm sends `SIGUSR1` N seconds before the time limit when the job was submitted with `--signal=SIGUSR1@N`, and
+`SIGTERM` when the job is cancelled, preempted or past its limit (then `SIGKILL` after `KillWait`, 30 s by default).
+What happens here (ARCHITECTURE.md decision 4; research/ecosystem_reliability_anchors.md, recommendation 3):
+
+1. The signal handlers only record which signal arrived. Lightning's own SLURM handler saves a checkpoint and runs
+   `scontrol` inside the handler, and its SIGTERM handler broadcasts inside it; I/O and collectives in a handler
+   can hang a DDP job (Lightning-AI/pytorch-lightning#21406). The handlers are installed in the main process of
+   every rank; loader workers ignore both signals (`timelit.data.loaders.ignore_preemption_signals`, PL#20280).
+2. At the end of every training batch the ranks agree with one all-reduce (MAX) over "SIGTERM seen, requeue signal
+   seen", so a signal delivered to a single rank stops all of them at the same step.
+3. All ranks then save `last.ckpt` through the run's ModelCheckpoint (timelit's StreamCheckpoint): the same file, the
+   same atomic write and the same point in the step as its periodic saves, so `timelit fit` (whose `ckpt_path`
+   defaults to `last`) resumes from it to the same final weights as an uninterrupted run. This callback is a
+   `Checkpoint`, so Lightning runs it after every other callback's batch-end hook (an EMA update of this step is in
+   the file), like ModelCheckpoint.
+4. After a requeue signal under Slurm, rank 0 runs `scontrol requeue <SLURM_ARRAY_JOB_ID>_<SLURM_ARRAY_TASK_ID>`
+   (`<SLURM_JOB_ID>` outside an array); Slurm keeps the job id and starts it again later, and the same command line
+   resumes. SIGTERM does not requeue: `scancel` means stop, and a job preempted with `PreemptMode=REQUEUE` is
+   requeued by Slurm itself.
+5. Every rank raises `Preempted`, a `SystemExit` with status 128 + signal number (143 for SIGTERM, 138 for SIGUSR1),
+   the shell's convention for "ended by this signal": the run is not finished, and wrappers can tell.
+
+When the signal arrives elsewhere than in the middle of a task:
+
+- during an evaluation (the zero-shot evaluation before the stream, a task's evaluation, the full evaluation after
+  it): the evaluation is never interrupted. Its metric states are not in any checkpoint, and the ranks may hold
+  different numbers of evaluation batches, so no collective can be placed between them. The signal takes effect at
+  the end of the next training batch, after the task-end checkpoint. Choose `--signal=SIGUSR1@N` with N longer than
+  one evaluation plus one checkpoint save; a SIGTERM whose `KillWait` ends inside an evaluation loses the work since
+  the previous `last.ckpt`, which is never more than `checkpoint.every_n_train_steps` steps old.
+- on the last batch of a task: nothing is saved there (StreamCheckpoint does not save on a task's last batch either,
+  because Lightning would skip that task's evaluation on resume); the task is evaluated, its task-end checkpoint is
+  written, and the run stops after the first batch of the next task.
+- after the last training step of the stream: the run finishes normally (exit status 0) and says so in the log.
+- in a loader worker: ignored there; the main process decides (Slurm signals every process of a job step).
+
+The checkpoint holds nothing of this callback: what it saves is the trainer's own state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Mapping
+from types import FrameType
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
+from typing_extensions import override
+
+log = logging.getLogger(__name__)
+
+RequeueSignal = Literal["SIGUSR1", "SIGUSR2"]
+_SCONTROL_TIMEOUT_S = 60
+
+
+class Preempted(SystemExit):
+    """Raised on every rank once the preemption checkpoint is written: the process exits with 128 + signal number."""
+
+    def __init__(self, signum: int, checkpoint: str | None, requeued: str | None):
+        super().__init__(128 + signum)
+        self.signum, self.checkpoint, self.requeued = signum, checkpoint, requeued
+
+
+def slurm_job_to_requeue(environ: Mapping[str, str] | None = None) -> str | None:
+    """The id `scontrol requeue` needs: `<array job>_<task>` for an array task, the job id otherwise, None outside
+    Slurm. Requeueing the bare `SLURM_JOB_ID` of an array task works too, but the array form is what `squeue` shows."""
+    env = os.environ if environ is None else environ
+    array_job, array_task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
+    if array_job and array_task:
+        return f"{array_job}_{array_task}"
+    return env.get("SLURM_JOB_ID") or None
+
+
+def requeue_slurm_job(job_id: str) -> bool:
+    """`scontrol requeue JOB_ID`; False (and an error in the log) when it fails or scontrol is missing, as in
+    containers without the Slurm client (PL#21404)."""
+    try:
+        result = subprocess.run(
+            ["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=_SCONTROL_TIMEOUT_S, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        log.error("could not requeue Slurm job %s (%s); submit the same command again to resume", job_id, error)
+        return False
+    if result.returncode != 0:
+        log.error(
+            "`scontrol requeue %s` failed with status %d: %s; submit the same command again to resume",
+            job_id,
+            result.returncode,
+            result.stderr.strip(),
+        )
+        return False
+    return True
+
+
+class Preemption(Checkpoint):
+    """Saves `last.ckpt` and stops when SIGTERM or the requeue signal arrives; requeues the Slurm job after the latter.
+
+    See the module docstring for when the signal takes effect. Needs a ModelCheckpoint with `save_last` (timelit's
+    `checkpoint:` section); only the first Preemption callback of a trainer acts.
+
+    Args:
+        requeue: run `scontrol requeue` (rank 0) after the requeue signal when the run is a Slurm job.
+        requeue_signal: the signal `sbatch --signal=<signal>@<seconds>` sends before the time limit (submitit uses
+            SIGUSR2).
+    """
+
+    def __init__(self, requeue: bool = True, requeue_signal: RequeueSignal = "SIGUSR1"):
+        self.requeue = requeue
+        self.requeue_signal = requeue_signal
+        self._received: set[int] = set()
+        self._previous: dict[int, Any] = {}
+        self._active = False
+        self._checkpoints: list[ModelCheckpoint] = []
+
+    @property
+    def signals(self) -> tuple[int, int]:
+        """(stop signal, requeue signal) as numbers."""
+        return int(signal.SIGTERM), int(getattr(signal, self.requeue_signal))
+
+    # ------------------------------------------------------------------ handlers
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        # Only a flag: no logging, no I/O, no collective (PL#21406). Acted on at the next batch end.
+        self._received.add(signum)
+
+    def _install_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("Preemption: not in the main thread, so no signal handlers; SIGTERM/SIGUSR1 will not save")
+            return
+        for signum in self.signals:
+            if signal.getsignal(signum) != self._on_signal:
+                previous = signal.signal(signum, self._on_signal)
+                self._previous.setdefault(signum, previous)
+
+    def _restore_handlers(self, trainer: L.Trainer) -> None:
+        # Lightning recorded this callback's handlers as the ones to restore when it registered its own; after an
+        # exception it restores them *after* `on_exception`, so its record is corrected too.
+        recorded = getattr(getattr(trainer, "_signal_connector", None), "_original_handlers", None)
+        for signum, previous in self._previous.items():
+            previous = previous if previous is not None else signal.SIG_DFL
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signum, previous)
+            if isinstance(recorded, dict) and recorded.get(signum) == self._on_signal:
+                recorded[signum] = previous
+        self._previous = {}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        first = next(cb for cb in trainer.callbacks if isinstance(cb, Preemption))  # type: ignore[attr-defined]
+        if first is not self:
+            log.debug("a second Preemption callback is inert; the first one handles the signals")
+            return
+        self._checkpoints = [
+            cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.save_last
+        ]
+        if not self._checkpoints:
+            raise ValueError(
+                "the Preemption callback needs a ModelCheckpoint with save_last=True to write last.ckpt: keep "
+                "timelit's `checkpoint:` section (StreamCheckpoint) in the config"
+            )
+        self._turn_off_lightning_requeue(trainer)
+        self._received = set()
+        self._active = True
+        # Installed now, before Lightning registers its own: Lightning then leaves SIGUSR1 alone (it only takes a
+        # signal that has no handler) and wraps SIGTERM, which on_sanity_check_start / on_train_start take back.
+        self._install_handlers()
+
+    @staticmethod
+    def _turn_off_lightning_requeue(trainer: L.Trainer) -> None:
+        """Lightning's SLURM auto-requeue saves and requeues inside its signal handler; this callback replaces it.
+        Configs should say so (`trainer.plugins: SLURMEnvironment(auto_requeue=false)`); this makes sure."""
+        from lightning.fabric.plugins.environments import SLURMEnvironment
+
+        connector = getattr(trainer, "_accelerator_connector", None)
+        environment = getattr(connector, "cluster_environment", None)
+        if isinstance(environment, SLURMEnvironment) and environment.auto_requeue:
+            log.info("Preemption handles the Slurm signals: Lightning's SLURM auto-requeue is turned off")
+            environment.auto_requeue = False
+
+    @override
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._active:
+            self._install_handlers()
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._active:
+            self._install_handlers()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._active or batch_idx + 1 >= trainer.num_training_batches:
+            return  # a task's last batch: its evaluation and task-end checkpoint come first
+        if (batch_idx + 1) % trainer.accumulate_grad_batches != 0:
+            return  # gradients being accumulated are in no checkpoint
+        stop, requeue = self.agree(trainer)
+        if stop or requeue:
+            self._stop(trainer, self.signals[1] if requeue else self.signals[0], batch_idx)
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Lightning calls `teardown` after a fit that ran to its end (an exception goes to `on_exception` instead).
+        if not self._active:
+            return
+        self._active = False
+        self._restore_handlers(trainer)
+        if self._received:
+            names = ", ".join(signal.Signals(s).name for s in sorted(self._received))
+            log.warning("%s arrived after the last training step: the run finished normally", names)
+
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if self._active:
+            self._active = False
+            self._restore_handlers(trainer)
+
+    # ------------------------------------------------------------------ acting
+
+    def agree(self, trainer: L.Trainer) -> tuple[bool, bool]:
+        """(some rank saw SIGTERM, some rank saw the requeue signal): one MAX all-reduce, called by every rank."""
+        stop_signal, requeue_signal = self.signals
+        flags = torch.tensor(
+            [stop_signal in self._received, requeue_signal in self._received],
+            dtype=torch.int32,
+            device=trainer.strategy.root_device,
+        )
+        flags = trainer.strategy.reduce(flags, reduce_op="max")
+        stop, requeue = (bool(v) for v in flags.tolist())
+        return stop, requeue
+
+    def _save(self, trainer: L.Trainer) -> str | None:
+        """last.ckpt of this step through each save_last ModelCheckpoint (every rank calls; rank 0 writes)."""
+        for callback in self._checkpoints:
+            # The periodic save may have run at this very step (checkpoint callbacks before this one).
+            saved = getattr(callback, "_last_global_step_saved", None) == trainer.global_step
+            if not (saved and callback.last_model_path):
+                callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+        return self._checkpoints[0].last_model_path or None
+
+    def _stop(self, trainer: L.Trainer, signum: int, batch_idx: int) -> None:
+        path = self._save(trainer)
+        requeued = None
+        if signum == self.signals[1] and self.requeue and trainer.is_global_zero:
+            job = slurm_job_to_requeue()
+            if job is None:
+                log.info("%s: not a Slurm job, so not requeued", signal.Signals(signum).name)
+            elif requeue_slurm_job(job):
+                requeued = job
+        if trainer.is_global_zero:
+            log.warning(
+                "%s: stopped at step %d (task %d, batch %d of %d); saved %s%s",
+                signal.Signals(signum).name,
+                trainer.global_step,
+                trainer.current_epoch,
+                batch_idx + 1,
+                trainer.num_training_batches,
+                path,
+                f"; requeued Slurm job {requeued}" if requeued else "; run the same command again to resume",
+            )
+        raise Preempted(signum, path, requeued)
