@@ -59,6 +59,7 @@ class RunResult:
     tasks: list[int] = field(default_factory=list)
     curves: dict[str, list[float]] = field(default_factory=dict)
     full_end: dict[str, float] = field(default_factory=dict)
+    gflops_spent: float = math.nan
 
     @property
     def protocol(self) -> str:
@@ -138,6 +139,7 @@ def parse_results(data: dict[str, Any], name: str, path: Path) -> RunResult:
         tasks=[int(p["tasks_done"]) for p in points],
         curves={key: [_number(p.get(key)) for p in points] for key in SUMMARY_KEYS},
         full_end={key: _number(full_end.get(key)) for key in SUMMARY_KEYS},
+        gflops_spent=_number(points[-1].get("gflops")) if points else math.nan,  # from ComputeBudget.task_record
     )
 
 
@@ -187,7 +189,7 @@ def load_runs(paths: list[str]) -> tuple[list[RunResult], list[str]]:
 # ---------------------------------------------------------------------------------------------------- table
 
 COLUMNS = [
-    "run", "init", "deploy", "technique", "model", "budget_gflops", "num_tasks", "seed", "tasks_done",
+    "run", "init", "deploy", "technique", "model", "budget_gflops", "gflops_spent", "num_tasks", "seed", "tasks_done",
     *(f"{kind}_{key}" for kind in ("final", "mean", "zs", "full_end") for key in SUMMARY_KEYS),
     "complete",
 ]  # fmt: skip
@@ -198,7 +200,8 @@ def table_rows(runs: list[RunResult]) -> list[dict[str, Any]]:
     rows = []
     for run in runs:
         row: dict[str, Any] = {"run": run.name, "init": run.init, "deploy": run.deploy, "technique": run.technique,
-                               "model": run.model, "tasks_done": run.tasks_done, "complete": run.complete}  # fmt: skip
+                               "model": run.model, "tasks_done": run.tasks_done, "complete": run.complete,
+                               "gflops_spent": run.gflops_spent}  # fmt: skip
         for column in ("budget_gflops", "num_tasks", "seed"):
             row[column] = UNKNOWN if getattr(run, column) is None else getattr(run, column)
         for key in SUMMARY_KEYS:

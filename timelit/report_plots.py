@@ -163,7 +163,9 @@ def plot_plane(runs: list[RunResult], path: Path) -> Path | None:
         ka, zs = np.array(run.curves["A_KA"]), np.array(run.curves["A_ZS"])
         ok = ~np.isnan(ka) & ~np.isnan(zs)
         ka, zs = ka[ok], zs[ok]
-        ax.plot(ka, zs, "-" if run.complete else "--", color=colour, alpha=0.45, linewidth=1.2)
+        marker = "o" if len(ka) <= 30 else None
+        ax.plot(ka, zs, "-" if run.complete else "--", color=colour, alpha=0.45, linewidth=1.2, marker=marker,
+                markersize=3)  # fmt: skip
         if len(ka) >= 2:
             ax.annotate("", xy=(ka[-1], zs[-1]), xytext=(ka[-2], zs[-2]),
                         arrowprops={"arrowstyle": "-|>", "color": colour, "linewidth": 1.5})  # fmt: skip

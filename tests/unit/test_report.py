@@ -35,7 +35,15 @@ def results(
     if budget is not None:
         run["budget"] = budget
     points = [
-        {"tasks_done": t, "global_step": 10 * t, "A_KA": ka, "A_ZS": zs, "GM": math.sqrt(ka * zs), "datasets": {}}
+        {
+            "tasks_done": t,
+            "global_step": 10 * t,
+            "A_KA": ka,
+            "A_ZS": zs,
+            "GM": math.sqrt(ka * zs),
+            "datasets": {},
+            "gflops": 1000.0 * t,
+        }
         for t, (ka, zs) in enumerate(zip(a_ka, a_zs))
     ]
     done = len(points) - 1 == num_tasks if complete is None else complete
@@ -81,6 +89,7 @@ def test_table_has_one_row_per_run_with_final_mean_and_zero_shot_figures(sweep, 
     ft = rows["ft_ft"]
     assert (ft["init"], ft["deploy"], ft["technique"], ft["model"]) == ("ft", "ft", "interpolation", "timelit-tiny-ViT")
     assert float(ft["budget_gflops"]) == 3.0e6 and ft["num_tasks"] == "3" and ft["complete"] == "True"
+    assert float(ft["gflops_spent"]) == 3000.0
     assert float(ft["final_A_KA"]) == 40 and float(ft["final_A_ZS"]) == 50
     assert float(ft["final_GM"]) == pytest.approx(math.sqrt(40 * 50))
     assert float(ft["mean_A_KA"]) == pytest.approx(30)  # tasks 1-3; the zero-shot point is not a task
