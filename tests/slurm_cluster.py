@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -114,10 +115,11 @@ class SlurmCluster:
     env: dict[str, str]
     daemons: list[subprocess.Popen] = field(default_factory=list)
 
-    def run(self, *args: str, check: bool = True, timeout: float = 60) -> str:
+    def run(self, *args: str, check: bool = True, timeout: float = 60, env: dict[str, str] | None = None) -> str:
+        """A Slurm client command against this cluster (`env` adds to the cluster's environment, e.g. for sbatch)."""
         result = subprocess.run(
             [which(args[0]) or args[0], *args[1:]],
-            env=self.env,
+            env={**self.env, **(env or {})},
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -274,13 +276,15 @@ def tiny_overrides(
     ]
 
 
-def job_environment(base: dict[str, str]) -> dict[str, str]:
-    """The environment a test's job runs in: this venv's timelit and python first on PATH."""
-    env = dict(base)
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["TIMELIT"] = str(VENV_BIN / "timelit")
-    env.update(PYTHONUNBUFFERED="1", TIMELIT_LOG_LEVEL="INFO")
-    return env
+def job_environment() -> dict[str, str]:
+    """What a test's job needs on top of the submitting environment: this venv's timelit and python first on PATH,
+    unbuffered output and timelit's INFO messages in its log."""
+    return {
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "TIMELIT": str(VENV_BIN / "timelit"),
+        "PYTHONUNBUFFERED": "1",
+        "TIMELIT_LOG_LEVEL": "INFO",
+    }
 
 
 def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
@@ -309,3 +313,10 @@ def final_weights(run_dir: Path) -> dict[str, str]:
 def checkpoint_step(run_dir: Path) -> int:
     path = run_dir / "checkpoints" / "last.ckpt"
     return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+
+
+def evaluations(run_dir: Path) -> list[tuple]:
+    """What every evaluation of a run found (results.json points without wall-clock fields such as TimeMerge's
+    `boundary_seconds`, which no two runs share)."""
+    points = json.loads((run_dir / "results.json").read_text())["points"]
+    return [(p["tasks_done"], p["global_step"], p["A_KA"], p["A_ZS"], p["GM"], p["datasets"]) for p in points]

@@ -63,13 +63,6 @@ def tasks_evaluated(run: Path) -> int:
         return -1
 
 
-def points(run: Path) -> list[tuple]:
-    return [
-        (p["tasks_done"], p["global_step"], p["A_KA"], p["A_ZS"], p["GM"])
-        for p in json.loads((run / "results.json").read_text())["points"]
-    ]
-
-
 def test_stopped_twice_and_resumed_it_ends_with_the_weights_of_an_uninterrupted_run(tiny_benchmark, tmp_path):
     (tmp_path / "reference").mkdir()
     (tmp_path / "stopped").mkdir()
@@ -94,10 +87,12 @@ def test_stopped_twice_and_resumed_it_ends_with_the_weights_of_an_uninterrupted_
     second_stop = slurm_cluster.checkpoint_step(run)
     assert STEPS < second_stop < 2 * STEPS, f"expected a stop in task 2, at step {second_stop}"
     assert "SIGUSR1: not a Slurm job, so not requeued" in log.read_text()
+    assert f"resumed at step {first_stop} (task 0)" in log.read_text()
 
     # 3. Resumed again, it finishes; so does the run that was never stopped.
     third = start(tiny_benchmark, tmp_path / "stopped", log)
     assert third.wait(timeout=600) == 0, log.read_text()[-3000:]
+    assert f"resumed at step {second_stop} (task 1)" in log.read_text()
     assert reference.wait(timeout=600) == 0, reference_log.read_text()[-3000:]
 
     stopped, uninterrupted = (
@@ -106,5 +101,5 @@ def test_stopped_twice_and_resumed_it_ends_with_the_weights_of_an_uninterrupted_
     )
     assert stopped["global_step"] == str(2 * STEPS)
     assert stopped == uninterrupted
-    assert points(run) == points(tmp_path / "reference" / "run")
+    assert slurm_cluster.evaluations(run) == slurm_cluster.evaluations(tmp_path / "reference" / "run")
     assert json.loads((run / "results.json").read_text())["complete"] is True

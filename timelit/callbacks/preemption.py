@@ -18,9 +18,10 @@ What happens here (ARCHITECTURE.md decision 4; research/ecosystem_reliability_an
    defaults to `last`) resumes from it to the same final weights as an uninterrupted run. This callback is a
    `Checkpoint`, so Lightning runs it after every other callback's batch-end hook (an EMA update of this step is in
    the file), like ModelCheckpoint.
-4. After a requeue signal under Slurm, rank 0 runs `scontrol requeue <SLURM_ARRAY_JOB_ID>_<SLURM_ARRAY_TASK_ID>`
-   (`<SLURM_JOB_ID>` outside an array); Slurm keeps the job id and starts it again later, and the same command line
-   resumes. SIGTERM does not requeue: `scancel` means stop, and a job preempted with `PreemptMode=REQUEUE` is
+4. After a requeue signal under Slurm, rank 0 flushes the loggers and runs `scontrol requeue
+   <SLURM_ARRAY_JOB_ID>_<SLURM_ARRAY_TASK_ID>` (`<SLURM_JOB_ID>` outside an array) while the other ranks wait at a
+   barrier; Slurm keeps the job id, starts it again later, and the same command line resumes ("resumed at step N"
+   in the log). SIGTERM does not requeue: `scancel` means stop, and a job preempted with `PreemptMode=REQUEUE` is
    requeued by Slurm itself.
 5. Every rank raises `Preempted`, a `SystemExit` with status 128 + signal number (143 for SIGTERM, 138 for SIGUSR1),
    the shell's convention for "ended by this signal": the run is not finished, and wrappers can tell.
@@ -199,8 +200,13 @@ class Preemption(Checkpoint):
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._active:
-            self._install_handlers()
+        if not self._active:
+            return
+        self._install_handlers()
+        if trainer.global_step > 0 and trainer.is_global_zero:
+            log.info(
+                "resumed at step %d (task %d) from %s", trainer.global_step, trainer.current_epoch, trainer.ckpt_path
+            )
 
     @override
     def on_train_batch_end(
@@ -256,6 +262,8 @@ class Preemption(Checkpoint):
 
     def _stop(self, trainer: L.Trainer, signum: int, batch_idx: int) -> None:
         path = self._save(trainer)
+        for logger in trainer.loggers:
+            logger.save()  # flushed now: the SIGTERM that follows a requeue may end the process mid-teardown
         requeued = None
         if signum == self.signals[1] and self.requeue and trainer.is_global_zero:
             job = slurm_job_to_requeue()
@@ -263,6 +271,8 @@ class Preemption(Checkpoint):
                 log.info("%s: not a Slurm job, so not requeued", signal.Signals(signum).name)
             elif requeue_slurm_job(job):
                 requeued = job
+        # No rank leaves before rank 0 has requeued: `srun --kill-on-bad-exit` would end rank 0 with the first exit.
+        trainer.strategy.barrier("timelit-preemption")
         if trainer.is_global_zero:
             log.warning(
                 "%s: stopped at step %d (task %d, batch %d of %d); saved %s%s",

@@ -1,0 +1,181 @@
+"""timelit on a real (one-node, loopback) Slurm: an array sweep submitted by `timelit sweep`, and a job that is
+requeued twice mid-task and still ends with the weights of a job that never was.
+
+    .ci/install_slurm.sh && pytest -m slurm tests/integration/test_slurm.py
+
+tests/slurm_cluster.py starts munged, slurmctld and slurmd for this module and stops them after it. The module is
+skipped only when the Slurm or munge binaries are missing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+slurm_cluster = importlib.import_module("slurm_cluster")
+
+REPO = Path(__file__).resolve().parents[2]
+MISSING = slurm_cluster.missing_binaries()
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+if MISSING:
+    pytestmark.append(
+        pytest.mark.skip(reason=f"Slurm is not installed (missing {', '.join(MISSING)}); run .ci/install_slurm.sh")
+    )
+
+FINISHED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE")
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    with slurm_cluster.running_slurm() as cluster:
+        yield cluster
+
+
+def run_sweep(args: list[str]) -> None:
+    """`timelit sweep ARGS`, through the CLI once it has the subcommand, else through the function it will wire."""
+    from timelit import cli
+
+    if "sweep" in cli.function_commands():
+        cli.main(["sweep", *args])
+        return
+    from jsonargparse import CLI
+
+    from timelit.sweep import sweep_command
+
+    CLI(sweep_command, args=args, as_positional=False)
+
+
+def log_tail(path: Path, lines: int = 60) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else f"({path} missing)"
+
+
+def test_a_three_point_sweep_runs_as_one_array_job_and_is_not_submitted_twice(
+    slurm, tiny_benchmark, tmp_path, monkeypatch, capsys
+):
+    for key in [k for k in list(__import__("os").environ) if k.startswith("SLURM_")]:
+        monkeypatch.delenv(key)
+    for key, value in {**slurm.env, **slurm_cluster.job_environment()}.items():
+        monkeypatch.setenv(key, value)
+    root = tmp_path / "runs"
+    overrides = slurm_cluster.tiny_overrides(tiny_benchmark, steps_per_task=4, every_n_train_steps=2, num_workers=0)
+    args = [
+        "--grid=quickstart",
+        f"--root={root}",
+        "--concurrency=2",
+        f"--overrides={json.dumps(overrides)}",
+        '--sbatch=["--cpus-per-task=1", "--time=00:30:00"]',
+    ]
+    run_sweep(args)
+    out = capsys.readouterr().out
+    job = re.search(r"submitted array job (\d+): 3 point\(s\)", out)
+    assert job, out
+    array_job = job.group(1)
+
+    def all_finished():
+        tasks = slurm.array_jobs(array_job)
+        return len(tasks) == 3 and all(t["JobState"] in FINISHED for t in tasks) and tasks
+
+    sweep_dir = root / "quickstart_sweep"
+    try:
+        tasks = slurm.wait(all_finished, 900, "the 3 array tasks to finish", poll=2)
+    finally:
+        logs = "\n".join(f"--- {p.name}\n{log_tail(p)}" for p in sorted((sweep_dir / "logs").glob("*.log")))
+    assert sorted(t["ArrayTaskId"] for t in tasks) == ["0", "1", "2"]
+    assert all(t["JobState"] == "COMPLETED" and t["ExitCode"] == "0:0" for t in tasks), logs
+    assert len({t["ArrayJobId"] for t in tasks}) == 1  # one sbatch --array, not three jobs
+
+    manifest = [json.loads(line) for line in (sweep_dir / "manifest.jsonl").read_text().splitlines()]
+    expected = {"continual_ft": ("ft", "ft"), "best_in_time": ("ema", "ema"), "offline_average": ("ft", "all")}
+    for point in manifest:
+        run_dir = Path(point["run_dir"])
+        assert run_dir == sweep_dir / point["name"]
+        results = json.loads((run_dir / "results.json").read_text())
+        assert results["complete"] is True and [p["tasks_done"] for p in results["points"]] == [0, 1, 2]
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        protocol = (config["protocol"]["init"], config["protocol"]["deploy"])
+        assert protocol == expected[point["axes"]["protocol"]]
+        assert (
+            f"=== point {point['index']}: {point['name']}" in (sweep_dir / "logs" / f"{point['index']}.log").read_text()
+        )
+
+    jobs_before = slurm.run("scontrol", "show", "job", "--oneliner").count("JobId=")
+    run_sweep(args)
+    assert "nothing to submit" in capsys.readouterr().out
+    assert slurm.run("scontrol", "show", "job", "--oneliner").count("JobId=") == jobs_before
+
+
+def test_a_job_requeued_twice_mid_task_resumes_to_the_weights_of_an_uninterrupted_job(slurm, tiny_benchmark, tmp_path):
+    steps = 8
+
+    def submit(name: str) -> str:
+        args = [
+            "--config",
+            "quickstart.yaml",
+            *slurm_cluster.tiny_overrides(tiny_benchmark, steps_per_task=steps, every_n_train_steps=3, num_workers=1),
+            f"--trainer.logger.init_args.save_dir={tmp_path / name}",
+            "--trainer.logger.init_args.name=run",
+        ]
+        out = slurm.run(
+            "sbatch",
+            "--parsable",
+            "--cpus-per-task=1",
+            "--time=00:30:00",
+            f"--job-name={name}",
+            f"--output={tmp_path / name}.log",
+            str(REPO / "slurm" / "train.sbatch"),
+            *args,
+            env=slurm_cluster.job_environment(),
+        )
+        return out.strip().split(";")[0]
+
+    reference, job = submit("reference"), submit("requeued")
+    run, log = tmp_path / "requeued" / "run", tmp_path / "requeued.log"
+
+    def job_state():
+        fields = slurm.job(job)
+        return fields["JobState"], int(fields["Restarts"])
+
+    # 1. `scontrol requeue` (what an admin or a preemption does): Slurm sends SIGTERM, the run saves and exits,
+    #    Slurm puts the job back in the queue and starts it again.
+    slurm.wait(lambda: (run / "checkpoints" / "last.ckpt").exists(), 600, f"the first checkpoint\n{log_tail(log)}")
+    slurm.run("scontrol", "requeue", job)
+    slurm.wait(lambda: job_state() == ("RUNNING", 1), 300, f"the requeued job to start again\n{log_tail(log)}")
+    first = re.search(r"SIGTERM: stopped at step (\d+) \(task 0", log.read_text())
+    assert first, log_tail(log)
+
+    # 2. SIGUSR1, as `--signal=USR1@N` sends before the time limit: the run saves and requeues itself.
+    def task_one_evaluated():
+        try:
+            return max(p["tasks_done"] for p in json.loads((run / "results.json").read_text())["points"]) >= 1
+        except (OSError, ValueError):
+            return False
+
+    slurm.wait(task_one_evaluated, 600, f"the evaluation after task 1\n{log_tail(log)}")
+    slurm.run("scancel", "--signal=USR1", job)
+    slurm.wait(lambda: job_state()[1] == 2, 300, f"the job to requeue itself\n{log_tail(log)}")
+    second = re.search(rf"SIGUSR1: stopped at step (\d+) \(task 1.*requeued Slurm job {job}\b", log.read_text())
+    assert second, log_tail(log)
+
+    # 3. Both jobs finish; the twice-stopped one resumed from its checkpoints to the same weights and results.
+    for name, job_id in (("requeued", job), ("reference", reference)):
+        slurm.wait(lambda j=job_id: slurm.job(j)["JobState"] in FINISHED, 900, f"{name} to finish", poll=2)
+        fields = slurm.job(job_id)
+        assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), log_tail(tmp_path / f"{name}.log")
+    assert slurm.job(job)["Restarts"] == "2"
+    first_stop, second_stop = int(first.group(1)), int(second.group(1))
+    assert 3 <= first_stop < steps < second_stop < 2 * steps  # in the middle of task 1, then of task 2
+    text = log.read_text()
+    assert [int(r) for r in re.findall(r"\(restart (\d+)\)", text)] == [0, 1, 2]  # one log, appended to
+    assert f"resumed at step {first_stop} (task 0)" in text and f"resumed at step {second_stop} (task 1)" in text
+
+    stopped = slurm_cluster.final_weights(run)
+    assert stopped["global_step"] == str(2 * steps)
+    assert stopped == slurm_cluster.final_weights(tmp_path / "reference" / "run")
+    assert slurm_cluster.evaluations(run) == slurm_cluster.evaluations(tmp_path / "reference" / "run")

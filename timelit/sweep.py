@@ -1,0 +1,445 @@
+"""`timelit sweep`: expand a grid of configs into runs and submit them as one Slurm array job.
+
+    timelit sweep --grid model_size --dry_run                       what would be submitted, nothing written
+    timelit sweep --grid model_size --concurrency 8 --sbatch '[--partition=gpu, --time=48:00:00, --gpus-per-node=1]'
+    timelit sweep --grid model_size ...                             again: finished points are skipped
+    timelit report runs/model_size
+
+A grid (YAML; the shipped ones are in `configs/sweeps/`) names base configs and axes; every combination of one value
+per axis is a point, run as `timelit fit` with the base configs, then each axis value's config fragments and
+overrides, in axis order:
+
+    name: horizon                          # the sweep's folder: <root>/horizon/
+    configs: [best_in_time.yaml]           # every point starts from these (files, or names of shipped configs)
+    overrides: [--trainer.devices=1]       # then these
+    axes:
+      tasks:                               # value name -> config fragments and/or overrides
+        "20": [budget/tasks_20.yaml]
+        "50": [budget/tasks_50.yaml]
+      protocol:
+        ft: [--protocol.init=ft, --protocol.deploy=ft]
+        best_in_time: [--protocol.init=ema, --protocol.deploy=ema]
+      seed: {key: seed_everything, values: [0, 1]}     # shorthand: --seed_everything=<value>
+    exclude: [{tasks: "50", protocol: ft}]              # optional: combinations to leave out
+    sbatch: [--cpus-per-task=8]                         # optional: sbatch options of this study
+
+An axis may also be a plain list of config files (each value named by its file stem). A point is named after its
+values, `tasks=20,protocol=ft,seed=0`, and its run directory is `<root>/<sweep>/<point>` (TensorBoardLogger
+`save_dir=<root>/<sweep>`, `name=<point>`, `version=""`), the same at every requeue and resubmission.
+
+`<root>/<sweep>/manifest.jsonl` holds one line per point (index, name, axes, configs, overrides, run_dir, argv);
+array task i runs line i (`slurm/array.sbatch`), logging to `<root>/<sweep>/logs/<i>.log`. A point is finished when
+its run directory holds a results.json with `"complete": true`; those, and points whose array task is still queued
+or running, are not submitted again. Requeued tasks read the manifest again, so a manifest that differs from the
+grid's expansion is never overwritten silently (research/ecosystem_reliability_anchors.md §5, recommendation 13).
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import itertools
+import json
+import logging
+import re
+import shlex
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from timelit.resources import PACKAGE_DIR, configs_dir, resolve_config
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.jsonl"
+RESULTS_FILE = "results.json"
+GRID_KEYS = ("name", "description", "configs", "overrides", "axes", "exclude", "sbatch")
+_NAME = re.compile(r"^[A-Za-z0-9._+-]+$")
+
+
+class GridError(ValueError):
+    """A sweep grid that cannot be expanded; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class AxisValue:
+    """One value of an axis: its name in point names, and what it adds to the command line."""
+
+    name: str
+    configs: tuple[str, ...] = ()
+    overrides: tuple[str, ...] = ()
+    items: tuple[tuple[str, str], ...] = ()  # ("config" | "override", text) in the grid's order
+
+
+@dataclass
+class Grid:
+    name: str
+    path: Path
+    configs: list[str]
+    overrides: list[str]
+    axes: dict[str, list[AxisValue]]
+    exclude: list[dict[str, str]] = field(default_factory=list)
+    sbatch: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Point:
+    """One run of the sweep: line `index` of the manifest, array task `index`."""
+
+    index: int
+    name: str
+    axes: dict[str, str]
+    configs: list[str]
+    overrides: list[str]
+    run_dir: str
+    argv: list[str]
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "name": self.name,
+            "axes": self.axes,
+            "configs": self.configs,
+            "overrides": self.overrides,
+            "run_dir": self.run_dir,
+            "argv": self.argv,
+        }
+
+
+# ---------------------------------------------------------------------------------------------------- reading grids
+
+
+def find_grid(grid: str) -> Path:
+    """A grid given as a path, or as the name of a shipped one (`model_size` -> configs/sweeps/model_size.yaml)."""
+    path = Path(grid).expanduser()
+    if path.is_file():
+        return path
+    sweeps = configs_dir() / "sweeps"
+    for candidate in (sweeps / grid, sweeps / f"{grid}.yaml"):
+        if candidate.is_file():
+            return candidate
+    available = sorted(p.stem for p in sweeps.glob("*.yaml")) if sweeps.is_dir() else []
+    raise FileNotFoundError(
+        f"sweep grid '{grid}' is neither a file nor a shipped grid; shipped: {', '.join(available)}"
+    )
+
+
+def _override(text: str, where: str) -> str:
+    """`--a.b=c` as is; `--a.b c` (one YAML string) -> `--a.b=c`."""
+    if not text.startswith("--") or len(text) < 3:
+        raise GridError(f"{where}: '{text}' is not an override (`--key=value`)")
+    if "=" not in text.split(" ", 1)[0] and " " in text:
+        key, value = text.split(" ", 1)
+        return f"{key}={value.strip()}"
+    return text
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, dict | list):
+        return json.dumps(value)
+    return str(value)
+
+
+def _items(raw: Any, where: str) -> list[tuple[str, str]]:
+    """A value's contents: config files (strings), overrides (`--...` strings) or `{dotted.key: value}` maps."""
+    raw = raw if isinstance(raw, list) else [raw]
+    items: list[tuple[str, str]] = []
+    for entry in raw:
+        if isinstance(entry, str) and entry.startswith("--"):
+            items.append(("override", _override(entry, where)))
+        elif isinstance(entry, str):
+            items.append(("config", entry))
+        elif isinstance(entry, dict):
+            items += [("override", f"--{key}={_scalar(value)}") for key, value in entry.items()]
+        else:
+            raise GridError(f"{where}: {entry!r} is neither a config file, an override nor a {{key: value}} map")
+    return items
+
+
+def _value_name(name: Any, where: str) -> str:
+    text = _scalar(name)
+    if not _NAME.match(text):
+        raise GridError(f"{where}: value name '{text}' must use only letters, digits and . _ + - (it names folders)")
+    return text
+
+
+def _axis(axis: str, raw: Any, where: str) -> list[AxisValue]:
+    where = f"{where}: axes.{axis}"
+    if isinstance(raw, dict) and set(raw) == {"key", "values"}:
+        values = raw["values"] if isinstance(raw["values"], list) else [raw["values"]]
+        return [AxisValue(_value_name(v, where), items=(("override", f"--{raw['key']}={_scalar(v)}"),)) for v in values]
+    if isinstance(raw, list):
+        if not all(isinstance(entry, str) and not entry.startswith("--") for entry in raw):
+            raise GridError(f"{where}: a list axis holds config files only; use `name: [items]` for overrides")
+        return [AxisValue(_value_name(Path(entry).stem, where), items=(("config", entry),)) for entry in raw]
+    if isinstance(raw, dict) and raw:
+        return [AxisValue(_value_name(name, where), items=tuple(_items(v, where))) for name, v in raw.items()]
+    raise GridError(
+        f"{where} must be a map of value name -> configs/overrides, a list of config files, or {{key, values}}"
+    )
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Read and check a grid file (see the module docstring for the format)."""
+    path = Path(path)
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise GridError(f"{path}: a sweep grid is a YAML map with keys {', '.join(GRID_KEYS)}")
+    unknown = sorted(set(raw) - set(GRID_KEYS))
+    if unknown:
+        raise GridError(f"{path}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(GRID_KEYS)}")
+    name = _value_name(raw.get("name") or path.stem, f"{path}: name")
+    axes_raw = raw.get("axes") or {}
+    if not isinstance(axes_raw, dict) or not axes_raw:
+        raise GridError(f"{path}: `axes` must map at least one axis name to its values")
+    axes = {_value_name(axis, f"{path}: axes"): _axis(axis, values, str(path)) for axis, values in axes_raw.items()}
+    for axis, values in axes.items():
+        names = [v.name for v in values]
+        if len(set(names)) != len(names):
+            raise GridError(f"{path}: axes.{axis} has repeated value names: {names}")
+    exclude = []
+    for rule in raw.get("exclude") or []:
+        if not isinstance(rule, dict) or not set(rule) <= set(axes):
+            raise GridError(f"{path}: exclude rule {rule!r} must map axis names ({', '.join(axes)}) to value names")
+        exclude.append({axis: _scalar(value) for axis, value in rule.items()})
+    configs = raw.get("configs") or []
+    overrides = [_override(o, f"{path}: overrides") for o in raw.get("overrides") or []]
+    sbatch = [str(option) for option in raw.get("sbatch") or []]
+    return Grid(name, path, list(configs), overrides, axes, exclude, sbatch)
+
+
+# ---------------------------------------------------------------------------------------------------- expanding
+
+
+def _resolve_config(name: str, grid: Path) -> str:
+    """A config item as an absolute path: a file (as given, or beside the grid, never the grid itself), else a
+    shipped config, so the shipped grids' `quickstart.yaml` and `budget/tasks_20.yaml` are configs/'s."""
+    for candidate in (Path(name).expanduser(), grid.parent / name):
+        if candidate.is_file() and candidate.resolve() != grid.resolve():
+            return str(candidate.resolve())
+    try:
+        return str(resolve_config(name).resolve())
+    except FileNotFoundError as error:
+        raise GridError(f"{grid}: {error}") from None
+
+
+def run_dir_overrides(sweep_dir: Path, point: str) -> list[str]:
+    """Where a point's run lives: <sweep dir>/<point>, the same directory at every (re)start."""
+    return [
+        f"--trainer.logger.init_args.save_dir={sweep_dir}",
+        f"--trainer.logger.init_args.name={point}",
+        "--trainer.logger.init_args.version=",
+        f"--trainer.default_root_dir={sweep_dir / point}",
+    ]
+
+
+def expand(grid: Grid, root: str | Path = "runs", overrides: list[str] | None = None) -> list[Point]:
+    """Every point of the grid, in axis order (the last axis varies fastest), minus the excluded combinations.
+
+    `overrides` come after everything the grid says, so a user's command line wins; the run directory comes last.
+    """
+    sweep_dir = Path(root).expanduser().resolve() / grid.name
+    extra = [_override(o, "--overrides") for o in overrides or []]
+    base_configs = [_resolve_config(c, grid.path) for c in grid.configs]
+    points: list[Point] = []
+    for combination in itertools.product(*grid.axes.values()):
+        chosen = dict(zip(grid.axes, (value.name for value in combination)))
+        if any(all(chosen.get(axis) == value for axis, value in rule.items()) for rule in grid.exclude):
+            continue
+        name = ",".join(f"{axis}={value}" for axis, value in chosen.items())
+        argv = ["fit"] + [arg for c in base_configs for arg in ("--config", c)] + grid.overrides
+        configs, point_overrides = list(base_configs), list(grid.overrides)
+        for value in combination:
+            for kind, text in value.items:
+                if kind == "config":
+                    resolved = _resolve_config(text, grid.path)
+                    configs.append(resolved)
+                    argv += ["--config", resolved]
+                else:
+                    point_overrides.append(text)
+                    argv.append(text)
+        point_overrides += extra
+        argv += extra + run_dir_overrides(sweep_dir, name)
+        points.append(Point(len(points), name, chosen, configs, point_overrides, str(sweep_dir / name), argv))
+    if not points:
+        raise GridError(f"{grid.path}: every combination is excluded; nothing to run")
+    return points
+
+
+def manifest_text(points: list[Point]) -> str:
+    return "".join(json.dumps(point.record(), sort_keys=True) + "\n" for point in points)
+
+
+# ---------------------------------------------------------------------------------------------------- state
+
+
+def is_complete(run_dir: str | Path) -> bool:
+    """True when the run's results.json says the whole stream was trained and evaluated."""
+    path = Path(run_dir) / RESULTS_FILE
+    try:
+        return bool(json.loads(path.read_text()).get("complete"))
+    except (OSError, ValueError):
+        return False
+
+
+def job_name(sweep_dir: Path) -> str:
+    """`timelit-<sweep>-<hash of its folder>`: how squeue tells this sweep's array tasks from any other's."""
+    digest = hashlib.sha256(str(sweep_dir).encode()).hexdigest()[:6]
+    return f"timelit-{sweep_dir.name}-{digest}"
+
+
+def queued_indices(name: str) -> set[int] | None:
+    """Array task ids of this user's jobs named `name` that are pending or running; None when squeue is missing."""
+    if shutil.which("squeue") is None:
+        return None
+    result = subprocess.run(
+        ["squeue", "--noheader", "--array", f"--name={name}", f"--user={getpass.getuser()}", "--format=%K %T"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        reason = (result.stderr.strip().split("\n") or [""])[-1]
+        log.warning("squeue failed (%s): points still queued or running are not recognised", reason)
+        return None
+    queued = set()
+    for line in result.stdout.split("\n"):
+        task, _, state = line.strip().partition(" ")
+        if task.isdigit() and state not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+            queued.add(int(task))
+    return queued
+
+
+def array_spec(indices: list[int], concurrency: int | None) -> str:
+    """`0-3,7,9-10%4`: runs of consecutive indices as ranges, then the concurrency limit."""
+    parts = []
+    for _, run in itertools.groupby(enumerate(sorted(indices)), key=lambda pair: pair[1] - pair[0]):
+        values = [value for _, value in run]
+        parts.append(str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}")
+    return ",".join(parts) + (f"%{concurrency}" if concurrency else "")
+
+
+def array_script() -> Path:
+    """slurm/array.sbatch: in the wheel under timelit/_shipped/slurm, in a checkout at the repository root."""
+    for candidate in (PACKAGE_DIR / "_shipped" / "slurm", PACKAGE_DIR.parent / "slurm"):
+        if (candidate / "array.sbatch").is_file():
+            return candidate / "array.sbatch"
+    raise FileNotFoundError(
+        f"slurm/array.sbatch not found in {PACKAGE_DIR / '_shipped'} or {PACKAGE_DIR.parent}; pass --script"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- the command
+
+
+def sweep_command(
+    grid: str,
+    root: str = "runs",
+    overrides: list[str] | None = None,
+    only: list[str] | None = None,
+    concurrency: int | None = None,
+    sbatch: list[str] | None = None,
+    signal_seconds: int = 300,
+    script: str | None = None,
+    dry_run: bool = False,
+    rewrite_manifest: bool = False,
+) -> None:
+    """Expand a sweep grid into runs and submit the unfinished ones as one Slurm array job.
+
+    Writes <root>/<sweep>/manifest.jsonl (one point per line) and submits
+    `sbatch --array=<unfinished points>%<concurrency> slurm/array.sbatch <manifest>`. Running it again submits only
+    the points without a complete results.json that are not queued or running already.
+
+    Args:
+        grid: a grid file, or the name of a shipped one (configs/sweeps/): model_size, compute, horizon, quickstart.
+        root: folder of sweeps; point runs go to <root>/<sweep name>/<point name>.
+        overrides: extra `--key=value` overrides for every point (after the grid's own), e.g. a data root.
+        only: submit only the points whose name matches one of these shell patterns (`model=ViT-L-14,*`).
+        concurrency: at most this many array tasks run at once (sbatch `--array=...%N`); default no limit.
+        sbatch: extra sbatch options, e.g. `[--partition=gpu, --account=abc, --time=24:00:00, --gpus-per-node=1]`;
+            after the grid's `sbatch:` list, so they win.
+        signal_seconds: Slurm sends SIGUSR1 this long before the time limit (`--signal=USR1@N`); the run saves and
+            requeues itself. Longer than one evaluation plus one checkpoint save.
+        script: the sbatch script run by each array task; default timelit's slurm/array.sbatch.
+        dry_run: print the points and the sbatch command; write and submit nothing.
+        rewrite_manifest: replace a manifest.jsonl that differs from the grid's expansion (only when no task of the
+            old one can still start: requeued tasks read it again).
+    """
+    import fnmatch
+
+    grid_path = find_grid(grid)
+    spec = load_grid(grid_path)
+    points = expand(spec, root, overrides)
+    sweep_dir = Path(root).expanduser().resolve() / spec.name
+    manifest = sweep_dir / MANIFEST_FILE
+    text = manifest_text(points)
+    if manifest.is_file() and manifest.read_text() != text and not rewrite_manifest:
+        raise GridError(
+            f"{manifest} differs from what {grid_path} expands to now (grid, root or overrides changed). Array tasks "
+            "read it again whenever they are requeued, so it is not replaced: use another sweep name or root, or "
+            "--rewrite_manifest true once none of its tasks is queued or running."
+        )
+    name = job_name(sweep_dir)
+    queued = queued_indices(name) or set()
+    rows, todo = [], []
+    for point in points:
+        if only and not any(fnmatch.fnmatchcase(point.name, pattern) for pattern in only):
+            continue
+        if is_complete(point.run_dir):
+            status = "complete"
+        elif point.index in queued:
+            status = "queued or running"
+        else:
+            status = "submit"
+            todo.append(point)
+        rows.append((point.index, point.name, status))
+
+    width = max((len(n) for _, n, _ in rows), default=4)
+    print(f"sweep {spec.name}: {len(points)} points in {sweep_dir}")
+    for index, point_name, status in rows:
+        print(f"  {index:>4}  {point_name:<{width}}  {status}")
+    if not todo:
+        print("nothing to submit")
+        return
+
+    command = [
+        "sbatch",
+        "--parsable",
+        f"--array={array_spec([p.index for p in todo], concurrency)}",
+        f"--job-name={name}",
+        f"--output={sweep_dir / 'logs' / '%a.log'}",
+        "--open-mode=append",
+        "--requeue",
+        f"--signal=USR1@{signal_seconds}",
+        *spec.sbatch,
+        *(sbatch or []),
+        str(Path(script).expanduser().resolve() if script else array_script()),
+        str(manifest),
+    ]
+    if dry_run:
+        print("\nwould write " + str(manifest) + " and run:\n  " + shlex.join(command))
+        print("\neach array task runs:")
+        for point in todo:
+            print(f"  [{point.index}] timelit " + shlex.join(point.argv))
+        return
+
+    if shutil.which("sbatch") is None:
+        raise FileNotFoundError("sbatch not found: run `timelit sweep` where Slurm's client is installed, or --dry_run")
+    (sweep_dir / "logs").mkdir(parents=True, exist_ok=True)
+    tmp = manifest.with_name(manifest.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(manifest)
+    shutil.copyfile(grid_path, sweep_dir / "grid.yaml")
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"sbatch failed ({result.returncode}): {result.stderr.strip()}\n  {shlex.join(command)}")
+    job = result.stdout.strip().split(";")[0]
+    print(f"submitted array job {job}: {len(todo)} point(s), logs in {sweep_dir / 'logs'}")
