@@ -8,7 +8,7 @@
 # temporary directory and starts munged, slurmctld and slurmd itself.
 set -euo pipefail
 
-need=(slurmctld slurmd sbatch scontrol sinfo munged)
+need=(slurmctld slurmd sbatch srun scontrol scancel sinfo squeue munged)
 missing=0
 for binary in "${need[@]}"; do
     command -v "$binary" >/dev/null 2>&1 || [ -x "/usr/sbin/$binary" ] || missing=1
@@ -39,9 +39,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends \
+# `env` so the variable survives sudo, which resets the environment.
+$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
     slurmctld slurmd slurm-client munge >/dev/null
 
