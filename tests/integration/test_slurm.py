@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -59,7 +60,7 @@ def log_tail(path: Path, lines: int = 60) -> str:
 def test_a_three_point_sweep_runs_as_one_array_job_and_is_not_submitted_twice(
     slurm, tiny_benchmark, tmp_path, monkeypatch, capsys
 ):
-    for key in [k for k in list(__import__("os").environ) if k.startswith("SLURM_")]:
+    for key in [k for k in os.environ if k.startswith("SLURM_")]:
         monkeypatch.delenv(key)
     for key, value in {**slurm.env, **slurm_cluster.job_environment()}.items():
         monkeypatch.setenv(key, value)
