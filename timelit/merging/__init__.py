@@ -21,7 +21,7 @@ import torch
 from timelit.merging.average import Average
 from timelit.merging.breadcrumbs import Breadcrumbs, BreadcrumbsTies
 from timelit.merging.dare import Dare, DareTies
-from timelit.merging.engine import DEFAULT_CHUNK_SIZE, run
+from timelit.merging.engine import DEFAULT_CHUNK_SIZE, DEFAULT_THREADS, run
 from timelit.merging.interpolation import Interpolation
 from timelit.merging.lines import Lines
 from timelit.merging.magmax import MagMax
@@ -110,6 +110,7 @@ def merge(
     method: MergeMethod | Technique,
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    threads: int | None = DEFAULT_THREADS,
     progress: bool = False,
     **hparams: Any,
 ) -> dict[str, torch.Tensor]:
@@ -122,6 +123,8 @@ def merge(
         method: a name from ``TECHNIQUES`` (see :data:`MergeMethod`), or a technique from :func:`validate`.
         chunk_size: elements per slice of a tensor held per expert at a time; results do not depend on it except
             for whole-tensor float64 statistics (SLERP's angle, LiNeS' auto alpha), which are summed chunk by chunk.
+        threads: torch intra-op threads during the merge (default 1, robust on busy machines, see
+            ``engine.DEFAULT_THREADS``); ``None`` keeps torch's current setting.
         progress: show a tqdm bar over tensors.
         **hparams: the method's hyperparameters, e.g. ``k=0.3, scope="tower"`` for TIES.
 
@@ -135,4 +138,4 @@ def merge(
     else:
         technique = validate(method, hparams)
     paths = experts.paths if isinstance(experts, ExpertStore) else experts
-    return run(technique, base, paths, chunk_size=chunk_size, progress=progress)
+    return run(technique, base, paths, chunk_size=chunk_size, threads=threads, progress=progress)

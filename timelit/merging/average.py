@@ -14,8 +14,9 @@ from typing import ClassVar
 
 import torch
 
+from timelit.merging.chunks import Chunk
 from timelit.merging.task_vectors import sum_in_order
-from timelit.merging.technique import Chunk, Technique, check_range
+from timelit.merging.technique import Technique, check_range
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,4 +57,4 @@ class Average(Technique):
 
     def merge_chunk(self, chunk: Chunk) -> torch.Tensor:
         weights = self.weights or (1 / chunk.n_experts,) * chunk.n_experts
-        return sum_in_order(w * theta for w, theta in zip(weights, chunk.experts(), strict=True))
+        return sum_in_order(theta.mul_(w) for w, theta in zip(weights, chunk.experts(), strict=True))

@@ -28,8 +28,9 @@ from typing import ClassVar
 
 import torch
 
-from timelit.merging.task_vectors import Elected, elect_disjoint_mean, sum_in_order
-from timelit.merging.technique import Chunk, TaskVectorTechnique, check_range
+from timelit.merging.chunks import Chunk
+from timelit.merging.task_vectors import Elected, elect_disjoint_mean, keep_magnitudes, sum_in_order
+from timelit.merging.technique import TaskVectorTechnique, check_range
 
 _NAMES = (
     "breadcrumbs names its fractions by what they drop: `top_drop` (largest |tau| dropped; MERGING.md's beta, "
@@ -73,9 +74,8 @@ class Breadcrumbs(TaskVectorTechnique):
 
     def masked(self, chunk: Chunk) -> Iterator[torch.Tensor]:
         """tau_i with the largest top_drop and smallest bottom_drop fractions zeroed, per expert in store order."""
-        for tau, (upper, lower) in zip(chunk.task_vectors(), chunk.thresholds, strict=True):
-            magnitude = tau.abs()
-            yield torch.where((magnitude >= lower) & (magnitude <= upper), tau, 0.0)
+        bounds = ((lower, upper) for upper, lower in chunk.thresholds)
+        return keep_magnitudes(chunk, bounds)
 
     def merge_chunk(self, chunk: Chunk) -> torch.Tensor | Elected:
         return sum_in_order(self.masked(chunk))
@@ -88,7 +88,7 @@ class BreadcrumbsTies(Breadcrumbs):
     name: ClassVar[str] = "breadcrumbs_ties"
 
     def merge_chunk(self, chunk: Chunk) -> Elected:
-        return elect_disjoint_mean(self.masked(chunk))
+        return elect_disjoint_mean(chunk, self.masked(chunk))
 
 
 def _floor(fraction: float, n: int) -> int:

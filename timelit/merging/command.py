@@ -19,7 +19,7 @@ import lightning
 import torch
 
 from timelit.merging import MergeMethod, merge, validate
-from timelit.merging.engine import DEFAULT_CHUNK_SIZE
+from timelit.merging.engine import DEFAULT_CHUNK_SIZE, DEFAULT_THREADS
 from timelit.merging.safetensors_io import atomic_file, file_sha256, save_weights
 from timelit.merging.store import ExpertStore
 
@@ -34,6 +34,7 @@ def merge_command(
     out: Path,
     hparams: dict[str, Any] | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    threads: int | None = DEFAULT_THREADS,
     progress: bool = True,
 ) -> Path:
     """Merge fine-tuned experts onto a base model (TIME, arXiv 2412.06712) and save the merged weights.
@@ -55,6 +56,7 @@ def merge_command(
             names as in shared/MERGING.md (k, lam, p, seed, w, t, weights, top_drop, bottom_drop, alpha, beta, scope,
             skip, lines, lines_alpha, lines_beta). An unknown name is an error that lists the valid ones.
         chunk_size: elements of one tensor read per expert at a time.
+        threads: torch threads for the merge (default 1: robust when the machine is busy; null keeps torch's).
         progress: show a progress bar over tensors.
 
     Returns:
@@ -66,7 +68,7 @@ def merge_command(
         raise ValueError(f"--out must end in .safetensors or .ckpt, got {out}")
     base_weights, base_hash = _load(Path(base))
     expert_weights, expert_hashes = _experts([experts] if isinstance(experts, (str, os.PathLike)) else experts)
-    merged = merge(base_weights, expert_weights, technique, chunk_size=chunk_size, progress=progress)
+    merged = merge(base_weights, expert_weights, technique, chunk_size=chunk_size, threads=threads, progress=progress)
     metadata = {
         "timelit.method": technique.name,
         "timelit.hparams": json.dumps(technique.hparams()),

@@ -21,8 +21,9 @@ from typing import ClassVar
 
 import torch
 
+from timelit.merging.chunks import Chunk
 from timelit.merging.task_vectors import Elected, elect_disjoint_mean, sum_in_order
-from timelit.merging.technique import Chunk, TaskVectorTechnique, check_range
+from timelit.merging.technique import TaskVectorTechnique, check_range
 
 BLOCK = 1 << 16
 
@@ -70,7 +71,7 @@ class Dare(TaskVectorTechnique):
         """drop_p(tau_i) / (1 - p) for every expert, in store order."""
         for i, tau in enumerate(chunk.task_vectors()):
             keep = keep_mask(self.seed, i, chunk.key, chunk.start, chunk.stop, self.p)
-            yield torch.where(keep, tau / (1 - self.p), 0.0)
+            yield tau.mul_(keep).div_(1 - self.p)
 
     def merge_chunk(self, chunk: Chunk) -> torch.Tensor | Elected:
         return sum_in_order(self.dropped(chunk))
@@ -83,4 +84,4 @@ class DareTies(Dare):
     name: ClassVar[str] = "dare_ties"
 
     def merge_chunk(self, chunk: Chunk) -> Elected:
-        return elect_disjoint_mean(self.dropped(chunk))
+        return elect_disjoint_mean(chunk, self.dropped(chunk))

@@ -23,13 +23,20 @@ import torch
 from tqdm.auto import tqdm
 
 from timelit.merging import order_stats
+from timelit.merging.chunks import Chunk, TensorJob, Workspace
 from timelit.merging.lines import auto_alpha, depth_ratios
 from timelit.merging.sources import Source, WeightsLike, merged_keys, open_sources
 from timelit.merging.task_vectors import Elected, scope_groups, sum_in_order
-from timelit.merging.technique import Chunk, Technique, TensorJob
+from timelit.merging.technique import Technique
 
 DEFAULT_CHUNK_SIZE = 1 << 22
 """4,194,304 elements (16 MB in float32) per chunk: ViT-B/16's 25.3M-entry token embedding is read in 7 slices."""
+
+DEFAULT_THREADS = 1
+"""The merge runs ~20 element-wise operations per expert and chunk, each a parallel region when torch uses several
+threads. On a busy machine (other jobs, or every DDP rank merging at once) each region waits for a descheduled
+worker thread: measured on a shared 2-core VM, TIES over 5 experts took 10 s on one thread and 82 s on two
+(bench/README_merge.md). One thread is the robust default; pass ``threads=None`` to keep torch's setting."""
 
 
 def run(
@@ -38,19 +45,27 @@ def run(
     experts: Sequence[WeightsLike],
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    threads: int | None = DEFAULT_THREADS,
     progress: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Merge ``experts`` (state dicts or safetensors paths, oldest first) onto ``base`` with ``technique``.
 
     Keys, shapes and dtypes of every input are validated before any tensor data is read. Returns a new state dict
-    with the base's keys, order, shapes and dtypes; the inputs are never modified.
+    with the base's keys, order, shapes and dtypes; the inputs are never modified. ``threads`` sets torch's intra-op
+    threads for the merge (restored afterwards); ``None`` keeps the current setting.
     """
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    with open_sources(base, experts) as (base_source, expert_sources):
-        technique.check_experts(len(expert_sources))
-        keys = merged_keys(base_source, technique.skip)
-        return _Merge(technique, base_source, expert_sources, chunk_size).run(keys, progress)
+    for name, value in (("chunk_size", chunk_size), ("threads", 1 if threads is None else threads)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads or previous)
+        with open_sources(base, experts) as (base_source, expert_sources):
+            technique.check_experts(len(expert_sources))
+            keys = merged_keys(base_source, technique.skip)
+            return _Merge(technique, base_source, expert_sources, chunk_size).run(keys, progress)
+    finally:
+        torch.set_num_threads(previous)
 
 
 class _Merge:
@@ -59,6 +74,7 @@ class _Merge:
         self.scaling = technique.scaling()
         self.ratios = depth_ratios(base.entries) if self.scaling.beta else {}
         self.out: dict[str, torch.Tensor] = {}
+        self.workspace = Workspace()
 
     def run(self, keys: list[str], progress: bool) -> dict[str, torch.Tensor]:
         merged = set(keys)
@@ -74,7 +90,7 @@ class _Merge:
 
     def _job(self, key: str, thresholds: Sequence[tuple] = ()) -> TensorJob:
         numel = self.base.entries[key].numel
-        return TensorJob(key, numel, self.base, self.experts, self.chunk_size, thresholds)
+        return TensorJob(key, numel, self.base, self.experts, self.chunk_size, thresholds, self.workspace)
 
     def _merge_group(self, name: str, keys: list[str]) -> None:
         thresholds = self._thresholds(name, keys)
@@ -120,7 +136,7 @@ class _Merge:
             for key in keys:
                 for chunk in self._job(key).chunks():
                     for i, tau in enumerate(chunk.task_vectors()):
-                        yield i, tau.abs()
+                        yield i, tau.abs_()
                 self.bar.update()
 
         self.bar.set_description(f"{self.technique.name}: order statistics {name}")
@@ -132,11 +148,14 @@ class _Merge:
         return self.out[key].view(-1)
 
     def _theta(self, base: torch.Tensor, tau: torch.Tensor, key: str, alpha: float | None = None) -> torch.Tensor:
-        """Weights for the output: the kernel's own for weight-space techniques, else theta_0 + s(key) * tau."""
+        """Weights for the output: the kernel's own for weight-space techniques, else theta_0 + s(key) * tau.
+
+        Overwrites ``tau`` (the kernel's result, which nothing else holds) to save an allocation per chunk.
+        """
         if self.technique.space == "weights":
             return tau
         scale = (self.scaling.alpha if alpha is None else alpha) + self.scaling.beta * self.ratios.get(key, 0.0)
-        return base + (scale * tau)  # two roundings, no fused multiply-add
+        return tau.mul_(scale).add_(base)  # two roundings, no fused multiply-add
 
 
 def _l1(tensor: torch.Tensor) -> float:

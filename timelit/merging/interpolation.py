@@ -13,7 +13,8 @@ from typing import ClassVar
 
 import torch
 
-from timelit.merging.technique import Chunk, Technique, check_range
+from timelit.merging.chunks import Chunk
+from timelit.merging.technique import Technique, check_range
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,5 +40,5 @@ class Interpolation(Technique):
         check_range("w", self.w, 0.0, 1.0)
 
     def merge_chunk(self, chunk: Chunk) -> torch.Tensor:
-        older, newer = chunk.expert(0), chunk.expert(1)
-        return ((1 - self.w) * older) + (self.w * newer)
+        merged = chunk.expert(0).mul(1 - self.w)  # a new tensor: the next read reuses the chunk's buffer
+        return merged.add_(chunk.expert(1).mul_(self.w))

@@ -25,8 +25,9 @@ from typing import ClassVar, Literal, get_args
 
 import torch
 
+from timelit.merging.chunks import Chunk
 from timelit.merging.task_vectors import sum_in_order
-from timelit.merging.technique import Chunk, Scaling, Scope, Technique, check_choice, check_range
+from timelit.merging.technique import Scaling, Scope, Technique, check_choice, check_range
 
 _BLOCK = re.compile(r"^(visual\.)?transformer\.resblocks\.(\d+)\.")
 

@@ -13,7 +13,8 @@ from typing import ClassVar
 
 import torch
 
-from timelit.merging.technique import Chunk, Scaling, Technique, check_range
+from timelit.merging.chunks import Chunk
+from timelit.merging.technique import Scaling, Technique, check_range
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,11 +39,11 @@ class MagMax(Technique):
 
     def merge_chunk(self, chunk: Chunk) -> torch.Tensor:
         taus = chunk.task_vectors()
-        best = next(taus)
-        best_magnitude = best.abs()
+        best = next(taus).clone()  # the chunk reuses its buffer for the next expert
+        best_magnitude = torch.abs(best, out=chunk.buffer("magmax.best"))
+        magnitude, later_wins = chunk.buffer("magmax.magnitude"), chunk.buffer("magmax.later", torch.bool)
         for tau in taus:
-            magnitude = tau.abs()
-            later_wins = magnitude >= best_magnitude
-            best = torch.where(later_wins, tau, best)
-            best_magnitude = torch.where(later_wins, magnitude, best_magnitude)
+            torch.ge(torch.abs(tau, out=magnitude), best_magnitude, out=later_wins)
+            torch.where(later_wins, tau, best, out=best)
+            torch.where(later_wins, magnitude, best_magnitude, out=best_magnitude)
         return best

@@ -22,9 +22,11 @@ import torch
 
 _HIGH_BINS = 1 << 15
 _LOW_BINS = 1 << 16
+_ONE = torch.ones(1, dtype=torch.int64)
 
 Magnitudes = Callable[[], Iterable[tuple[int, torch.Tensor]]]
-"""Called once per pass; yields ``(expert index, |tau| of one chunk as float32)`` over the whole scope."""
+"""Called once per pass; yields ``(expert index, |tau| of one chunk as float32)`` over the whole scope. The passes
+may overwrite the yielded tensors."""
 
 
 def largest(magnitudes: Magnitudes, n_experts: int, ranks: Sequence[int]) -> list[tuple[float, ...]]:
@@ -34,19 +36,28 @@ def largest(magnitudes: Magnitudes, n_experts: int, ranks: Sequence[int]) -> lis
     """
     high = torch.zeros(n_experts, _HIGH_BINS, dtype=torch.int64)
     for i, magnitude in magnitudes():
-        high[i] += torch.bincount(_bits(magnitude) >> 16, minlength=_HIGH_BINS)
+        _count(high[i], _bits(magnitude).bitwise_right_shift_(16))
     targets = [[_locate(high[i], rank) if rank > 0 else None for rank in ranks] for i in range(n_experts)]
     wanted = {(i, t[0]) for i, per in enumerate(targets) for t in per if t is not None}
     low = {target: torch.zeros(_LOW_BINS, dtype=torch.int64) for target in wanted}
     if low:
+        scratch = torch.empty(0, dtype=torch.int32)
         for i, magnitude in magnitudes():
             bits = _bits(magnitude)
-            high_bits = bits >> 16
+            if len(scratch) < len(bits):
+                scratch = torch.empty(len(bits), dtype=torch.int32)
+            high_bits = torch.bitwise_right_shift(bits, 16, out=scratch[: len(bits)])
             for expert, bin_ in wanted:
                 if expert == i:
-                    inside = bits[high_bits == bin_] & 0xFFFF
-                    low[(i, bin_)] += torch.bincount(inside, minlength=_LOW_BINS)
+                    inside = bits[high_bits == bin_].bitwise_and_(0xFFFF)
+                    _count(low[(i, bin_)], inside)
     return [tuple(_value(t, low) if t is not None else float("inf") for t in per) for per in _indexed(targets)]
+
+
+def _count(histogram: torch.Tensor, bins: torch.Tensor) -> None:
+    """histogram[b] += number of entries equal to b. Unlike ``bincount(minlength=...)`` this allocates nothing per
+    call, which matters when a pass makes thousands of calls."""
+    histogram.index_add_(0, bins, _ONE.expand(len(bins)))
 
 
 def _bits(magnitude: torch.Tensor) -> torch.Tensor:

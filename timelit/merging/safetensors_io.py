@@ -83,15 +83,28 @@ class SafetensorsReader:
     def read(self, key: str, start: int, stop: int) -> torch.Tensor:
         """Elements ``start:stop`` of the flattened tensor ``key``, in its stored dtype (a fresh tensor)."""
         entry = self.entries[key]
-        size = entry.dtype.itemsize
-        buffer = torch.empty((stop - start) * size, dtype=torch.uint8)
-        view, position, done = memoryview(buffer.numpy()), entry.offset + start * size, 0
+        buffer = torch.empty((stop - start) * entry.dtype.itemsize, dtype=torch.uint8)
+        self._pread(key, start, buffer)
+        return buffer.view(entry.dtype)
+
+    def read_into(self, key: str, start: int, out: torch.Tensor) -> None:
+        """Elements ``start:start + len(out)`` of tensor ``key`` converted into the float32 buffer ``out``.
+
+        A float32 tensor is read straight into ``out``'s memory: no allocation, no copy.
+        """
+        if self.entries[key].dtype == torch.float32:
+            self._pread(key, start, out.view(torch.uint8))
+        else:
+            out.copy_(self.read(key, start, start + len(out)))
+
+    def _pread(self, key: str, start: int, buffer: torch.Tensor) -> None:
+        entry = self.entries[key]
+        view, position, done = memoryview(buffer.numpy()), entry.offset + start * entry.dtype.itemsize, 0
         while done < len(view):
             got = os.preadv(self._fd, [view[done:]], position + done)
             if got == 0:
                 raise ValueError(f"{self.path}: tensor {key!r} is truncated (the file ends early)")
             done += got
-        return buffer.view(entry.dtype)
 
     def tensor(self, key: str) -> torch.Tensor:
         """The whole tensor ``key`` with its shape."""

@@ -21,7 +21,8 @@ from typing import ClassVar
 
 import torch
 
-from timelit.merging.technique import Chunk, Technique, TensorJob, check_range
+from timelit.merging.chunks import Chunk, TensorJob
+from timelit.merging.technique import Technique, check_range
 
 _PARALLEL = 0.9995
 
@@ -57,7 +58,7 @@ class Slerp(Technique):
         float64, chunk by chunk in order), a second forms the result. The running result of the fold is held for
         this one tensor only."""
         chunks = list(job.chunks())
-        current = [chunk.expert(0).clone() for chunk in chunks]
+        current = [chunk.expert(0).clone() for chunk in chunks]  # clone: the chunk reuses its buffer
         for j in range(1, len(job.experts)):
             t = (1 / (j + 1)) if self.t is None else self.t
             dot = norm_a = norm_b = 0.0
@@ -65,7 +66,8 @@ class Slerp(Technique):
                 a64, b64 = a.double(), chunk.expert(j).double()
                 dot, norm_a, norm_b = dot + float(a64 @ b64), norm_a + float(a64 @ a64), norm_b + float(b64 @ b64)
             weight_a, weight_b = _coefficients(dot, norm_a, norm_b, t)
-            current = [(weight_a * a) + (weight_b * chunk.expert(j)) for a, chunk in zip(current, chunks, strict=True)]
+            for a, chunk in zip(current, chunks, strict=True):
+                a.mul_(weight_a).add_(chunk.expert(j).mul_(weight_b))
         yield from zip(chunks, current, strict=True)
 
 

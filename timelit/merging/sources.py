@@ -3,9 +3,10 @@
     with open_sources(base, experts) as (base_source, expert_sources):
         chunk = expert_sources[3].read("token_embedding.weight", 0, 1 << 22)
 
-A source is anything with ``name``, ``entries`` (key -> :class:`Entry`) and ``read(key, start, stop)`` returning a
-flat slice of one tensor in its stored dtype. The merge engine sees only this interface, so a merge over files and
-the same merge over state dicts run the same arithmetic on the same numbers and agree bitwise.
+A source is anything with ``name``, ``entries`` (key -> :class:`Entry`), ``read(key, start, stop)`` returning a
+flat slice of one tensor in its stored dtype, and ``read_into(key, start, out)`` converting such a slice into a
+float32 buffer. The merge engine sees only this interface, so a merge over files and the same merge over state dicts
+run the same arithmetic on the same numbers and agree bitwise.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class Source(Protocol):
 
     def read(self, key: str, start: int, stop: int) -> torch.Tensor: ...
 
+    def read_into(self, key: str, start: int, out: torch.Tensor) -> None: ...
+
 
 class MemorySource:
     """A state dict seen as a source. Reads are views of the caller's tensors: the engine never writes into them."""
@@ -47,6 +50,9 @@ class MemorySource:
 
     def read(self, key: str, start: int, stop: int) -> torch.Tensor:
         return self._flat[key][start:stop]
+
+    def read_into(self, key: str, start: int, out: torch.Tensor) -> None:
+        out.copy_(self._flat[key][start : start + len(out)])
 
 
 def is_merged_dtype(dtype: torch.dtype) -> bool:

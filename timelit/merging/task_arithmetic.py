@@ -13,8 +13,9 @@ from typing import ClassVar
 
 import torch
 
+from timelit.merging.chunks import Chunk
 from timelit.merging.task_vectors import sum_in_order
-from timelit.merging.technique import Chunk, TaskVectorTechnique
+from timelit.merging.technique import TaskVectorTechnique
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -7,12 +7,17 @@ accumulators whatever the number of experts, and its bits do not depend on how a
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from timelit.merging.technique import Scope
+
+if TYPE_CHECKING:
+    from timelit.merging.chunks import Chunk
 
 
 def sum_in_order(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -43,34 +48,45 @@ class Elected:
     neg_mean: torch.Tensor
 
 
-def elect_disjoint_mean(trimmed: Iterable[torch.Tensor]) -> Elected:
+def keep_magnitudes(chunk: Chunk, bounds: Iterable[tuple[float, float]]) -> Iterator[torch.Tensor]:
+    """tau_i of the chunk with, in place, the entries whose magnitude lies outside ``[lower_i, upper_i]`` zeroed
+    (the trim of TIES and of Breadcrumbs; entries equal to a bound are kept)."""
+    magnitude = chunk.buffer("trim.magnitude")
+    outside, above = chunk.buffer("trim.outside", torch.bool), chunk.buffer("trim.above", torch.bool)
+    for tau, (lower, upper) in zip(chunk.task_vectors(), bounds, strict=True):
+        torch.abs(tau, out=magnitude)
+        torch.lt(magnitude, lower, out=outside)
+        if upper != math.inf:
+            outside |= torch.gt(magnitude, upper, out=above)
+        yield tau.masked_fill_(outside, 0.0)
+
+
+def elect_disjoint_mean(chunk: Chunk, trimmed: Iterable[torch.Tensor]) -> Elected:
     """TIES steps 2-3 (arXiv 2306.01708 Alg. 1): elect a sign by mass, average the entries that agree with it.
 
     The elected sign is sign(sum_i tau_i), with the sum taken as (sum of positive entries) + (sum of negative
     entries), each accumulated in store order. The disjoint mean divides by the number of nonzero agreeing entries
-    (at least 1), as the reference code and the FoMo-in-Flux pipeline do. Experts are folded one at a time, keeping
-    five accumulators instead of an N x chunk stack.
+    (at least 1), as the reference code and the FoMo-in-Flux pipeline do. Experts are folded one at a time into
+    four accumulators (counts kept as floats, exact up to 2^24 experts) instead of an N x chunk stack.
     """
-    pos_sum = neg_sum = pos_count = neg_count = None
-    for tau in trimmed:
-        if pos_sum is None:
-            pos_sum, neg_sum = torch.zeros_like(tau), torch.zeros_like(tau)
-            pos_count = torch.zeros(tau.shape, dtype=torch.int32)
-            neg_count = torch.zeros(tau.shape, dtype=torch.int32)
-        positive, negative = tau > 0, tau < 0
-        pos_sum += torch.where(positive, tau, 0.0)
-        neg_sum += torch.where(negative, tau, 0.0)
-        pos_count += positive
-        neg_count += negative
-    if pos_sum is None:
-        raise ValueError("nothing to elect: no experts")
+    pos_sum, neg_sum, pos_count, neg_count = (chunk.buffer(f"elect.{name}") for name in ("ps", "ns", "pc", "nc"))
+    part = chunk.buffer("elect.part")
+    for i, tau in enumerate(trimmed):
+        if i == 0:  # initialise the accumulators from the first expert rather than zeroing and adding
+            torch.sign(torch.clamp(tau, min=0, out=pos_sum), out=pos_count)
+            torch.sign(torch.clamp(tau, max=0, out=neg_sum), out=neg_count).neg_()
+            continue
+        pos_sum += torch.clamp(tau, min=0, out=part)
+        pos_count += part.sign_()
+        neg_sum += torch.clamp(tau, max=0, out=part)
+        neg_count -= part.sign_()
     total = pos_sum + neg_sum
-    pos_mean = pos_sum / pos_count.clamp(min=1)
-    neg_mean = neg_sum / neg_count.clamp(min=1)
-    up, down = total > 0, total < 0
-    tau = torch.where(up, pos_mean, torch.where(down, neg_mean, 0.0))
-    undecided = (~up & ~down & ((pos_count > 0) | (neg_count > 0))).nonzero().squeeze(1)
-    sign_sum = int(up.sum()) - int(down.sum())
+    # A zero sum over nonzero entries: they cancel (positive entries cannot sum to 0, so pos_sum > 0 detects them).
+    undecided = ((total == 0) & (pos_sum > 0)).nonzero().squeeze(1)
+    pos_mean, neg_mean = pos_sum.div_(pos_count.clamp_(min=1)), neg_sum.div_(neg_count.clamp_(min=1))
+    sign = total.sign_()
+    tau = torch.where(sign > 0, pos_mean, neg_mean).masked_fill_(sign == 0, 0.0)
+    sign_sum = int(sign.sum(dtype=torch.float64))
     return Elected(tau, sign_sum, undecided, pos_mean[undecided], neg_mean[undecided])
 
 

@@ -1,7 +1,7 @@
 """The contract between a merge technique and the streaming engine, and the checks its hyperparameters share.
 
 A technique is a frozen dataclass: its fields are its hyperparameters (so ``dataclasses.fields`` is the schema that
-``validate`` and ``--help`` show) and its one kernel, :meth:`Technique.merge_chunk`, maps a :class:`Chunk` (a slice
+``validate`` and ``--help`` show) and its one kernel, :meth:`Technique.merge_chunk`, maps a ``chunks.Chunk`` (a slice
 of one tensor across the base and every expert, read in float32) to the merged slice. Kernels are element-wise and
 reduce over experts in store order, one expert at a time, so the engine needs memory for a few chunks whatever the
 number of experts, and a merge gives the same bits whether its inputs were files or state dicts.
@@ -13,13 +13,12 @@ import dataclasses
 import difflib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args
 
 import torch
 
 if TYPE_CHECKING:
-    from timelit.merging.sources import Source
+    from timelit.merging.chunks import Chunk, TensorJob
     from timelit.merging.task_vectors import Elected
 
 Scope = Literal["model", "tower", "tensor"]
@@ -56,56 +55,6 @@ class Scaling:
 
     alpha: float | Literal["auto"] = 1.0
     beta: float = 0.0
-
-
-class Chunk:
-    """Elements ``start:stop`` of the flattened tensor ``key`` across the base and every expert, read on demand.
-
-    Everything it returns is float32 and read-only: it may be a view of the caller's state dict.
-    ``thresholds[i]`` holds expert i's order statistics of ``|tau_i|`` over this tensor's scope (the values of the
-    ranks that :meth:`Technique.ranks` asked for).
-    """
-
-    def __init__(
-        self, key: str, start: int, stop: int, base: Source, experts: Sequence[Source], thresholds: Sequence[tuple]
-    ) -> None:
-        self.key, self.start, self.stop = key, start, stop
-        self._base, self._experts, self.thresholds = base, experts, thresholds
-
-    @property
-    def n_experts(self) -> int:
-        return len(self._experts)
-
-    @cached_property
-    def base(self) -> torch.Tensor:
-        return self._base.read(self.key, self.start, self.stop).float()
-
-    def expert(self, i: int) -> torch.Tensor:
-        return self._experts[i].read(self.key, self.start, self.stop).float()
-
-    def experts(self) -> Iterator[torch.Tensor]:
-        return (self.expert(i) for i in range(self.n_experts))
-
-    def task_vectors(self) -> Iterator[torch.Tensor]:
-        """tau_i = theta_i - theta_0 in float32, one expert at a time, in store order."""
-        return (self.expert(i) - self.base for i in range(self.n_experts))
-
-
-@dataclass(frozen=True)
-class TensorJob:
-    """One tensor to merge, cut into chunks of at most ``chunk_size`` elements of its flattened form."""
-
-    key: str
-    numel: int
-    base: Source
-    experts: Sequence[Source]
-    chunk_size: int
-    thresholds: Sequence[tuple]
-
-    def chunks(self) -> Iterator[Chunk]:
-        for start in range(0, self.numel, self.chunk_size):
-            stop = min(start + self.chunk_size, self.numel)
-            yield Chunk(self.key, start, stop, self.base, self.experts, self.thresholds)
 
 
 @dataclass(frozen=True, kw_only=True)

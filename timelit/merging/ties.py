@@ -20,10 +20,9 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import ClassVar
 
-import torch
-
-from timelit.merging.task_vectors import Elected, elect_disjoint_mean
-from timelit.merging.technique import Chunk, TaskVectorTechnique, check_range
+from timelit.merging.chunks import Chunk
+from timelit.merging.task_vectors import Elected, elect_disjoint_mean, keep_magnitudes
+from timelit.merging.technique import TaskVectorTechnique, check_range
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,11 +52,8 @@ class Ties(TaskVectorTechnique):
         return (kept_count(self.k, n),)
 
     def merge_chunk(self, chunk: Chunk) -> Elected:
-        trimmed = (
-            torch.where(tau.abs() >= threshold, tau, 0.0)
-            for tau, (threshold,) in zip(chunk.task_vectors(), chunk.thresholds, strict=True)
-        )
-        return elect_disjoint_mean(trimmed)
+        bounds = ((threshold, math.inf) for (threshold,) in chunk.thresholds)
+        return elect_disjoint_mean(chunk, keep_magnitudes(chunk, bounds))
 
 
 def kept_count(fraction: float, n: int) -> int:

@@ -137,3 +137,12 @@ def test_every_file_is_closed_after_a_merge(clip_base, perturbed, write):
     with pytest.raises(ValueError):
         merge(clip_base, [*paths, write("short", {"w": torch.zeros(1)})], "ties")
     assert set(os.listdir("/proc/self/fd")) == before
+
+
+def test_the_thread_setting_is_restored_after_a_merge(clip_base, perturbed):
+    before = torch.get_num_threads()
+    merge(clip_base, perturbed(clip_base, 2), "ties", threads=1)
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="threads must be a positive integer"):
+        merge(clip_base, perturbed(clip_base, 2), "ties", threads=0)
+    assert torch.get_num_threads() == before

@@ -25,14 +25,14 @@ def test_order_statistics_equal_kthvalue_with_ties_and_zeros(rank):
     values = torch.randn(1000, generator=generator).abs()
     values[:300] = 0.0  # many zeros
     values[300:400] = 0.5  # a run of equal magnitudes
-    pieces = _chunks(values, [1, 250, 3, 400, 346])  # an arbitrary cut into chunks
-    (found,) = largest(lambda: pieces, n_experts=1, ranks=(rank,))
+    cuts = [1, 250, 3, 400, 346]  # an arbitrary cut into chunks; each pass gets fresh copies it may overwrite
+    (found,) = largest(lambda: _chunks(values.clone(), cuts), n_experts=1, ranks=(rank,))
     assert found == (values.kthvalue(1000 - rank + 1).values.item(),)
 
 
 def test_order_statistics_are_per_expert_and_rank_zero_keeps_nothing():
     a, b = torch.arange(10, dtype=torch.float32), torch.arange(10, 20, dtype=torch.float32)
-    found = largest(lambda: [(0, a), (1, b)], n_experts=2, ranks=(0, 1, 3))
+    found = largest(lambda: [(0, a.clone()), (1, b.clone())], n_experts=2, ranks=(0, 1, 3))
     assert found == [(math.inf, 9.0, 7.0), (math.inf, 19.0, 17.0)]
 
 
