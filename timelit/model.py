@@ -116,14 +116,13 @@ class CLIPFineTuner(L.LightningModule):
 
     # ------------------------------------------------------------------ training
 
-    def on_train_epoch_start(self) -> None:
-        # Not called when resuming in the middle of a task, whose optimizer state the checkpoint restored.
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # A new task starts with fresh AdamW moments. Decided per step from a checkpointed marker, not in
+        # `on_train_epoch_start`, which Lightning skips after some resumes; a resume mid-task keeps its moments.
         if self.optimizer_task != self.current_epoch:
             for optimizer in self.trainer.optimizers:
                 optimizer.state.clear()
             self.optimizer_task = self.current_epoch
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         step_seed = _mix(self.hparams.seed, self.global_rank, self.global_step)
         random.seed(step_seed)
         np.random.seed(step_seed % 2**32)

@@ -44,6 +44,19 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def run_directory(trainer: L.Trainer) -> Path:
+    """The run directory (the logger's log_dir), cached on the trainer.
+
+    `trainer.log_dir` broadcasts from rank 0, a collective under DDP: every rank must resolve it at the same moment
+    (timelit's callbacks do it in `setup`), and code that runs on rank 0 alone then reads the cached value.
+    """
+    cached = getattr(trainer, "_timelit_run_dir", None)
+    if cached is None:
+        cached = Path(trainer.log_dir or trainer.default_root_dir)
+        trainer._timelit_run_dir = cached  # type: ignore[attr-defined]
+    return cached
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(_clean(data), indent=1, allow_nan=False))
@@ -64,6 +77,10 @@ class TaskResults(Callback):
         self.complete = False
 
     # ---------------------------------------------------------------- recording
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        run_directory(trainer)  # resolve on every rank now; the writers below run on rank 0 only
 
     @override
     def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -129,10 +146,6 @@ class TaskResults(Callback):
 
     # ---------------------------------------------------------------- output
 
-    @staticmethod
-    def run_dir(trainer: L.Trainer) -> Path:
-        return Path(trainer.log_dir or trainer.default_root_dir)
-
     def _run_header(self, trainer: L.Trainer) -> dict[str, Any]:
         module, datamodule = trainer.lightning_module, getattr(trainer, "datamodule", None)
         header: dict[str, Any] = {"model": dict(module.hparams) if module is not None else {}}
@@ -151,7 +164,7 @@ class TaskResults(Callback):
 
     @rank_zero_only
     def _write(self, trainer: L.Trainer) -> None:
-        run_dir = self.run_dir(trainer)
+        run_dir = run_directory(trainer)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(
             run_dir / self.filename,
@@ -160,7 +173,7 @@ class TaskResults(Callback):
 
     @rank_zero_only
     def _write_single(self, trainer: L.Trainer, evaluation: dict[str, Any]) -> None:
-        run_dir = self.run_dir(trainer)
+        run_dir = run_directory(trainer)
         run_dir.mkdir(parents=True, exist_ok=True)
         scope = evaluation["scope"]
         record = {

@@ -36,6 +36,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
+from timelit.callbacks.results import run_directory
 from timelit.merging import ExpertStore, MergeMethod, load_weights, save_weights
 from timelit.merging.safetensors_io import file_sha256
 from timelit.protocol import Deploy, Init, Weighting, check_technique, merge_all, pairwise
@@ -93,6 +94,7 @@ class TimeMerge(Callback):
         self.ema_weight, self.ema_start = ema_weight, ema_start
         self.all_weighting, self.all_include_base = all_weighting, all_include_base
         self.store_dir, self.keep_merged = store_dir, keep_merged
+        self.started_task = -1  # the last task whose init weights were loaded
         self.finished_task = -1  # the last task whose expert and merged weights are on disk
         self.merged_hashes: dict[str, str] = {}
         self.boundary_seconds: dict[int, float] = {}
@@ -108,7 +110,7 @@ class TimeMerge(Callback):
         return {self.init, self.deploy} & {"ema", "all", "ft_zs"}
 
     def directory(self, trainer: L.Trainer) -> Path:
-        return Path(self.store_dir).expanduser() if self.store_dir else Path(trainer.log_dir or ".") / "experts"
+        return Path(self.store_dir).expanduser() if self.store_dir else run_directory(trainer) / "experts"
 
     def artefact(self, trainer: L.Trainer, kind: str, task: int) -> Path:
         """The file holding `kind` (ft = the expert, ema, all, ft_zs) after `task`."""
@@ -127,7 +129,7 @@ class TimeMerge(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != TrainerFn.FITTING.value or self._store is not None:
             return
-        directory = self.directory(trainer)
+        directory = self.directory(trainer)  # resolved on every rank: rank-0-only code must not run a collective
         if trainer.is_global_zero:
             directory.mkdir(parents=True, exist_ok=True)
         trainer.strategy.barrier("timelit-experts-dir")
@@ -152,8 +154,18 @@ class TimeMerge(Callback):
     # ---------------------------------------------------------------- task start: init weights
 
     @override
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        task = trainer.current_epoch
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # At the first step of a task rather than in `on_train_epoch_start`, which Lightning skips for the epoch
+        # after a resume from a checkpoint taken on a task's last batch. `started_task` is checkpointed, so a resume
+        # in the middle of a task keeps the weights it restored.
+        if trainer.current_epoch != self.started_task:
+            self.start_task(trainer, pl_module, trainer.current_epoch)
+            self.started_task = trainer.current_epoch
+
+    def start_task(self, trainer: L.Trainer, pl_module: L.LightningModule, task: int) -> None:
+        """Load the init weights of `task` into the model (from the files every rank reads alike)."""
         if task == 0:
             return  # every protocol starts the first task from θ0
         if self.finished_task != task - 1:
@@ -257,7 +269,7 @@ class TimeMerge(Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         last = getattr(trainer.datamodule, "num_tasks", trainer.max_epochs) - 1  # type: ignore[union-attr]
         if trainer.is_global_zero and self.finished_task == last:
-            final = Path(trainer.log_dir or ".") / FINAL_FILE
+            final = run_directory(trainer) / FINAL_FILE
             tmp = final.with_name(final.name + ".tmp")
             shutil.copyfile(self.artefact(trainer, self.deploy, last), tmp)
             tmp.replace(final)
@@ -285,6 +297,7 @@ class TimeMerge(Callback):
     def _state(self) -> dict[str, Any]:
         return {
             "store": self.store.state_dict(),
+            "started_task": self.started_task,
             "finished_task": self.finished_task,
             "merged": dict(self.merged_hashes),
         }
@@ -303,6 +316,7 @@ class TimeMerge(Callback):
     def _restore(self, state: dict[str, Any], verify: bool = True) -> None:
         self.store.load_state_dict(state["store"], verify=verify)
         self.finished_task = int(state["finished_task"])
+        self.started_task = int(state.get("started_task", self.finished_task))
         self.merged_hashes = dict(state.get("merged", {}))
         for name, digest in self.merged_hashes.items() if verify else ():
             path = self.store.directory / name
