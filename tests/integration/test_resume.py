@@ -1,0 +1,121 @@
+"""A run killed anywhere resumes to the same result: weights, merged files and results, bitwise on CPU.
+
+In the style of Lightning's `test_ema_resume`: crash at several points (mid-task, on a task's last step, during an
+evaluation), resume from `last.ckpt`, compare with an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from safetensors.torch import load_file
+
+from timelit.callbacks.checkpoint import StreamCheckpoint
+from timelit.callbacks.results import TaskResults
+from timelit.callbacks.time_merge import TimeMerge
+from timelit.data.datamodule import TimeDataModule
+from timelit.model import CLIPFineTuner
+
+MICRO = "timelit-micro-ViT"
+TASKS, STEPS = 3, 4
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashAt(Callback):
+    """Raises after optimizer step `step`, or during the evaluation after task `during_eval_of`."""
+
+    def __init__(self, step: int | None = None, during_eval_of: int | None = None):
+        self.step, self.during_eval_of = step, during_eval_of
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise Crash(f"killed after step {self.step}")
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if not trainer.sanity_checking and trainer.current_epoch == self.during_eval_of and dataloader_idx == 2:
+            raise Crash(f"killed while evaluating task {self.during_eval_of}")
+
+
+def fit(benchmark: Path, run_dir: Path, crash: Callback | None = None) -> None:
+    L.seed_everything(0)
+    callbacks = [TimeMerge(init="ema", deploy="ema"), TaskResults(), StreamCheckpoint(every_n_train_steps=2)]
+    trainer = L.Trainer(
+        max_epochs=TASKS,
+        accelerator="cpu",
+        devices=1,
+        num_sanity_val_steps=-1,
+        reload_dataloaders_every_n_epochs=1,
+        use_distributed_sampler=False,
+        logger=L.pytorch.loggers.TensorBoardLogger(run_dir, name="run", version=""),
+        callbacks=[*callbacks, crash] if crash else callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
+    model = CLIPFineTuner(model_name=MICRO, pretrained=str(benchmark / "base_model.safetensors"), lr=1e-3)
+    data = TimeDataModule(
+        data_root=str(benchmark), manifests=str(benchmark), stream="random", num_tasks=TASKS, batch_size=16,
+        pretraining_pool="SYNTH_POOL", steps_per_task=STEPS, num_workers=0, eval_batch_size=64,
+    )  # fmt: skip
+    trainer.fit(model, data, ckpt_path="last")
+
+
+def outcome(run: Path) -> dict:
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    results = json.loads((run / "results.json").read_text())
+    return {
+        "live": checkpoint["state_dict"],
+        "optimizer": checkpoint["optimizer_states"][0]["state"],
+        "final": load_file(str(run / "final_model.safetensors")),
+        "experts": [load_file(str(run / "experts" / f"expert_{t:04d}.safetensors")) for t in range(TASKS)],
+        "points": [{k: p[k] for k in ("tasks_done", "A_KA", "A_ZS", "GM", "datasets")} for p in results["points"]],
+        "complete": results["complete"],
+    }
+
+
+def identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_benchmark, tmp_path_factory) -> dict:
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    fit(tiny_benchmark, run_dir)
+    return outcome(run_dir / "run")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "crash",
+    [
+        pytest.param({"step": 2}, id="mid-task-0"),
+        pytest.param({"step": 4}, id="last-step-of-task-0"),
+        pytest.param({"step": 7}, id="mid-task-1-odd-step"),
+        pytest.param({"during_eval_of": 1}, id="during-evaluation-after-task-1"),
+    ],
+)
+def test_killed_and_resumed_run_equals_uninterrupted(tiny_benchmark, tmp_path, uninterrupted, crash):
+    with pytest.raises(Crash):
+        fit(tiny_benchmark, tmp_path, CrashAt(**crash))
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+    fit(tiny_benchmark, tmp_path)
+    resumed = outcome(tmp_path / "run")
+    assert resumed["complete"] and uninterrupted["complete"]
+    assert identical(resumed["live"], uninterrupted["live"])
+    assert identical(resumed["final"], uninterrupted["final"])
+    for mine, theirs in zip(resumed["experts"], uninterrupted["experts"]):
+        assert identical(mine, theirs)
+    assert all(
+        torch.equal(resumed["optimizer"][i][k], uninterrupted["optimizer"][i][k])
+        for i in uninterrupted["optimizer"]
+        for k in uninterrupted["optimizer"][i]
+    )
+    assert resumed["points"] == uninterrupted["points"]
