@@ -51,6 +51,8 @@ def fit_args(benchmark: Path, run_dir: Path, *extra: str, tasks: int = 2, steps:
         "0",
         "--data.init_args.eval_batch_size",
         "64",
+        "--budget.total_gflops",
+        "null",
         "--trainer.logger.init_args.save_dir",
         str(run_dir),
         "--trainer.logger.init_args.name",

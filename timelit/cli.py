@@ -29,20 +29,26 @@ DEFAULTS_DIR = PACKAGE_DIR / "cli_defaults"
 class TimeLightningCLI(LightningCLI):
     """LightningCLI with timelit's always-on callbacks and the trainer settings a stream needs.
 
-    Config sections beyond LightningCLI's own: `protocol` (TimeMerge: init/deploy/merge technique), `results`
-    (TaskResults: results.json and per-task TensorBoard scalars) and `checkpoint` (StreamCheckpoint: last.ckpt every
-    N steps and at every task end). The trainer's
+    Config sections beyond LightningCLI's own, one callback each: `protocol` (TimeMerge: init/deploy/merge
+    technique), `budget` (ComputeBudget: steps per task from a GFLOP budget, or metering only), `results`
+    (TaskResults: results.json and per-task TensorBoard scalars), `checkpoint` (StreamCheckpoint: last.ckpt every N
+    steps and at every task end) and `preemption` (Preemption: save, requeue and stop on SIGUSR1/SIGTERM). The trainer's
     `max_epochs` follows `data.num_tasks` and the seeds of model and data follow `seed_everything`.
     """
 
     def add_arguments_to_parser(self, parser: Any) -> None:
+        from timelit.callbacks.budget import ComputeBudget
         from timelit.callbacks.checkpoint import StreamCheckpoint
+        from timelit.callbacks.preemption import Preemption
         from timelit.callbacks.results import TaskResults
         from timelit.callbacks.time_merge import TimeMerge
 
         parser.add_lightning_class_args(TimeMerge, "protocol")
+        parser.add_lightning_class_args(ComputeBudget, "budget")
         parser.add_lightning_class_args(TaskResults, "results")
         parser.add_lightning_class_args(StreamCheckpoint, "checkpoint")
+        # After `checkpoint`, so that trainer.checkpoint_callback stays StreamCheckpoint (Preemption saves through it).
+        parser.add_lightning_class_args(Preemption, "preemption")
         parser.link_arguments("data.init_args.num_tasks", "trainer.max_epochs")
         parser.link_arguments("seed_everything", "data.init_args.seed")
         parser.link_arguments("seed_everything", "model.init_args.seed")
@@ -61,6 +67,19 @@ class TimeLightningCLI(LightningCLI):
                 },
             }
         )
+
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """Inside a Slurm job, use SLURMEnvironment with Lightning's own requeue off: the `preemption` callback
+        saves and requeues outside the signal handler. (A config default cannot do this: SLURMEnvironment reads
+        SLURM_* variables when it is built, and they do not exist elsewhere.)"""
+        from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
+
+        configured = self._get(self.config_init, "trainer", default={}).get("plugins") or []
+        configured = configured if isinstance(configured, list) else [configured]
+        if SLURMEnvironment.detect() and not any(isinstance(p, ClusterEnvironment) for p in configured):
+            kwargs["plugins"] = [*configured, SLURMEnvironment(auto_requeue=False)]
+        return super().instantiate_trainer(**kwargs)
 
 
 def _resolve_config_args(args: list[str]) -> list[str]:
@@ -104,13 +123,21 @@ def run_lightning(args: list[str]) -> TimeLightningCLI:
 
 def function_commands() -> dict[str, Any]:
     """The non-Lightning subcommands, as jsonargparse dispatches them."""
+    from timelit.budget_command import budget_command
     from timelit.commands import synth_command
     from timelit.data.prepare import prepare_command
     from timelit.data.stream_tools import stream_command
     from timelit.data.verify import verify_command
+    from timelit.merging.command import merge_command
+    from timelit.report import report_command
+    from timelit.sweep import sweep_command
 
     return {
-        "data": {"synth": synth_command, "prepare": prepare_command, "verify": verify_command, "stream": stream_command}
+        "data": {"synth": synth_command, "prepare": prepare_command, "verify": verify_command, "stream": stream_command},
+        "merge": merge_command,
+        "budget": budget_command,
+        "sweep": sweep_command,
+        "report": report_command,
     }
 
 
