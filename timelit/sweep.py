@@ -1,6 +1,6 @@
 """`timelit sweep`: expand a grid of configs into runs and submit them as one Slurm array job.
 
-    timelit sweep --grid model_size --dry_run                       what would be submitted, nothing written
+    timelit sweep --grid model_size --dry_run true                       what would be submitted, nothing written
     timelit sweep --grid model_size --concurrency 8 --sbatch '[--partition=gpu, --time=48:00:00, --gpus-per-node=1]'
     timelit sweep --grid model_size ...                             again: finished points are skipped
     timelit report runs/model_size
