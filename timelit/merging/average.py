@@ -57,4 +57,5 @@ class Average(Technique):
 
     def merge_chunk(self, chunk: Chunk) -> torch.Tensor:
         weights = self.weights or (1 / chunk.n_experts,) * chunk.n_experts
-        return sum_in_order(theta.mul_(w) for w, theta in zip(weights, chunk.experts(), strict=True))
+        scaled = (theta.mul_(w) for w, theta in zip(weights, chunk.experts(), strict=True))
+        return sum_in_order(scaled, out=chunk.buffer("result"))

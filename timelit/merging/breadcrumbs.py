@@ -78,7 +78,7 @@ class Breadcrumbs(TaskVectorTechnique):
         return keep_magnitudes(chunk, bounds)
 
     def merge_chunk(self, chunk: Chunk) -> torch.Tensor | Elected:
-        return sum_in_order(self.masked(chunk))
+        return sum_in_order(self.masked(chunk), out=chunk.buffer("result"))
 
 
 @dataclass(frozen=True, kw_only=True)

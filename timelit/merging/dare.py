@@ -28,18 +28,26 @@ from timelit.merging.technique import TaskVectorTechnique, check_range
 BLOCK = 1 << 16
 
 
-def keep_mask(seed: int, expert: int, key: str, start: int, stop: int, p: float) -> torch.Tensor:
-    """Entries ``start:stop`` of the keep mask (True with probability 1 - p) of ``expert`` over tensor ``key``."""
-    pieces = []
+def uniforms(seed: int, expert: int, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Entries ``start:stop`` of the uniforms behind the DARE mask of ``expert`` over tensor ``key``."""
+    out = torch.empty(stop - start) if out is None else out
     for block in range(start // BLOCK, (stop - 1) // BLOCK + 1):
         digest = hashlib.blake2b(f"{seed}/{expert}/{key}/{block}".encode(), digest_size=8).digest()
         generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
         offset = block * BLOCK
+        low, high = max(start, offset), min(stop, offset + BLOCK)
         # Drawing n uniforms gives the first n of a longer draw (torch's CPU generator is serial; a test guards
-        # this), so a block is drawn only up to the end of the slice and small tensors draw only their size.
-        uniforms = torch.rand(min(stop, offset + BLOCK) - offset, generator=generator)
-        pieces.append(uniforms[max(start, offset) - offset :])
-    return torch.cat(pieces) >= p
+        # this), so a block is drawn only up to the end of the slice, straight into place when the slice starts it.
+        if low == offset:
+            torch.rand(high - offset, generator=generator, out=out[low - start : high - start])
+        else:
+            out[low - start : high - start] = torch.rand(high - offset, generator=generator)[low - offset :]
+    return out
+
+
+def keep_mask(seed: int, expert: int, key: str, start: int, stop: int, p: float) -> torch.Tensor:
+    """Entries ``start:stop`` of the keep mask (True with probability 1 - p) of ``expert`` over tensor ``key``."""
+    return uniforms(seed, expert, key, start, stop) >= p
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,12 +77,13 @@ class Dare(TaskVectorTechnique):
 
     def dropped(self, chunk: Chunk) -> Iterator[torch.Tensor]:
         """drop_p(tau_i) / (1 - p) for every expert, in store order."""
+        drawn, keep = chunk.buffer("dare.uniforms"), chunk.buffer("dare.keep", torch.bool)
         for i, tau in enumerate(chunk.task_vectors()):
-            keep = keep_mask(self.seed, i, chunk.key, chunk.start, chunk.stop, self.p)
-            yield tau.mul_(keep).div_(1 - self.p)
+            uniforms(self.seed, i, chunk.key, chunk.start, chunk.stop, out=drawn)
+            yield tau.mul_(torch.ge(drawn, self.p, out=keep)).div_(1 - self.p)
 
     def merge_chunk(self, chunk: Chunk) -> torch.Tensor | Elected:
-        return sum_in_order(self.dropped(chunk))
+        return sum_in_order(self.dropped(chunk), out=chunk.buffer("result"))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -105,7 +105,7 @@ class _Merge:
                 tau = undecided.record(chunk, result)
                 if auto:
                     target[chunk.start : chunk.stop] = tau
-                    sum_l1 += _l1(sum_in_order(chunk.task_vectors()))
+                    sum_l1 += _l1(sum_in_order(chunk.task_vectors(), out=chunk.buffer("engine.sum")))
                 else:
                     target[chunk.start : chunk.stop] = self._theta(chunk.base, tau, key)
             self.bar.update()

@@ -40,5 +40,5 @@ class Interpolation(Technique):
         check_range("w", self.w, 0.0, 1.0)
 
     def merge_chunk(self, chunk: Chunk) -> torch.Tensor:
-        merged = chunk.expert(0).mul(1 - self.w)  # a new tensor: the next read reuses the chunk's buffer
+        merged = torch.mul(chunk.expert(0), 1 - self.w, out=chunk.buffer("result"))  # before the next read
         return merged.add_(chunk.expert(1).mul_(self.w))

@@ -77,4 +77,4 @@ class Lines(Technique):
         return Scaling(self.alpha if self.alpha == "auto" else float(self.alpha), float(self.beta))
 
     def merge_chunk(self, chunk: Chunk) -> torch.Tensor:
-        return sum_in_order(chunk.task_vectors())
+        return sum_in_order(chunk.task_vectors(), out=chunk.buffer("result"))

@@ -39,7 +39,7 @@ class MagMax(Technique):
 
     def merge_chunk(self, chunk: Chunk) -> torch.Tensor:
         taus = chunk.task_vectors()
-        best = next(taus).clone()  # the chunk reuses its buffer for the next expert
+        best = chunk.buffer("result").copy_(next(taus))  # the chunk reuses its buffer for the next expert
         best_magnitude = torch.abs(best, out=chunk.buffer("magmax.best"))
         magnitude, later_wins = chunk.buffer("magmax.magnitude"), chunk.buffer("magmax.later", torch.bool)
         for tau in taus:

@@ -26,4 +26,4 @@ class TaskArithmetic(TaskVectorTechnique):
     hints: ClassVar[dict[str, str]] = {"scaling_factor": "the pipeline's scaling_factor is `lam`"}
 
     def merge_chunk(self, chunk: Chunk) -> torch.Tensor:
-        return sum_in_order(chunk.task_vectors())
+        return sum_in_order(chunk.task_vectors(), out=chunk.buffer("result"))

@@ -20,15 +20,19 @@ if TYPE_CHECKING:
     from timelit.merging.chunks import Chunk
 
 
-def sum_in_order(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-    """sum_i tensors[i], accumulated in float32 in the given order (task arithmetic, arXiv 2212.04089 eq. 1)."""
-    total: torch.Tensor | None = None
+def sum_in_order(tensors: Iterable[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """sum_i tensors[i] into ``out``, accumulated in float32 in the given order (task arithmetic, arXiv
+    2212.04089 eq. 1)."""
+    empty = True
     for tensor in tensors:
-        total = torch.zeros_like(tensor) if total is None else total
-        total += tensor  # a plain add, never a fused multiply-add, so every chunking rounds alike
-    if total is None:
+        if empty:
+            out.copy_(tensor)
+            empty = False
+        else:
+            out += tensor  # a plain add, never a fused multiply-add, so every chunking rounds alike
+    if empty:
         raise ValueError("nothing to sum: no experts")
-    return total
+    return out
 
 
 @dataclass(frozen=True)
@@ -80,12 +84,12 @@ def elect_disjoint_mean(chunk: Chunk, trimmed: Iterable[torch.Tensor]) -> Electe
         pos_count += part.sign_()
         neg_sum += torch.clamp(tau, max=0, out=part)
         neg_count -= part.sign_()
-    total = pos_sum + neg_sum
+    total = torch.add(pos_sum, neg_sum, out=chunk.buffer("elect.total"))
     # A zero sum over nonzero entries: they cancel (positive entries cannot sum to 0, so pos_sum > 0 detects them).
     undecided = ((total == 0) & (pos_sum > 0)).nonzero().squeeze(1)
     pos_mean, neg_mean = pos_sum.div_(pos_count.clamp_(min=1)), neg_sum.div_(neg_count.clamp_(min=1))
     sign = total.sign_()
-    tau = torch.where(sign > 0, pos_mean, neg_mean).masked_fill_(sign == 0, 0.0)
+    tau = torch.where(sign > 0, pos_mean, neg_mean, out=chunk.buffer("result")).masked_fill_(sign == 0, 0.0)
     sign_sum = int(sign.sum(dtype=torch.float64))
     return Elected(tau, sign_sum, undecided, pos_mean[undecided], neg_mean[undecided])
 

@@ -104,6 +104,8 @@ class Technique:
             yield chunk, self.merge_chunk(chunk)
 
     def merge_chunk(self, chunk: Chunk) -> torch.Tensor | Elected:
+        """The merged slice (weights or task vector, see :attr:`space`). It may live in a workspace buffer
+        (``chunk.buffer("result")``): the engine uses it up before it asks for the next chunk."""
         raise NotImplementedError
 
     def hparams(self) -> dict[str, Any]:
