@@ -163,12 +163,16 @@ def find_results(paths: list[str]) -> list[Path]:
 
 
 def run_names(files: list[Path]) -> list[str]:
-    """Each run's directory relative to the deepest folder they share (a single run: its directory's name)."""
+    """Each run's directory relative to the deepest folder they share (a single run: its directory's name), without
+    a last folder every run has (the logger's name, e.g. `<point>/quickstart`)."""
     dirs = [f.parent for f in files]
     if len(dirs) == 1:
         return [dirs[0].name]
     common = Path(os.path.commonpath([str(d) for d in dirs]))
-    return [str(d.relative_to(common)) if d != common else d.name for d in dirs]
+    parts = [d.relative_to(common).parts or (d.name,) for d in dirs]
+    if all(len(p) > 1 and p[-1] == parts[0][-1] for p in parts):
+        parts = [p[:-1] for p in parts]
+    return ["/".join(p) for p in parts]
 
 
 def load_runs(paths: list[str]) -> tuple[list[RunResult], list[str]]:

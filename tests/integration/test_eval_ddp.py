@@ -145,6 +145,7 @@ def quickstart_run(benchmark: Path, tmp_path_factory: pytest.TempPathFactory) ->
             "--data.init_args.num_tasks", "2", "--data.init_args.steps_per_task", "2",
             "--data.init_args.batch_size", "16", "--data.init_args.eval_batch_size", "64",
             "--data.init_args.num_workers", "0",
+            "--budget.total_gflops", "null",  # steps_per_task is given instead of the config's budget
             "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
             "--trainer.logger.init_args.save_dir", str(runs), "--trainer.default_root_dir", str(runs),
         ])

@@ -148,6 +148,13 @@ def test_run_dirs_files_and_sweep_roots_are_all_accepted(sweep):
     assert [r.name for r in runs] == ["ft_ft"]
 
 
+def test_run_names_drop_the_logger_folder_every_run_shares(tmp_path):
+    for point in ("point_0", "point_1"):
+        write(tmp_path / "sweep", f"{point}/quickstart", results([10, 20], [50, 40], num_tasks=1))
+    runs, _ = load_runs([str(tmp_path / "sweep")])
+    assert [r.name for r in runs] == ["point_0", "point_1"]
+
+
 def test_missing_paths_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         report_command([str(tmp_path / "nowhere")], out=str(tmp_path / "out"))
