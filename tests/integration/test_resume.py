@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
 from timelit.callbacks.checkpoint import StreamCheckpoint
+from timelit.callbacks.ema import StepEMA
 from timelit.callbacks.results import TaskResults
 from timelit.callbacks.time_merge import TimeMerge
 from timelit.data.datamodule import TimeDataModule
@@ -44,9 +45,11 @@ class CrashAt(Callback):
             raise Crash(f"killed while evaluating task {self.during_eval_of}")
 
 
-def fit(benchmark: Path, run_dir: Path, crash: Callback | None = None) -> None:
+def fit(benchmark: Path, run_dir: Path, crash: Callback | None = None, step_ema: bool = False) -> None:
     L.seed_everything(0)
     callbacks = [TimeMerge(init="ema", deploy="ema"), TaskResults(), StreamCheckpoint(every_n_train_steps=2)]
+    if step_ema:
+        callbacks.insert(0, StepEMA(decay=0.9))
     trainer = L.Trainer(
         max_epochs=TASKS,
         accelerator="cpu",
@@ -119,3 +122,14 @@ def test_killed_and_resumed_run_equals_uninterrupted(tiny_benchmark, tmp_path, u
         for k in uninterrupted["optimizer"][i]
     )
     assert resumed["points"] == uninterrupted["points"]
+
+
+@pytest.mark.slow
+def test_step_ema_state_survives_a_kill(tiny_benchmark, tmp_path):
+    fit(tiny_benchmark, tmp_path / "a", step_ema=True)
+    with pytest.raises(Crash):
+        fit(tiny_benchmark, tmp_path / "b", CrashAt(step=7), step_ema=True)
+    fit(tiny_benchmark, tmp_path / "b", step_ema=True)
+    a, b = outcome(tmp_path / "a" / "run"), outcome(tmp_path / "b" / "run")
+    assert all(identical(x, y) for x, y in zip(a["experts"], b["experts"]))
+    assert identical(a["final"], b["final"]) and a["points"] == b["points"]

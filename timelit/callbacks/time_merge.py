@@ -201,7 +201,7 @@ class TimeMerge(Callback):
     def _expert_weights(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
         for callback in trainer.callbacks:  # type: ignore[attr-defined]
             if hasattr(callback, "averaged_weights"):
-                return callback.averaged_weights()  # the step-level EMA's weights are the expert
+                return callback.averaged_weights(trainer, pl_module)  # the step-level EMA is the expert
         return _cpu_copy(pl_module.model)
 
     def _write_boundary(self, trainer: L.Trainer, pl_module: L.LightningModule, task: int) -> None:
