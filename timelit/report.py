@@ -60,6 +60,7 @@ class RunResult:
     curves: dict[str, list[float]] = field(default_factory=dict)
     full_end: dict[str, float] = field(default_factory=dict)
     gflops_spent: float = math.nan
+    zero_shot_step: int = 0
 
     @property
     def protocol(self) -> str:
@@ -140,6 +141,7 @@ def parse_results(data: dict[str, Any], name: str, path: Path) -> RunResult:
         curves={key: [_number(p.get(key)) for p in points] for key in SUMMARY_KEYS},
         full_end={key: _number(full_end.get(key)) for key in SUMMARY_KEYS},
         gflops_spent=_number(points[-1].get("gflops")) if points else math.nan,  # from ComputeBudget.task_record
+        zero_shot_step=int(points[0].get("global_step") or 0) if points and points[0]["tasks_done"] == 0 else 0,
     )
 
 
@@ -188,6 +190,16 @@ def load_runs(paths: list[str]) -> tuple[list[RunResult], list[str]]:
         except (OSError, ValueError, TypeError, KeyError) as error:
             skipped.append(f"{file}: {error}")
     return runs, skipped
+
+
+def check_runs(runs: list[RunResult]) -> list[str]:
+    """Warnings about figures that are not what their column says."""
+    return [
+        f"{run.name}: the zero-shot point was recorded at training step {run.zero_shot_step}, not 0 (the run was "
+        f"resumed and evaluated again before training); its zs_* figures are not the zero-shot model's"
+        for run in runs
+        if run.zero_shot_step > 0
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------- table
@@ -265,6 +277,9 @@ def report_command(runs: list[str], out: str = "report", plots: bool = True) -> 
     results, skipped = load_runs(list(runs))
     for message in skipped:
         print(f"timelit report: skipped {message}", file=sys.stderr)
+    warnings = check_runs(results)
+    for message in warnings:
+        print(f"timelit report: warning: {message}", file=sys.stderr)
     if not results:
         raise ValueError(f"timelit report: none of the results.json files under {list(runs)} could be read")
     results.sort(key=lambda r: r.name)
@@ -278,13 +293,13 @@ def report_command(runs: list[str], out: str = "report", plots: bool = True) -> 
         from timelit.report_plots import draw_all
 
         figures = draw_all(results, out_dir)
-    written[1].write_text(_markdown_document(table, figures, skipped))
+    written[1].write_text(_markdown_document(table, figures, skipped, warnings))
     print(table)
     print(f"\nwrote {', '.join(str(p) for p in written + figures)}")
     return written + figures
 
 
-def _markdown_document(table: str, figures: list[Path], skipped: list[str]) -> str:
+def _markdown_document(table: str, figures: list[Path], skipped: list[str], warnings: list[str]) -> str:
     parts = [
         "# timelit report",
         "",
@@ -294,6 +309,8 @@ def _markdown_document(table: str, figures: list[Path], skipped: list[str]) -> s
         "",
         table,
     ]
+    if warnings:
+        parts += ["", "Warnings:", *[f"- {message}" for message in warnings]]
     if skipped:
         parts += ["", "Skipped (unreadable results.json):", *[f"- {message}" for message in skipped]]
     for figure in figures:

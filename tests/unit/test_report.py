@@ -181,6 +181,15 @@ def test_null_figures_read_as_missing(tmp_path):
     assert row["final_A_ZS"] == "" and float(row["final_A_KA"]) == 20
 
 
+def test_a_zero_shot_point_recorded_after_training_is_flagged(tmp_path, capsys):
+    data = results([10, 20], [50, 40], num_tasks=1)
+    data["points"][0]["global_step"] = 40  # a resumed run evaluated again in its sanity check
+    write(tmp_path / "runs", "resumed", data)
+    report_command([str(tmp_path / "runs")], out=str(tmp_path / "out"), plots=False)
+    assert "resumed: the zero-shot point was recorded at training step 40" in capsys.readouterr().err
+    assert "training step 40" in (tmp_path / "out" / "report.md").read_text()
+
+
 def test_command_line_with_run_dirs_as_positionals(sweep, tmp_path):
     """How cli.py dispatches it: jsonargparse with as_positional=False, the run dirs gathered by report_argv."""
     out = tmp_path / "cli"
