@@ -16,8 +16,10 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
+import yaml
 from lightning.pytorch.cli import LightningCLI
 
 from timelit.resources import PACKAGE_DIR
@@ -68,6 +70,24 @@ class TimeLightningCLI(LightningCLI):
             }
         )
 
+    def before_fit(self) -> None:
+        """Refuse to resume a run directory whose checkpoint was made under a different experiment config."""
+        if self.config.fit.get("ckpt_path") != "last":
+            return
+        run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        saved = run_dir / "config.yaml"
+        if not saved.is_file() or not any(run_dir.glob("checkpoints/last*.ckpt")):
+            return
+        # Both sides as SaveConfigCallback writes them, so that tuples, paths and numbers compare alike.
+        current = yaml.safe_load(self._parser("fit").dump(self.config.fit, skip_none=False, skip_validation=True))
+        differences = config_differences(yaml.safe_load(saved.read_text()) or {}, current)
+        if differences:
+            raise ValueError(
+                f"{run_dir} holds a run of another experiment, and fit would resume it from its last.ckpt:\n  "
+                + "\n  ".join(differences)
+                + "\nRun the new experiment elsewhere (--trainer.logger.init_args.name NEW), or start this directory "
+                "over with --ckpt_path null."
+            )
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         """Inside a Slurm job, use SLURMEnvironment with Lightning's own requeue off: the `preemption` callback
@@ -80,6 +100,29 @@ class TimeLightningCLI(LightningCLI):
         if SLURMEnvironment.detect() and not any(isinstance(p, ClusterEnvironment) for p in configured):
             kwargs["plugins"] = [*configured, SLURMEnvironment(auto_requeue=False)]
         return super().instantiate_trainer(**kwargs)
+
+
+# Settings that change what an experiment computes; loader workers and evaluation batch sizes do not (the data
+# pipeline's batches are a function of the seed, not of the number of workers).
+_EXPERIMENT_KEYS = ("seed_everything", "model", "data", "protocol", "budget")
+_NEUTRAL_KEYS = {"data.init_args.num_workers", "data.init_args.eval_batch_size", "data.init_args.synthesize_if_missing"}
+
+
+def config_differences(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """`key: old -> new` for every experiment setting that differs between two fit configs."""
+
+    def flatten(value: Any, prefix: str) -> dict[str, Any]:
+        if isinstance(value, dict):
+            return {k: v for key, item in value.items() for k, v in flatten(item, f"{prefix}.{key}").items()}
+        return {prefix: value}
+
+    old = {k: v for key in _EXPERIMENT_KEYS for k, v in flatten(saved.get(key), key).items()}
+    cur = {k: v for key in _EXPERIMENT_KEYS for k, v in flatten(new.get(key), key).items()}
+    return [
+        f"{key}: {old.get(key)!r} -> {cur.get(key)!r}"
+        for key in sorted(old.keys() | cur.keys())
+        if key not in _NEUTRAL_KEYS and old.get(key) != cur.get(key)
+    ]
 
 
 def _resolve_config_args(args: list[str]) -> list[str]:
@@ -133,7 +176,12 @@ def function_commands() -> dict[str, Any]:
     from timelit.sweep import sweep_command
 
     return {
-        "data": {"synth": synth_command, "prepare": prepare_command, "verify": verify_command, "stream": stream_command},
+        "data": {
+            "synth": synth_command,
+            "prepare": prepare_command,
+            "verify": verify_command,
+            "stream": stream_command,
+        },
         "merge": merge_command,
         "budget": budget_command,
         "sweep": sweep_command,
