@@ -230,4 +230,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     from jsonargparse import CLI
 
+    if args[0] == "report":  # `timelit report RUN... --out DIR`: run folders as positional arguments
+        from timelit.report import report_argv
+
+        args = ["report", *report_argv(args[1:])]
     CLI(commands, args=args, as_positional=False)

@@ -20,7 +20,6 @@ import pytest
 from lightning.pytorch.callbacks import Callback
 
 from timelit.data.datamodule import TimeDataModule
-from timelit.data.synth import synthesize
 from timelit.evaluation.subsets import SubsetRule
 from timelit.model import CLIPFineTuner
 
@@ -31,8 +30,8 @@ SUBSET = SubsetRule(fraction=0.5, minimum=5, per_class=1, seed=3)
 
 
 @pytest.fixture(scope="module")
-def benchmark(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return synthesize(tmp_path_factory.mktemp("bench"), scale=0.05, base_model=MODEL, base_steps=5)
+def benchmark(tiny_benchmark: Path) -> Path:
+    return tiny_benchmark
 
 
 class RecordEvaluation(Callback):
@@ -181,10 +180,5 @@ def test_quickstart_run_logs_summaries_for_every_task(quickstart_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="the first task is evaluated on the full splits: Lightning does not reload the validation loaders after "
-    "the sanity check (reported with a repro)",
-)
 def test_only_the_start_and_the_end_use_full_splits(quickstart_run):
     assert sorted(read_scalars(quickstart_run)["full/GM"]) == [0, 2]

@@ -79,7 +79,10 @@ def outcome(run: Path) -> dict:
         "optimizer": checkpoint["optimizer_states"][0]["state"],
         "final": load_file(str(run / "final_model.safetensors")),
         "experts": [load_file(str(run / "experts" / f"expert_{t:04d}.safetensors")) for t in range(TASKS)],
-        "points": [{k: p[k] for k in ("tasks_done", "A_KA", "A_ZS", "GM", "datasets")} for p in results["points"]],
+        "points": [
+            {k: p[k] for k in ("tasks_done", "global_step", "A_KA", "A_ZS", "GM", "datasets")}
+            for p in results["points"]
+        ],
         "complete": results["complete"],
     }
 
@@ -103,6 +106,7 @@ def uninterrupted(tiny_benchmark, tmp_path_factory) -> dict:
         pytest.param({"step": 4}, id="last-step-of-task-0"),
         pytest.param({"step": 7}, id="mid-task-1-odd-step"),
         pytest.param({"during_eval_of": 1}, id="during-evaluation-after-task-1"),
+        pytest.param({"step": 5}, id="first-step-of-task-1"),
     ],
 )
 def test_killed_and_resumed_run_equals_uninterrupted(tiny_benchmark, tmp_path, uninterrupted, crash):

@@ -83,6 +83,13 @@ class TaskResults(Callback):
         run_directory(trainer)  # resolve on every rank now; the writers below run on rank 0 only
 
     @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning runs the sanity check again when it resumes from a task-end checkpoint: that would evaluate the
+        # resumed weights as "zero-shot". The zero-shot point is already in the restored state; skip the check.
+        if any(point["tasks_done"] == 0 for point in self.points):
+            trainer.num_sanity_val_steps = 0
+
+    @override
     def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.num_sanity_val_steps != float("inf"):
             rank_zero_warn(
@@ -99,7 +106,9 @@ class TaskResults(Callback):
         if trainer.state.fn != TrainerFn.FITTING:
             self._write_single(trainer, evaluation)
             return
-        if trainer.sanity_checking and trainer.num_sanity_val_steps != float("inf"):
+        if trainer.sanity_checking and (
+            trainer.num_sanity_val_steps != float("inf") or any(p["tasks_done"] == 0 for p in self.points)
+        ):
             return
         tasks_done = 0 if trainer.sanity_checking else trainer.current_epoch + 1
         point = self._point(trainer, evaluation, tasks_done)

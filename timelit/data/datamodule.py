@@ -22,6 +22,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from timelit.data.loaders import (
     EvalBatches,
+    EvalLoader,
     OnCorrupt,
     SampleReader,
     SourcePart,
@@ -279,15 +280,16 @@ class TimeDataModule(L.LightningDataModule):
             return "full"
         return "subset"
 
-    def eval_batches(self, spec: EvalSpec, scope: Literal["subset", "full"]) -> EvalBatches:
+    def eval_batches(self, spec: EvalSpec, scope: Literal["subset", "full"] = "subset") -> EvalBatches:
+        """This rank's share of one evaluation dataset (usable without a Trainer)."""
         rank, world = self._world()
-        positions = spec.subset if scope == "subset" else np.arange(spec.num_samples)
+        positions = {"subset": spec.subset[rank::world], "full": np.arange(spec.num_samples)[rank::world]}
         prep = self._preprocessing()
         return EvalBatches(
             spec.name,
             spec.task,
             self._eval_indexes[spec.name],
-            positions[rank::world],
+            positions,
             self.eval_batch_size,
             prep.eval_transform,
             prep.tokenizer,
@@ -295,12 +297,12 @@ class TimeDataModule(L.LightningDataModule):
             scope,
         )
 
-    def val_dataloader(self) -> list:
-        from torch.utils.data import DataLoader
-
+    def val_dataloader(self) -> list[EvalLoader]:
+        # The scope is chosen now (Lightning sizes the loop by the loader's length) and again when the loader is
+        # iterated (Lightning reuses the sanity check's loaders for the first task, which then shrink to the subset).
         scope = self.eval_scope()
         return [
-            DataLoader(self.eval_batches(spec, scope), batch_size=None, **loader_kwargs(self.num_workers))
+            EvalLoader(self.eval_batches(spec, scope), self.eval_scope, **loader_kwargs(self.num_workers))
             for spec in self.eval_specs
         ]
 

@@ -171,26 +171,34 @@ class TaskLoader(DataLoader):
             self.dataset.start = int(state["batches"])  # type: ignore[attr-defined]
 
 
+Scope = Literal["subset", "full"]
+
+
 class EvalBatches(IterableDataset):
     """Batches of one evaluation dataset for one rank: the rank takes every world_size-th sample, no padding, so no
-    sample is evaluated twice; workers take whole batches round-robin."""
+    sample is evaluated twice; workers take whole batches round-robin. It serves the fixed subset or the full split,
+    whichever `use` chose last."""
 
     def __init__(
         self,
         dataset: str,
         task_type: Literal["classification", "retrieval"],
         index: ShardIndex,
-        positions: np.ndarray,
+        positions: dict[Scope, np.ndarray],
         batch_size: int,
         transform: Callable[[Any], torch.Tensor],
         tokenizer: Callable[[list[str]], torch.Tensor],
         on_corrupt: OnCorrupt,
-        scope: Literal["subset", "full"],
+        scope: Scope = "subset",
     ):
-        self.dataset, self.task_type, self.index, self.positions = dataset, task_type, index, positions
+        self.dataset, self.task_type, self.index = dataset, task_type, index
         self.batch_size, self.transform, self.tokenizer = batch_size, transform, tokenizer
         self.reader = SampleReader([index], on_corrupt)
-        self.scope = scope
+        self.scoped_positions = positions
+        self.use(scope)
+
+    def use(self, scope: Scope) -> None:
+        self.scope, self.positions = scope, self.scoped_positions[scope]
 
     def __len__(self) -> int:
         return math.ceil(len(self.positions) / self.batch_size)
@@ -224,6 +232,23 @@ class EvalBatches(IterableDataset):
             batch["caption_tokens"] = self.tokenizer(captions) if captions else torch.empty(0, dtype=torch.long)
             batch["caption_owner"] = torch.tensor(owners, dtype=torch.long)
         return batch
+
+
+class EvalLoader(DataLoader):
+    """A DataLoader over `EvalBatches` that chooses subset or full split when it is iterated, not when it is built.
+
+    Lightning keeps the sanity check's validation loaders for the first task's evaluation, so a choice made when the
+    loader is built would evaluate the first task on the full splits. Workers are forked when iteration starts, so
+    they see the choice.
+    """
+
+    def __init__(self, batches: EvalBatches, choose_scope: Callable[[], Scope], **kwargs: Any):
+        super().__init__(batches, batch_size=None, **kwargs)
+        self.choose_scope = choose_scope
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        self.dataset.use(self.choose_scope())  # type: ignore[attr-defined]
+        return super().__iter__()
 
 
 def loader_kwargs(num_workers: int) -> dict[str, Any]:

@@ -41,12 +41,15 @@ def classification_head(
 
 
 def true_class_rank(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """For each row, how many classes score strictly higher than the true one (0 = top-1 hit).
+    """For each row, how many other classes score at least as high as the true one (0 = top-1 hit).
 
-    Storing this rank instead of predictions gives every top-k from one number per sample.
+    Ties count against the sample and a row with a NaN score ranks last, so a collapsed model (all scores equal) or a
+    diverged one (NaN features) scores at chance or zero, never 100%. Storing this rank instead of predictions gives
+    every top-k from one number per sample.
     """
     true_scores = logits.gather(1, labels.view(-1, 1))
-    return (logits > true_scores).sum(dim=1)
+    rank = (logits >= true_scores).sum(dim=1) - 1
+    return rank.masked_fill(torch.isnan(logits).any(dim=1), logits.shape[1])
 
 
 def recall_at_k(
@@ -54,17 +57,22 @@ def recall_at_k(
 ) -> dict[str, float]:
     """Image-to-text and text-to-image recall@k in percent; `text_owner[j]` is the row of caption j's image.
 
-    Features must be L2-normalised. Ties count against the query (a strictly higher score ranks above).
+    Features must be L2-normalised. Ties count against the query (an equal score ranks above) and NaN scores miss,
+    as in `true_class_rank`. An empty set gives NaN.
     """
+    if len(image_features) == 0 or len(text_features) == 0:
+        return {f"{d}_R@{k}": float("nan") for k in ks for d in ("i2t", "t2i")}
     similarity = image_features.float() @ text_features.float().T  # images x texts
     own = text_owner.view(1, -1) == torch.arange(len(image_features), device=similarity.device).view(-1, 1)
-    # image -> text: rank of the best-scoring own caption
+    # image -> text: how many foreign captions score at least as high as the best own caption
     best_own = similarity.masked_fill(~own, float("-inf")).max(dim=1, keepdim=True).values
-    image_rank = (similarity > best_own).sum(dim=1)
-    # text -> image: rank of the caption's image among all images
+    image_rank = ((similarity >= best_own) & ~own).sum(dim=1)
+    image_rank = image_rank.masked_fill(torch.isnan(similarity).any(dim=1), similarity.shape[1])
+    # text -> image: how many other images score at least as high as the caption's own image
     caption_scores = similarity.T  # texts x images
     true_image = caption_scores.gather(1, text_owner.view(-1, 1))
-    text_rank = (caption_scores > true_image).sum(dim=1)
+    text_rank = (caption_scores >= true_image).sum(dim=1) - 1
+    text_rank = text_rank.masked_fill(torch.isnan(caption_scores).any(dim=1), caption_scores.shape[1])
     out = {}
     for k in ks:
         out[f"i2t_R@{k}"] = 100.0 * (image_rank < k).float().mean().item()
