@@ -60,3 +60,18 @@ def test_rescaling_keeps_the_task_vector_in_expectation():
     out = merge({"w": torch.zeros_like(tau)}, [{"w": tau}], "dare", p=0.9, seed=0)["w"]
     assert set(out.unique().tolist()) <= {0.0, 10.0}  # dropped, or kept and multiplied by 1 / (1 - 0.9)
     assert abs(out.mean().item() - 1.0) < 0.03  # sd of the mean: sqrt(0.9 * 0.1 / 2e5) * 10 = 0.0067
+
+
+def test_dare_and_dare_ties_use_the_documented_masks():
+    generator = torch.Generator().manual_seed(3)
+    base = {"w": torch.zeros(5000)}
+    experts = [{"w": torch.randn(5000, generator=generator)} for _ in range(3)]
+    dropped = [
+        torch.where(keep_mask(9, i, "w", 0, 5000, p=0.6), expert["w"] / 0.4, 0.0) for i, expert in enumerate(experts)
+    ]
+    assert torch.equal(merge(base, experts, "dare", p=0.6, seed=9)["w"], dropped[0] + dropped[1] + dropped[2])
+    stacked = torch.stack(dropped)
+    sign = torch.sign(stacked.sum(0))
+    agree = torch.where(sign > 0, stacked > 0, stacked < 0)
+    expected = (stacked * agree).sum(0) / agree.sum(0).clamp(min=1)
+    torch.testing.assert_close(merge(base, experts, "dare_ties", p=0.6, seed=9)["w"], expected, rtol=1e-6, atol=0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -107,3 +109,12 @@ def test_a_changed_or_missing_expert_is_detected_on_resume(tmp_path):
     store.path(0).unlink()
     with pytest.raises(FileNotFoundError, match="expert of task 0 listed in the checkpoint is missing"):
         ExpertStore(tmp_path).load_state_dict(state)
+
+
+def test_files_get_the_permissions_a_plain_open_would_give(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        path = ExpertStore(tmp_path).add(0, {"w": torch.zeros(2)})
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # not mkstemp's 0600: other users of a cluster group can read
