@@ -119,7 +119,8 @@ def merge(
     Args:
         base: theta_0 as a state dict or a safetensors path; task vectors are taken against it, and its keys, shapes
             and dtypes are the output's. Non-floating and ``skip``-ped tensors are copied from it.
-        experts: state dicts, safetensors paths, or an :class:`ExpertStore`. Files are streamed chunk by chunk.
+        experts: state dicts, safetensors paths, or an :class:`ExpertStore`. Files are streamed chunk by chunk;
+            state dicts are read in place (tensors on another device are first copied to the CPU).
         method: a name from ``TECHNIQUES`` (see :data:`MergeMethod`), or a technique from :func:`validate`.
         chunk_size: elements per slice of a tensor held per expert at a time; results do not depend on it except
             for whole-tensor float64 statistics (SLERP's angle, LiNeS' auto alpha), which are summed chunk by chunk.
