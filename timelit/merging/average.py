@@ -38,9 +38,13 @@ class Average(Technique):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not isinstance(self.normalize, bool):
+            raise ValueError(f"normalize must be true or false, got {self.normalize!r}")
         if self.weights is None:
             return
-        weights = tuple(check_range(f"weights[{i}]", w, -math.inf, math.inf) for i, w in enumerate(self.weights))
+        if not isinstance(self.weights, (list, tuple)):
+            raise ValueError(f"weights must be a list with one number per expert, got {self.weights!r}")
+        weights = tuple(check_range(f"weights[{i}]", w) for i, w in enumerate(self.weights))
         total = math.fsum(weights)
         if self.normalize:
             if total == 0:

@@ -70,8 +70,8 @@ class Lines(Technique):
         super().__post_init__()
         check_choice("scope", self.scope, get_args(Scope))
         if self.alpha != "auto":
-            check_range("alpha", self.alpha, float("-inf"), float("inf"))
-        check_range("beta", self.beta, float("-inf"), float("inf"))
+            check_range("alpha", self.alpha)
+        check_range("beta", self.beta)
 
     def scaling(self) -> Scaling:
         return Scaling(self.alpha if self.alpha == "auto" else float(self.alpha), float(self.beta))

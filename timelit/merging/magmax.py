@@ -32,7 +32,7 @@ class MagMax(Technique):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_range("lam", self.lam, float("-inf"), float("inf"))
+        check_range("lam", self.lam)
 
     def scaling(self) -> Scaling:
         return Scaling(float(self.lam))

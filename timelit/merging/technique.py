@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args
@@ -36,10 +37,13 @@ def check_choice(name: str, value: object, choices: Sequence[str]) -> None:
         raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(choices)}.{hint}")
 
 
-def check_range(name: str, value: object, low: float, high: float, *, high_open: bool = False) -> float:
-    """``value`` as a float in ``[low, high]`` (``[low, high)`` when ``high_open``), else a ValueError."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+def check_range(
+    name: str, value: object, low: float = -math.inf, high: float = math.inf, *, high_open: bool = False
+) -> float:
+    """``value`` as a float in ``[low, high]`` (``[low, high)`` when ``high_open``; any finite number by default),
+    else a ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
     if not (low <= value < high if high_open else low <= value <= high):
         raise ValueError(f"{name}={value} is outside [{low}, {high}{')' if high_open else ']'}")
     return float(value)
@@ -79,10 +83,10 @@ class Technique:
     """Explanations for hyperparameter names from other code bases, shown when a user passes one."""
 
     def __post_init__(self) -> None:
-        skip = (self.skip,) if isinstance(self.skip, str) else tuple(self.skip)
-        if not all(isinstance(pattern, str) for pattern in skip):
+        skip = (self.skip,) if isinstance(self.skip, str) else self.skip
+        if not isinstance(skip, (list, tuple)) or not all(isinstance(pattern, str) for pattern in skip):
             raise ValueError(f"skip must be a list of key patterns, got {self.skip!r}")
-        object.__setattr__(self, "skip", skip)
+        object.__setattr__(self, "skip", tuple(skip))
 
     def check_experts(self, n: int) -> None:
         low, high = self.experts_allowed
@@ -143,11 +147,11 @@ class TaskVectorTechnique(Technique):
         if not self.lines and (self.lines_alpha is not None or self.lines_beta is not None):
             raise ValueError("lines_alpha and lines_beta need lines=True")
         if self.lam is not None:
-            check_range("lam", self.lam, float("-inf"), float("inf"))
+            check_range("lam", self.lam)
         if self.lines_alpha is not None and self.lines_alpha != "auto":
-            check_range("lines_alpha", self.lines_alpha, float("-inf"), float("inf"))
+            check_range("lines_alpha", self.lines_alpha)
         if self.lines_beta is not None:
-            check_range("lines_beta", self.lines_beta, float("-inf"), float("inf"))
+            check_range("lines_beta", self.lines_beta)
 
     def scaling(self) -> Scaling:
         if self.lines:

@@ -53,9 +53,13 @@ def test_names_from_the_pipeline_and_mergekit_are_translated(method, name, expla
         ("dare", {"p": 1.0}, r"p=1.0 is outside \[0.0, 1.0\)"),
         ("dare", {"seed": 1.5}, "seed must be an integer"),
         ("breadcrumbs", {"top_drop": 0.5, "bottom_drop": 0.5}, "drops everything"),
-        ("average", {"weights": [0.5, "x"]}, r"weights\[1\] must be a number"),
+        ("average", {"weights": [0.5, "x"]}, r"weights\[1\] must be a finite number"),
         ("interpolation", {"w": 2}, r"w=2 is outside"),
-        ("ties", {"k": "0.3"}, "k must be a number"),
+        ("ties", {"k": "0.3"}, "k must be a finite number"),
+        ("task_arithmetic", {"lam": float("nan")}, "lam must be a finite number"),
+        ("ties", {"skip": 5}, "skip must be a list of key patterns"),
+        ("average", {"weights": 0.5}, "weights must be a list with one number per expert"),
+        ("lines", {"alpha": "automatic"}, "alpha must be a finite number"),
     ],
 )
 def test_bad_values_are_rejected_at_validation(method, hparams, message):
