@@ -49,12 +49,13 @@ def merge_command(
         experts: the experts, oldest first: .safetensors or .ckpt files, or ExpertStore directories (all their
             ``expert_NNNN.safetensors`` files, in task order), e.g. ``'[a.safetensors, b.safetensors]'`` or
             ``runs/x/experts``.
-        method: the merge technique (see shared/MERGING.md for the formulas and defaults).
-        out: where to write the result: ``.safetensors`` (open_clip keys), or ``.ckpt`` (a Lightning checkpoint
-            holding ``{"state_dict": {"model." + key: tensor}}``, loadable with ``ckpt_path`` or ``torch.load``).
+        method: the merge technique; its module in timelit/merging states the formula, the paper and the defaults.
+        out: where to write the result: ``.safetensors`` (open_clip keys), or ``.ckpt`` (a weights-only Lightning
+            checkpoint ``{"state_dict": {"model." + key: tensor}, "pytorch-lightning_version": ...}`` whose
+            state_dict loads into the timelit module; it holds no optimizer or loop state to resume from).
         hparams: the method's hyperparameters as a JSON object, e.g. ``'{"k": 0.3, "scope": "tower"}'`` for ties;
-            names as in shared/MERGING.md (k, lam, p, seed, w, t, weights, top_drop, bottom_drop, alpha, beta, scope,
-            skip, lines, lines_alpha, lines_beta). An unknown name is an error that lists the valid ones.
+            names as in the papers (k, lam, p, seed, w, t, weights, top_drop, bottom_drop, alpha, beta, scope, skip,
+            lines, lines_alpha, lines_beta). An unknown name is an error that lists the valid ones.
         chunk_size: elements of one tensor read per expert at a time.
         threads: torch threads for the merge (default 1: robust when the machine is busy; null keeps torch's).
         progress: show a progress bar over tensors.
