@@ -16,6 +16,7 @@ k-th largest value, as ``kthvalue`` would give, and it does not depend on how th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -38,8 +39,10 @@ def largest(magnitudes: Magnitudes, n_experts: int, ranks: Sequence[int]) -> lis
     for i, magnitude in magnitudes():
         _count(high[i], _bits(magnitude).bitwise_right_shift_(16))
     targets = [[_locate(high[i], rank) if rank > 0 else None for rank in ranks] for i in range(n_experts)]
-    wanted = {(i, t[0]) for i, per in enumerate(targets) for t in per if t is not None}
-    low = {target: torch.zeros(_LOW_BINS, dtype=torch.int64) for target in wanted}
+    boundary_bins = [sorted({target[0] for target in per if target is not None}) for per in targets]
+    low = {
+        (i, bin_): torch.zeros(_LOW_BINS, dtype=torch.int64) for i, bins in enumerate(boundary_bins) for bin_ in bins
+    }
     if low:
         scratch = torch.empty(0, dtype=torch.int32)
         for i, magnitude in magnitudes():
@@ -47,11 +50,12 @@ def largest(magnitudes: Magnitudes, n_experts: int, ranks: Sequence[int]) -> lis
             if len(scratch) < len(bits):
                 scratch = torch.empty(len(bits), dtype=torch.int32)
             high_bits = torch.bitwise_right_shift(bits, 16, out=scratch[: len(bits)])
-            for expert, bin_ in wanted:
-                if expert == i:
-                    inside = bits[high_bits == bin_].bitwise_and_(0xFFFF)
-                    _count(low[(i, bin_)], inside)
-    return [tuple(_value(t, low) if t is not None else float("inf") for t in per) for per in _indexed(targets)]
+            for bin_ in boundary_bins[i]:
+                _count(low[(i, bin_)], bits[high_bits == bin_].bitwise_and_(0xFFFF))
+    return [
+        tuple(math.inf if target is None else _value(low[(i, target[0])], *target) for target in per)
+        for i, per in enumerate(targets)
+    ]
 
 
 def _count(histogram: torch.Tensor, bins: torch.Tensor) -> None:
@@ -76,11 +80,7 @@ def _locate(histogram: torch.Tensor, rank: int) -> tuple[int, int]:
     return len(histogram) - 1 - position, rank - above
 
 
-def _indexed(targets: list[list[tuple[int, int] | None]]) -> list[list[tuple[int, int, int] | None]]:
-    return [[(i, *t) if t is not None else None for t in per] for i, per in enumerate(targets)]
-
-
-def _value(target: tuple[int, int, int], low: dict[tuple[int, int], torch.Tensor]) -> float:
-    expert, high_bin, rank = target
-    low_bin, _ = _locate(low[(expert, high_bin)], rank)
+def _value(low: torch.Tensor, high_bin: int, rank: int) -> float:
+    """The float32 whose high 16 bits are ``high_bin`` and whose low 16 bits hold the ``rank``-th largest entry."""
+    low_bin, _ = _locate(low, rank)
     return torch.tensor([(high_bin << 16) | low_bin], dtype=torch.int32).view(torch.float32).item()
