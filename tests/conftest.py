@@ -69,3 +69,40 @@ def fit_args(benchmark: Path, run_dir: Path, *extra: str, tasks: int = 2, steps:
 def quick_fit_args():
     """`fit_args` for tests (test modules cannot import conftest under pytest's importlib mode)."""
     return fit_args
+
+
+def fit_stream(
+    benchmark: Path, run_dir: Path, callbacks: list, tasks: int, steps: int, ckpt_path: str | None = "last"
+) -> None:
+    """A stream fit through the Python API (the Trainer timelit's CLI builds), with the given callbacks."""
+    import lightning as L
+
+    from timelit.data.datamodule import TimeDataModule
+    from timelit.model import CLIPFineTuner
+
+    L.seed_everything(0)
+    trainer = L.Trainer(
+        max_epochs=tasks,
+        accelerator="cpu",
+        devices=1,
+        num_sanity_val_steps=-1,
+        reload_dataloaders_every_n_epochs=1,
+        use_distributed_sampler=False,
+        logger=L.pytorch.loggers.TensorBoardLogger(run_dir, name="run", version=""),
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
+    model = CLIPFineTuner(model_name=MICRO, pretrained=str(benchmark / "base_model.safetensors"), lr=1e-3)
+    data = TimeDataModule(
+        data_root=str(benchmark), manifests=str(benchmark), stream="random", num_tasks=tasks, batch_size=16,
+        pretraining_pool="SYNTH_POOL", steps_per_task=steps, num_workers=0, eval_batch_size=64,
+    )  # fmt: skip
+    trainer.fit(model, data, ckpt_path=ckpt_path)
+
+
+@pytest.fixture(scope="session")
+def stream_fit():
+    """`fit_stream` for tests (test modules cannot import conftest under pytest's importlib mode)."""
+    return fit_stream

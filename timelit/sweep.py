@@ -51,6 +51,7 @@ from typing import Any
 
 import yaml
 
+from timelit.atomic import write_text
 from timelit.resources import PACKAGE_DIR, configs_dir, resolve_config
 
 log = logging.getLogger(__name__)
@@ -434,9 +435,7 @@ def sweep_command(
     if shutil.which("sbatch") is None:
         raise FileNotFoundError("sbatch not found: run `timelit sweep` where Slurm's client is installed, or --dry_run")
     (sweep_dir / "logs").mkdir(parents=True, exist_ok=True)
-    tmp = manifest.with_name(manifest.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(manifest)
+    write_text(manifest, text)
     shutil.copyfile(grid_path, sweep_dir / "grid.yaml")
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -19,10 +18,7 @@ from timelit.callbacks.checkpoint import StreamCheckpoint
 from timelit.callbacks.ema import StepEMA
 from timelit.callbacks.results import TaskResults
 from timelit.callbacks.time_merge import TimeMerge
-from timelit.data.datamodule import TimeDataModule
-from timelit.model import CLIPFineTuner
 
-MICRO = "timelit-micro-ViT"
 TASKS, STEPS = 3, 4
 
 
@@ -45,30 +41,11 @@ class CrashAt(Callback):
             raise Crash(f"killed while evaluating task {self.during_eval_of}")
 
 
-def fit(benchmark: Path, run_dir: Path, crash: Callback | None = None, step_ema: bool = False) -> None:
-    L.seed_everything(0)
+def fit(fit_stream, benchmark: Path, run_dir: Path, crash: Callback | None = None, step_ema: bool = False) -> None:
     callbacks = [TimeMerge(init="ema", deploy="ema"), TaskResults(), StreamCheckpoint(every_n_train_steps=2)]
     if step_ema:
         callbacks.insert(0, StepEMA(decay=0.9))
-    trainer = L.Trainer(
-        max_epochs=TASKS,
-        accelerator="cpu",
-        devices=1,
-        num_sanity_val_steps=-1,
-        reload_dataloaders_every_n_epochs=1,
-        use_distributed_sampler=False,
-        logger=L.pytorch.loggers.TensorBoardLogger(run_dir, name="run", version=""),
-        callbacks=[*callbacks, crash] if crash else callbacks,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        log_every_n_steps=1,
-    )
-    model = CLIPFineTuner(model_name=MICRO, pretrained=str(benchmark / "base_model.safetensors"), lr=1e-3)
-    data = TimeDataModule(
-        data_root=str(benchmark), manifests=str(benchmark), stream="random", num_tasks=TASKS, batch_size=16,
-        pretraining_pool="SYNTH_POOL", steps_per_task=STEPS, num_workers=0, eval_batch_size=64,
-    )  # fmt: skip
-    trainer.fit(model, data, ckpt_path="last")
+    fit_stream(benchmark, run_dir, [*callbacks, crash] if crash else callbacks, tasks=TASKS, steps=STEPS)
 
 
 def outcome(run: Path) -> dict:
@@ -92,9 +69,9 @@ def identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_benchmark, tmp_path_factory) -> dict:
+def uninterrupted(tiny_benchmark, tmp_path_factory, stream_fit) -> dict:
     run_dir = tmp_path_factory.mktemp("uninterrupted")
-    fit(tiny_benchmark, run_dir)
+    fit(stream_fit, tiny_benchmark, run_dir)
     return outcome(run_dir / "run")
 
 
@@ -109,11 +86,11 @@ def uninterrupted(tiny_benchmark, tmp_path_factory) -> dict:
         pytest.param({"step": 5}, id="first-step-of-task-1"),
     ],
 )
-def test_killed_and_resumed_run_equals_uninterrupted(tiny_benchmark, tmp_path, uninterrupted, crash):
+def test_killed_and_resumed_run_equals_uninterrupted(tiny_benchmark, tmp_path, stream_fit, uninterrupted, crash):
     with pytest.raises(Crash):
-        fit(tiny_benchmark, tmp_path, CrashAt(**crash))
+        fit(stream_fit, tiny_benchmark, tmp_path, CrashAt(**crash))
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
-    fit(tiny_benchmark, tmp_path)
+    fit(stream_fit, tiny_benchmark, tmp_path)
     resumed = outcome(tmp_path / "run")
     assert resumed["complete"] and uninterrupted["complete"]
     assert identical(resumed["live"], uninterrupted["live"])
@@ -129,11 +106,11 @@ def test_killed_and_resumed_run_equals_uninterrupted(tiny_benchmark, tmp_path, u
 
 
 @pytest.mark.slow
-def test_step_ema_state_survives_a_kill(tiny_benchmark, tmp_path):
-    fit(tiny_benchmark, tmp_path / "a", step_ema=True)
+def test_step_ema_state_survives_a_kill(tiny_benchmark, tmp_path, stream_fit):
+    fit(stream_fit, tiny_benchmark, tmp_path / "a", step_ema=True)
     with pytest.raises(Crash):
-        fit(tiny_benchmark, tmp_path / "b", CrashAt(step=7), step_ema=True)
-    fit(tiny_benchmark, tmp_path / "b", step_ema=True)
+        fit(stream_fit, tiny_benchmark, tmp_path / "b", CrashAt(step=7), step_ema=True)
+    fit(stream_fit, tiny_benchmark, tmp_path / "b", step_ema=True)
     a, b = outcome(tmp_path / "a" / "run"), outcome(tmp_path / "b" / "run")
     assert all(identical(x, y) for x, y in zip(a["experts"], b["experts"]))
     assert identical(a["final"], b["final"]) and a["points"] == b["points"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -14,10 +13,7 @@ from safetensors.torch import load_file
 from timelit.callbacks.checkpoint import StreamCheckpoint
 from timelit.callbacks.results import TaskResults
 from timelit.callbacks.time_merge import TimeMerge
-from timelit.data.datamodule import TimeDataModule
-from timelit.model import CLIPFineTuner
 
-MICRO = "timelit-micro-ViT"
 TASKS = 3
 
 
@@ -37,27 +33,10 @@ class Probe(Callback):
             self.evaluated[trainer.current_epoch] = {k: v.clone() for k, v in pl_module.model.state_dict().items()}
 
 
-def run_protocol(benchmark: Path, run_dir: Path, **protocol) -> tuple[Probe, Path]:
-    L.seed_everything(0)
+def run_protocol(stream_fit, benchmark: Path, run_dir: Path, **protocol) -> tuple[Probe, Path]:
     probe = Probe()
-    trainer = L.Trainer(
-        max_epochs=TASKS,
-        accelerator="cpu",
-        devices=1,
-        num_sanity_val_steps=-1,
-        reload_dataloaders_every_n_epochs=1,
-        use_distributed_sampler=False,
-        logger=L.pytorch.loggers.TensorBoardLogger(run_dir, name="run", version=""),
-        callbacks=[TimeMerge(**protocol), TaskResults(), StreamCheckpoint(every_n_train_steps=100), probe],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    model = CLIPFineTuner(model_name=MICRO, pretrained=str(benchmark / "base_model.safetensors"), lr=1e-3)
-    data = TimeDataModule(
-        data_root=str(benchmark), manifests=str(benchmark), stream="random", num_tasks=TASKS, batch_size=16,
-        pretraining_pool="SYNTH_POOL", steps_per_task=3, num_workers=0, eval_batch_size=64,
-    )  # fmt: skip
-    trainer.fit(model, data)
+    callbacks = [TimeMerge(**protocol), TaskResults(), StreamCheckpoint(every_n_train_steps=100), probe]
+    stream_fit(benchmark, run_dir, callbacks, tasks=TASKS, steps=3)
     return probe, run_dir / "run"
 
 
@@ -93,8 +72,8 @@ def expectations(run: Path) -> dict[str, list[dict[str, torch.Tensor]]]:
     ("init", "deploy"),
     [("zs", "all"), ("ft", "ema"), ("ema", "ft"), ("all", "ft_zs"), ("ft_zs", "ema"), ("ema", "ema")],
 )
-def test_each_task_starts_and_deploys_what_the_protocol_says(tiny_benchmark, tmp_path, init, deploy):
-    probe, run = run_protocol(tiny_benchmark, tmp_path, init=init, deploy=deploy)
+def test_each_task_starts_and_deploys_what_the_protocol_says(tiny_benchmark, tmp_path, stream_fit, init, deploy):
+    probe, run = run_protocol(stream_fit, tiny_benchmark, tmp_path, init=init, deploy=deploy)
     expected = expectations(run)
     assert close(probe.start[0], expected["base"][0])  # every protocol starts at θ0
     for task in range(1, TASKS):
@@ -107,11 +86,13 @@ def test_each_task_starts_and_deploys_what_the_protocol_says(tiny_benchmark, tmp
 
 
 @pytest.mark.slow
-def test_other_techniques_reach_the_merge_engine(tiny_benchmark, tmp_path):
+def test_other_techniques_reach_the_merge_engine(tiny_benchmark, tmp_path, stream_fit):
     """TIES over all experts (the paper's all/all TIES row) and TA-EMA write what timelit.merging computes."""
     from timelit.merging import merge
 
-    probe, run = run_protocol(tiny_benchmark, tmp_path, init="all", deploy="all", technique="ties", hparams={"k": 0.3})
+    probe, run = run_protocol(
+        stream_fit, tiny_benchmark, tmp_path, init="all", deploy="all", technique="ties", hparams={"k": 0.3}
+    )
     base = str(run / "experts" / "base.safetensors")
     experts = [str(run / "experts" / f"expert_{t:04d}.safetensors") for t in range(TASKS)]
     for task in range(TASKS):

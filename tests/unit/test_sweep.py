@@ -234,7 +234,7 @@ def test_the_quickstart_sweep_is_three_quickstart_runs_that_differ_in_protocol()
     assert len(points) == 3
     assert load_grid(find_grid("quickstart")).configs == ["quickstart.yaml"]
     protocols = {(_effective(p, "protocol.init"), _effective(p, "protocol.deploy")) for p in points}
-    assert protocols == {("ft", "ft"), ("ema", "ema"), ("ft", "all")}
+    assert protocols == {("ft", "ft"), ("ema", "ema"), ("zs", "all")}  # continual FT, Best-in-TIME, offline merge
 
 
 def test_the_model_size_grid_names_open_clip_models_with_their_pretrained_tags():

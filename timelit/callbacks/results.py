@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
+from timelit.atomic import write_text
 from timelit.evaluation.evaluator import summary_figure
 from timelit.evaluation.metrics import summarize
 
@@ -58,9 +58,7 @@ def run_directory(trainer: L.Trainer) -> Path:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_clean(data), indent=1, allow_nan=False))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(_clean(data), indent=1, allow_nan=False))
 
 
 class TaskResults(Callback):

@@ -36,6 +36,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
+from timelit.atomic import atomic_file
 from timelit.callbacks.results import run_directory
 from timelit.merging import ExpertStore, MergeMethod, load_weights, save_weights
 from timelit.merging.safetensors_io import file_sha256
@@ -270,9 +271,8 @@ class TimeMerge(Callback):
         last = getattr(trainer.datamodule, "num_tasks", trainer.max_epochs) - 1  # type: ignore[union-attr]
         if trainer.is_global_zero and self.finished_task == last:
             final = run_directory(trainer) / FINAL_FILE
-            tmp = final.with_name(final.name + ".tmp")
-            shutil.copyfile(self.artefact(trainer, self.deploy, last), tmp)
-            tmp.replace(final)
+            with atomic_file(final) as file, open(self.artefact(trainer, self.deploy, last), "rb") as source:
+                shutil.copyfileobj(source, file)
             log.info("deployed weights after the last task (%s): %s", self.deploy, final)
 
     # ---------------------------------------------------------------- records and checkpoint

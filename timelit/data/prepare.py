@@ -39,6 +39,7 @@ from typing import Literal
 
 import numpy as np
 
+from timelit.atomic import replace_with
 from timelit.data.layouts import (
     LayoutError,
     Record,
@@ -99,12 +100,6 @@ class ShardScan:
     label: np.ndarray
 
 
-def _replace_atomically(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, final)
-
-
 def _image_bytes(record: Record, resize: int | None) -> tuple[bytes, str]:
     """The stored image: the file's bytes, or a re-encoded copy when resizing or for formats outside jpg/png/webp."""
     data = record.read_bytes()
@@ -154,7 +149,7 @@ def _write_dataset_shard(job: ShardJob) -> None:
                 meta["captions"] = list(record.captions)
             key = sample_key(job.dataset, job.split, job.first + offset)
             writer.write({"__key__": key, extension: image, "txt": record.captions[0], "json": meta})
-    _replace_atomically(tmp, job.path)
+    replace_with(tmp, job.path)
 
 
 def _copy_shard(job: ShardJob) -> None:
@@ -163,7 +158,7 @@ def _copy_shard(job: ShardJob) -> None:
     tmp = _temporary(job.path)
     with gopen(job.url, "rb") as source, open(tmp, "wb") as target:
         shutil.copyfileobj(source, target, length=1 << 20)
-    _replace_atomically(tmp, job.path)
+    replace_with(tmp, job.path)
 
 
 def _scan(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -367,7 +362,7 @@ def _start(plan: SplitPlan) -> None:
     target = plan_path(plan.directory, plan.split)
     tmp = target.with_name(target.name + ".tmp")
     tmp.write_text(json.dumps(plan.plan_record(), indent=1, ensure_ascii=False))
-    _replace_atomically(tmp, target)
+    replace_with(tmp, target)
 
 
 def _finish(plan: SplitPlan, scans: list[ShardScan]) -> tuple[int, list[str], list[str]]:

@@ -36,6 +36,8 @@ from safetensors.numpy import load_file, save_file
 from webdataset import TarWriter
 from webdataset.tariterators import base_plus_ext
 
+from timelit.atomic import replace_with, temporary_path
+
 INDEX_SUFFIX = ".index.safetensors"
 INDEX_FORMAT = "timelit-shard-index/1"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -55,18 +57,6 @@ def index_path(directory: str | Path, split: str) -> Path:
 
 def sample_key(dataset: str, split: str, index: int) -> str:
     return f"{dataset}/{split}/{index:08d}"
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
-
-
-def _atomic_replace(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, final)
 
 
 @dataclass
@@ -152,11 +142,10 @@ class ShardIndex:
 
     def save(self) -> Path:
         path = index_path(self.directory, self.split)
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = temporary_path(path)
         arrays = {"shard": self.shard, "offset": self.offset, "length": self.length, "label": self.label}
         save_file(arrays, str(tmp), metadata={"format": INDEX_FORMAT, "shards": json.dumps(self.shards)})
-        tmp.chmod(0o666 & ~_umask())  # safetensors creates files 0600; a shared data root must stay readable
-        _atomic_replace(tmp, path)
+        replace_with(tmp, path)
         return path
 
     def _handle(self, shard: int) -> int:
@@ -247,14 +236,14 @@ class ShardWriter:
     def _rotate(self) -> None:
         self._finish_shard()
         name = shard_name(self.split, len(self._shards))
-        self._tmp = self.directory / (name + ".tmp")
+        self._tmp = temporary_path(self.directory / name)
         self._writer = TarWriter(str(self._tmp), mtime=0.0)
         self._shards.append(name)
 
     def _finish_shard(self) -> None:
         if self._writer is not None and self._tmp is not None:
             self._writer.close()
-            _atomic_replace(self._tmp, self.directory / self._shards[-1])
+            replace_with(self._tmp, self.directory / self._shards[-1])
             self._writer = None
 
     def add(self, key: str, image: bytes, image_format: str, caption: str, meta: dict[str, Any]) -> None:

@@ -21,11 +21,11 @@ Every generated stream is checked against the manifests with `check_stream` (the
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 from typing import Literal
 
+from timelit.atomic import write_text
 from timelit.data.manifest import ManifestError, ManifestSet, load_manifests
 from timelit.data.streams import SEPARATOR, Concept, chunk, parse_concepts, resolve
 
@@ -157,9 +157,7 @@ def write_stream(entries: list[str], path: str | Path) -> Path:
     """Write a stream JSON atomically (one concept per line, like the FoMo-in-Flux files)."""
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(entries, indent=0, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(entries, indent=0, ensure_ascii=False) + "\n")
     return path
 
 

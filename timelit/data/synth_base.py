@@ -21,6 +21,7 @@ from open_clip.loss import ClipLoss
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from timelit.atomic import replace_with, temporary_path
 from timelit.clip import build_clip
 from timelit.data.samples import decode
 from timelit.data.shards import ShardIndex
@@ -111,9 +112,9 @@ def train_base(
         schedule.step()
     seconds = time.perf_counter() - started
     path = root / BASE_MODEL_FILE
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary_path(path)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata={"model_name": model_name})
-    tmp.replace(path)
+    replace_with(tmp, path)
     report = zero_shot_report(root, bundle)
     log.info("quickstart base model: %d steps in %.0f s, final loss %.3f", steps, seconds, loss.item())
     return {"base_train_seconds": round(seconds, 1), "base_final_loss": round(loss.item(), 4), "zero_shot": report}

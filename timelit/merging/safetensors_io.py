@@ -20,14 +20,13 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
+
+from timelit.atomic import atomic_file
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -208,43 +207,6 @@ def _serialised(header: bytes, tensors: Iterable[torch.Tensor]) -> Iterator[byte
     for tensor in tensors:
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
         yield memoryview(flat.view(torch.uint8).numpy())
-
-
-@contextmanager
-def atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
-    """Open a temporary file beside ``path``; on a clean exit flush, fsync and rename it to ``path``.
-
-    On an exception the temporary file is removed and ``path`` is untouched. A process killed mid-write leaves only
-    a hidden ``.<name>.*.tmp`` file, which no reader here ever lists.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the mode open() would
-        with os.fdopen(fd, "wb") as file:
-            yield file
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-        _fsync_directory(path.parent)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # makes the rename itself durable
-    finally:
-        os.close(fd)
 
 
 def load_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
