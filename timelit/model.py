@@ -15,19 +15,18 @@ it: they are rebuilt from `pretrained` in `setup` (ARCHITECTURE.md decision 6: t
 from __future__ import annotations
 
 import logging
-import random
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from open_clip.loss import ClipLoss
 
 from timelit.clip import build_clip, load_pretrained
 from timelit.data.datamodule import Preprocessing
-from timelit.data.loaders import _mix
 from timelit.evaluation.evaluator import ZeroShotEvaluator
+from timelit.log_steps import reaches_logger
 from timelit.optim import TaskCosineSchedule, parameter_groups
+from timelit.seeding import mix_seed, seed_step
 
 log = logging.getLogger(__name__)
 
@@ -123,19 +122,17 @@ class CLIPFineTuner(L.LightningModule):
             for optimizer in self.trainer.optimizers:
                 optimizer.state.clear()
             self.optimizer_task = self.current_epoch
-        step_seed = _mix(self.hparams.seed, self.global_rank, self.global_step)
-        random.seed(step_seed)
-        np.random.seed(step_seed % 2**32)
-        torch.manual_seed(step_seed)
+        seed_step(mix_seed(self.hparams.seed, self.global_rank, self.global_step))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         image_features, text_features, logit_scale = self.model(batch["image"], batch["text"])
         loss = self.loss_fn(image_features, text_features, logit_scale)
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/logit_scale", logit_scale.detach())
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
-        if batch.get("corrupt"):
-            self.log("train/corrupt_samples", float(batch["corrupt"]))
+        if reaches_logger(self.trainer):
+            self.log("train/logit_scale", logit_scale.detach())
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+            if batch.get("corrupt"):
+                self.log("train/corrupt_samples", float(batch["corrupt"]))
         return loss
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -33,6 +33,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from timelit.flops import AttentionCount, Rounding, StepCost, measure_step, steps_for_budget
+from timelit.log_steps import reaches_logger
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +239,8 @@ class ComputeBudget(Callback):
         self.steps += 1
         self.task_gflops += self.gflops_per_step
         self.gflops += self.gflops_per_step
-        pl_module.log("budget/gflops", self.gflops, on_step=True, on_epoch=False)
+        if reaches_logger(trainer):
+            pl_module.log("budget/gflops", self.gflops, on_step=True, on_epoch=False)
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from timelit.data.mixture import _SOURCE_CODES, SourceSequence
 from timelit.data.samples import Sample, decode
 from timelit.data.shards import CorruptSampleError, ShardIndex
+from timelit.seeding import mix_seed, seed_torch_cpu
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +45,6 @@ def encode(index_number: int, positions: np.ndarray) -> np.ndarray:
 
 def decode_id(sample_id: int) -> tuple[int, int]:
     return int(sample_id) >> _POSITION_BITS, int(sample_id) & ((1 << _POSITION_BITS) - 1)
-
-
-def _mix(*parts: int) -> int:
-    """A 63-bit seed from integers (stable across processes, unlike `hash` of a tuple containing strings)."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
 
 
 def ignore_preemption_signals(_worker_id: int) -> None:
@@ -132,10 +128,10 @@ class TaskBatches(IterableDataset):
                 first = part.start + batch_index * part.per_batch + part.rank_offset
                 for slot in range(part.rank_count):
                     sample = self._fill_slot(part, first + slot)
-                    slot_seed = _mix(
+                    slot_seed = mix_seed(
                         self.seed, self.task, batch_index, _SOURCE_CODES[part.name], part.rank_offset + slot
                     )
-                    torch.manual_seed(slot_seed)
+                    seed_torch_cpu(slot_seed)
                     images.append(self.transform(sample.image))
                     captions.append(sample.training_caption(random.Random(slot_seed)))
                     sources.append(_SOURCE_CODES[part.name])

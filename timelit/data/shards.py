@@ -37,6 +37,7 @@ from webdataset import TarWriter
 from webdataset.tariterators import base_plus_ext
 
 from timelit.atomic import replace_with, temporary_path
+from timelit.data.tar_members import tar_members
 
 INDEX_SUFFIX = ".index.safetensors"
 INDEX_FORMAT = "timelit-shard-index/1"
@@ -170,21 +171,32 @@ class ShardIndex:
         where = f"{self.directory / self.shards[shard]} at byte {int(self.offset[position])}"
         if len(data) != length:
             raise CorruptSampleError(f"sample {position} of {where}: file ends early (truncated shard?)")
+        members = tar_members(data)  # the fast path; None sends anything unusual to tarfile
+        if members is None:
+            members = _members_with_tarfile(data, f"sample {position} of {where}")
         sample: dict[str, Any] = {"__shard__": where}
-        try:
-            with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as archive:
-                for member in archive:
-                    key, extension = base_plus_ext(member.name)
-                    sample["__key__"] = key
-                    sample[extension.lower()] = archive.extractfile(member).read()  # type: ignore[union-attr]
-        except tarfile.TarError as error:
-            raise CorruptSampleError(f"sample {position} of {where}: broken tar member ({error})") from error
+        for name, body in members.items():
+            key, extension = base_plus_ext(name)
+            sample["__key__"] = key
+            sample[extension.lower()] = body
         return sample
 
     def close(self) -> None:
         for handle in self._handles.values():
             os.close(handle)
         self._handles = {}
+
+
+def _members_with_tarfile(data: bytes, what: str) -> dict[str, bytes]:
+    members = {}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as archive:
+            for member in archive:
+                if member.isfile():
+                    members[member.name] = archive.extractfile(member).read()  # type: ignore[union-attr]
+    except tarfile.TarError as error:
+        raise CorruptSampleError(f"{what}: broken tar member ({error})") from error
+    return members
 
 
 def index_shards(directory: str | Path, split: str, shards: list[str] | None = None) -> ShardIndex:
