@@ -270,9 +270,8 @@ def tiny_overrides(
         "--data.init_args.eval_batch_size=64",
         f"--data.init_args.num_workers={num_workers}",
         f"--checkpoint.every_n_train_steps={every_n_train_steps}",
+        "--budget.total_gflops=null",  # steps_per_task sets the task length; quickstart.yaml's budget would too
         "--trainer.enable_progress_bar=false",
-        # Until the CLI has a `preemption:` section; a second Preemption callback is inert, so this stays harmless.
-        "--trainer.callbacks+=timelit.callbacks.preemption.Preemption",
     ]
 
 

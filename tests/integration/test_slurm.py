@@ -93,7 +93,7 @@ def test_a_three_point_sweep_runs_as_one_array_job_and_is_not_submitted_twice(
     assert len({t["ArrayJobId"] for t in tasks}) == 1  # one sbatch --array, not three jobs
 
     manifest = [json.loads(line) for line in (sweep_dir / "manifest.jsonl").read_text().splitlines()]
-    expected = {"continual_ft": ("ft", "ft"), "best_in_time": ("ema", "ema"), "offline_average": ("ft", "all")}
+    expected = {"continual_ft": ("ft", "ft"), "best_in_time": ("ema", "ema"), "offline_merge": ("zs", "all")}
     for point in manifest:
         run_dir = Path(point["run_dir"])
         assert run_dir == sweep_dir / point["name"]
