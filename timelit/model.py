@@ -72,6 +72,7 @@ class CLIPFineTuner(L.LightningModule):
         self.zero_shot_weights: dict[str, torch.Tensor] | None = None
         self.last_evaluation: dict[str, Any] | None = None
         self.optimizer_task = -1
+        self.corrupt_skipped = 0  # corrupt training samples this rank skipped (and replaced) so far in the run
         self.loss_fn: ClipLoss | None = None
 
     # ------------------------------------------------------------------ set-up
@@ -128,18 +129,21 @@ class CLIPFineTuner(L.LightningModule):
         image_features, text_features, logit_scale = self.model(batch["image"], batch["text"])
         loss = self.loss_fn(image_features, text_features, logit_scale)
         self.log("train/loss", loss, prog_bar=True)
+        self.corrupt_skipped += int(batch.get("corrupt", 0))
         if reaches_logger(self.trainer):
             self.log("train/logit_scale", logit_scale.detach())
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
-            if batch.get("corrupt"):
-                self.log("train/corrupt_samples", float(batch["corrupt"]))
+            if self.corrupt_skipped:
+                self.log("train/corrupt_samples", float(self.corrupt_skipped))
         return loss
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["timelit_optimizer_task"] = self.optimizer_task
+        checkpoint["timelit_corrupt_skipped"] = self.corrupt_skipped
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.optimizer_task = int(checkpoint.get("timelit_optimizer_task", -1))
+        self.corrupt_skipped = int(checkpoint.get("timelit_corrupt_skipped", 0))
 
     # ------------------------------------------------------------------ evaluation
 

@@ -28,7 +28,7 @@ def seed_torch_cpu(seed: int) -> None:
 
 
 def seed_step(seed: int) -> None:
-    """Seed Python, NumPy, torch's CPU generator and, when initialised, the current CUDA device (dropout, ...).
+    """Seed Python, NumPy, torch's CPU generator and, when in use, the current CUDA / XPU device or MPS (dropout).
 
     One process drives one device under DDP, so the current device is the only CUDA generator a step draws from.
     """
@@ -37,3 +37,7 @@ def seed_step(seed: int) -> None:
     seed_torch_cpu(seed)
     if torch.cuda.is_initialized():
         torch.cuda.manual_seed(int(seed))
+    if hasattr(torch, "xpu") and torch.xpu.is_initialized():
+        torch.xpu.manual_seed(int(seed))
+    if torch.backends.mps.is_available():  # no lazy queue on MPS: seeding it directly is cheap
+        torch.mps.manual_seed(int(seed))

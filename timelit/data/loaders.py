@@ -123,6 +123,7 @@ class TaskBatches(IterableDataset):
 
     def batch(self, batch_index: int) -> dict[str, Any]:
         images, captions, sources, keys = [], [], [], []
+        corrupt_before = self.reader.corrupt  # per batch: each loader worker has its own reader and count
         with torch.random.fork_rng(devices=[]):
             for part in self.parts:
                 first = part.start + batch_index * part.per_batch + part.rank_offset
@@ -141,7 +142,7 @@ class TaskBatches(IterableDataset):
             "text": self.tokenizer(captions),
             "source": torch.tensor(sources, dtype=torch.int8),
             "keys": keys,
-            "corrupt": self.reader.corrupt,
+            "corrupt": self.reader.corrupt - corrupt_before,
         }
 
 
@@ -208,6 +209,7 @@ class EvalBatches(IterableDataset):
 
     def batch(self, chunk: np.ndarray) -> dict[str, Any]:
         images, labels, kept, captions, owners = [], [], [], [], []
+        corrupt_before = self.reader.corrupt
         for position in chunk:
             sample = self.reader.read(int(position))  # one shard index: the id is the position
             if sample is None:
@@ -222,7 +224,7 @@ class EvalBatches(IterableDataset):
             "image": torch.stack(images) if images else torch.empty(0),
             "label": torch.tensor(labels, dtype=torch.long),
             "position": torch.tensor(kept, dtype=torch.long),
-            "corrupt": self.reader.corrupt,
+            "corrupt": self.reader.corrupt - corrupt_before,
         }
         if self.task_type == "retrieval":
             batch["caption_tokens"] = self.tokenizer(captions) if captions else torch.empty(0, dtype=torch.long)

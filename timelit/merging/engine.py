@@ -35,8 +35,9 @@ DEFAULT_CHUNK_SIZE = 1 << 22
 DEFAULT_THREADS = 1
 """The merge runs ~20 element-wise operations per expert and chunk, each a parallel region when torch uses several
 threads. On a busy machine (other jobs, or every DDP rank merging at once) each region waits for a descheduled
-worker thread: on the shared 2-core VM of bench/README_merge.md, TIES over two ViT-B/16 experts took 6-12 s on one
-thread and 33-53 s on two, side by side. One thread is the robust default; ``threads=None`` keeps torch's setting."""
+worker thread: on the shared 2-core VM of bench/README.md (merge section), TIES over two ViT-B/16 experts took
+6-12 s on one thread and 33-53 s on two, side by side. One thread is the robust default; ``threads=None`` keeps
+torch's setting."""
 
 
 def run(
