@@ -101,8 +101,8 @@ def test_budget_command_prints_the_plan(capsys: pytest.CaptureFixture[str]) -> N
 def test_budget_command_reads_a_run_config_and_its_budget_fragment(capsys: pytest.CaptureFixture[str]) -> None:
     budget_command(fit_config=["quickstart.yaml", "budget/quickstart.yaml"])
     out = capsys.readouterr().out
-    assert out.startswith("timelit-tiny-ViT: 32x32 px, context 16, global batch 128")
-    assert "budget (config)" in out and "100 steps per task (12,800 samples)" in out
+    assert out.startswith("timelit-tiny-ViT: 32x32 px, context 16, global batch 64")
+    assert "budget (config)" in out and "100 steps per task (6,400 samples)" in out
     assert "conflicts" not in out
 
 

@@ -29,6 +29,7 @@ from timelit.data.loaders import (
     TaskBatches,
     TaskLoader,
     encode,
+    eval_workers,
     loader_kwargs,
 )
 from timelit.data.manifest import DatasetManifest, ManifestSet, load_manifests
@@ -301,10 +302,12 @@ class TimeDataModule(L.LightningDataModule):
         # The scope is chosen now (Lightning sizes the loop by the loader's length) and again when the loader is
         # iterated (Lightning reuses the sanity check's loaders for the first task, which then shrink to the subset).
         scope = self.eval_scope()
-        return [
-            EvalLoader(self.eval_batches(spec, scope), self.eval_scope, **loader_kwargs(self.num_workers))
-            for spec in self.eval_specs
-        ]
+        loaders = []
+        for spec in self.eval_specs:
+            batches = self.eval_batches(spec, scope)
+            workers = eval_workers(self.num_workers, batches.most_batches)
+            loaders.append(EvalLoader(batches, self.eval_scope, **loader_kwargs(workers)))
+        return loaders
 
     def test_dataloader(self) -> list:
         return self.val_dataloader()

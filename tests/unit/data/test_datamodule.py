@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from timelit.clip import build_clip
 from timelit.data.datamodule import Preprocessing, TimeDataModule
-from timelit.data.loaders import TaskLoader
+from timelit.data.loaders import TaskLoader, eval_workers
 from timelit.data.mixture import Mixture
 
 MICRO = "timelit-micro-ViT"
@@ -129,3 +130,20 @@ def test_evaluation_splits_every_sample_once_across_ranks(tiny_benchmark, prepro
             for batch in DataLoader(batches, batch_size=None, num_workers=0):
                 seen += batch["position"].tolist()
         assert sorted(seen) == list(range(spec.num_samples)), spec.name
+
+
+def test_evaluation_loaders_fork_no_worker_that_would_get_no_batch_or_the_only_one():
+    assert [eval_workers(4, batches) for batches in (0, 1, 2, 3, 9)] == [0, 0, 2, 3, 4]
+    assert eval_workers(0, 9) == 0
+
+
+def test_evaluation_loaders_take_their_workers_from_the_larger_scope(tiny_benchmark, preprocessing):
+    dm = make(tiny_benchmark, preprocessing, num_workers=3, eval_batch_size=8)
+    dm.trainer.state = SimpleNamespace(fn=None)  # no fit under way: the full split is evaluated
+    loaders = dm.val_dataloader()
+    for spec, loader in zip(dm.eval_specs, loaders, strict=True):
+        batches = loader.dataset
+        full, subset = (-(-len(batches.scoped_positions[s]) // 8) for s in ("full", "subset"))
+        assert batches.most_batches == max(full, subset) >= subset
+        assert loader.num_workers == eval_workers(3, max(full, subset)), spec.name
+    assert len({loader.num_workers for loader in loaders}) > 1, "the fixture should hold sets of different sizes"
