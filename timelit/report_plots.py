@@ -81,8 +81,11 @@ def plot_curves(runs: list[RunResult], path: Path) -> Path:
 
 
 def plot_protocol_grid(runs: list[RunResult], path: Path) -> Path | None:
-    """Final GM of each init x deploy pair as a heat map, one panel per merge technique; None without protocols."""
-    runs = [r for r in runs if r.has_protocol and r.tasks and not math.isnan(r.final("GM"))]
+    """Final GM of each init x deploy pair as a heat map, one panel per merge technique; None without protocols.
+
+    One-task runs (the multitask bound) are left out: with no task boundary the protocol never acts, and averaging
+    them into the ft/ft cell would mix two experiments."""
+    runs = [r for r in runs if r.has_protocol and r.tasks and not math.isnan(r.final("GM")) and r.num_tasks != 1]
     if len({r.protocol for r in runs}) < 2:
         return None
     inits = list(INITS) + sorted({r.init for r in runs} - set(INITS))

@@ -196,3 +196,14 @@ def test_command_line_with_run_dirs_as_positionals(sweep, tmp_path):
     args = [str(sweep / "ft_ft"), str(sweep / "ema_ema"), "--out", str(out), "--plots", "false"]
     CLI({"report": report_command}, args=["report", *report_argv(args)], as_positional=False)
     assert set(rows_by_run(out)) == {"ft_ft", "ema_ema"}
+
+
+def test_the_protocol_grid_leaves_out_one_task_runs(tmp_path):
+    from timelit.report_plots import plot_protocol_grid
+
+    write(tmp_path, "stream", results([10, 20, 30, 40], [80, 70, 60, 50], num_tasks=3, protocol=protocol("ft", "ft")))
+    write(tmp_path, "multitask", results([10, 50], [80, 75], num_tasks=1, protocol=protocol("zs", "all")))
+    runs, skipped = load_runs([str(tmp_path)])
+    assert len(runs) == 2 and not skipped
+    # One stream protocol is left once the multitask bound is out: no grid to draw.
+    assert plot_protocol_grid(runs, tmp_path / "grid.png") is None
