@@ -48,6 +48,11 @@ BASE_FILE = "base.safetensors"
 FINAL_FILE = "final_model.safetensors"
 
 
+def _merged_task(name: str) -> int:
+    """The task of a merged file's name (`ema_0003.safetensors` -> 3)."""
+    return int(name.removesuffix(".safetensors").rsplit("_", 1)[1])
+
+
 def _cpu_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
@@ -318,8 +323,17 @@ class TimeMerge(Callback):
         self.finished_task = int(state["finished_task"])
         self.started_task = int(state.get("started_task", self.finished_task))
         self.merged_hashes = dict(state.get("merged", {}))
-        for name, digest in self.merged_hashes.items() if verify else ():
-            path = self.store.directory / name
-            if not path.exists() or file_sha256(path) != digest:
-                raise FileNotFoundError(f"{path}: merged weights listed in the checkpoint are missing or changed")
+        if verify:
+            self._verify_merged()
         self._pending_state = None
+
+    def _verify_merged(self) -> None:
+        """Check the merged files the resumed run will read: those of the last finished task (the next init, the
+        next EMA step, the deployed weights). Older ones may be gone: a run killed after the boundary of the next
+        task, before its task-end checkpoint, had already removed them (`_forget_old`), and nothing reads them."""
+        for name, digest in list(self.merged_hashes.items()):
+            path = self.store.directory / name
+            if _merged_task(name) < self.finished_task and not path.exists():
+                del self.merged_hashes[name]
+            elif not path.exists() or file_sha256(path) != digest:
+                raise FileNotFoundError(f"{path}: merged weights listed in the checkpoint are missing or changed")
