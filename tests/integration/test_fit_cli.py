@@ -109,3 +109,8 @@ def test_fragments_have_quickstart_twins_that_run(tiny_benchmark, tmp_path, quic
     run_lightning([*quick_fit_args(tiny_benchmark, tmp_path, tasks=2, steps=2), "--config", fragment])
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["complete"]
+    if fragment == "data/multitask.yaml":  # the bound deploys the model it trained, not a merge with θ0
+        assert results["run"]["data"]["num_tasks"] == 1
+        assert (results["run"]["protocol"]["init"], results["run"]["protocol"]["deploy"]) == ("ft", "ft")
+        final, expert = (tmp_path / "run" / p for p in ("final_model.safetensors", "experts/expert_0000.safetensors"))
+        assert final.read_bytes() == expert.read_bytes()
