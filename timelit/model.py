@@ -155,11 +155,7 @@ class CLIPFineTuner(L.LightningModule):
         self.evaluator.update(dataloader_idx, self.model, batch)
 
     def on_validation_epoch_end(self) -> None:
-        loaders = self.trainer.val_dataloaders
-        loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
-        scopes = {getattr(loader.dataset, "scope", "full") for loader in loaders}
-        scope = "full" if scopes == {"full"} else "subset"
-        self.last_evaluation = {"scope": scope, "datasets": self.evaluator.compute(scope, self.device, self.embed_dim)}
+        self._finish_evaluation(self.trainer.val_dataloaders)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self.validation_step(batch, batch_idx, dataloader_idx)
@@ -168,4 +164,16 @@ class CLIPFineTuner(L.LightningModule):
         self.on_validation_epoch_start()
 
     def on_test_epoch_end(self) -> None:
-        self.on_validation_epoch_end()
+        # `trainer.test()` leaves `val_dataloaders` unset: the scope must be read from the loaders that were run.
+        self._finish_evaluation(self.trainer.test_dataloaders)
+
+    def _finish_evaluation(self, loaders: Any) -> None:
+        """Compute the figures of the evaluation just run and hand them to the callbacks in `last_evaluation`.
+
+        The scope is `full` only if every loader served its full split (a loader without a scope, e.g. a plain
+        DataLoader in a test, counts as full), since only then are full-split figures meaningful.
+        """
+        loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
+        scopes = {getattr(loader.dataset, "scope", "full") for loader in loaders}
+        scope = "full" if scopes == {"full"} else "subset"
+        self.last_evaluation = {"scope": scope, "datasets": self.evaluator.compute(scope, self.device, self.embed_dim)}

@@ -5,6 +5,8 @@ dataset, the subset figure, then A_KA, A_ZS and GM, plus whatever other callback
 protocol, ...). The records live in this callback's `state_dict`, so they survive a restart, and are rendered to
 
     <log_dir>/results.json           one entry per point; full-split figures before and after the stream
+    <log_dir>/validate_results.json  `timelit validate` / `timelit test` (test_results.json): one evaluation of
+                                     the checkpoint's weights, with its scope, A_KA, A_ZS, GM and per-dataset figures
     TensorBoard                      summary/A_KA, summary/A_ZS, summary/GM and eval/<dataset>/<metric>,
                                      x-axis = number of tasks trained (0 = zero-shot); full/... for full splits
 
@@ -97,10 +99,9 @@ class TaskResults(Callback):
 
     @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        evaluation = getattr(pl_module, "last_evaluation", None)
+        evaluation = self._take_evaluation(pl_module)
         if evaluation is None:
             return
-        pl_module.last_evaluation = None
         if trainer.state.fn != TrainerFn.FITTING:
             self._write_single(trainer, evaluation)
             return
@@ -126,6 +127,21 @@ class TaskResults(Callback):
         log.info(
             "after %d task(s): A_KA %.2f  A_ZS %.2f  GM %.2f", tasks_done, point["A_KA"], point["A_ZS"], point["GM"]
         )
+
+    @override
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # `timelit test` runs the same evaluation as `timelit validate` through Lightning's test hooks.
+        evaluation = self._take_evaluation(pl_module)
+        if evaluation is not None:
+            self._write_single(trainer, evaluation)
+
+    @staticmethod
+    def _take_evaluation(pl_module: L.LightningModule) -> dict[str, Any] | None:
+        """The module's latest evaluation, cleared so that no later hook records it a second time."""
+        evaluation = getattr(pl_module, "last_evaluation", None)
+        if evaluation is not None:
+            pl_module.last_evaluation = None
+        return evaluation
 
     def _point(self, trainer: L.Trainer, evaluation: dict[str, Any], tasks_done: int) -> dict[str, Any]:
         point: dict[str, Any] = {"tasks_done": tasks_done, "global_step": trainer.global_step}
