@@ -77,9 +77,6 @@ def fit_stream(
     """A stream fit through the Python API (the Trainer timelit's CLI builds), with the given callbacks."""
     import lightning as L
 
-    from timelit.data.datamodule import TimeDataModule
-    from timelit.model import CLIPFineTuner
-
     L.seed_everything(0)
     trainer = L.Trainer(
         max_epochs=tasks,
@@ -94,15 +91,29 @@ def fit_stream(
         enable_model_summary=False,
         log_every_n_steps=1,
     )
+    trainer.fit(*stream_modules(benchmark, tasks, steps), ckpt_path=ckpt_path)
+
+
+def stream_modules(benchmark: Path, tasks: int, steps: int) -> tuple:
+    """The CLIPFineTuner and TimeDataModule of `fit_stream`."""
+    from timelit.data.datamodule import TimeDataModule
+    from timelit.model import CLIPFineTuner
+
     model = CLIPFineTuner(model_name=MICRO, pretrained=str(benchmark / "base_model.safetensors"), lr=1e-3)
     data = TimeDataModule(
         data_root=str(benchmark), manifests=str(benchmark), stream="random", num_tasks=tasks, batch_size=16,
         pretraining_pool="SYNTH_POOL", steps_per_task=steps, num_workers=0, eval_batch_size=64,
     )  # fmt: skip
-    trainer.fit(model, data, ckpt_path=ckpt_path)
+    return model, data
 
 
 @pytest.fixture(scope="session")
 def stream_fit():
     """`fit_stream` for tests (test modules cannot import conftest under pytest's importlib mode)."""
     return fit_stream
+
+
+@pytest.fixture(scope="session")
+def stream_parts():
+    """`stream_modules` for tests."""
+    return stream_modules

@@ -1,6 +1,6 @@
 """TIME protocols as pure rules: which weights start a task, which are deployed after it.
 
-    python -m pytest tests/unit/test_protocol.py -q
+    python -m pytest tests/unit/test_protocol.py tests/integration/test_time_merge.py -q
 
 TIME (arXiv 2412.06712, §3) separates *initialization* of the next expert from *deployment* after a task:
 
@@ -33,14 +33,18 @@ from timelit.merging import MergeMethod, merge, validate
 
 Init = Literal["zs", "ft", "ema", "all", "ft_zs"]
 Deploy = Literal["ft", "ema", "all", "ft_zs"]
+EmaStart = Literal["base", "first_expert"]
 Weighting = Literal[
-    "uniform", "linear", "sqrt", "quadratic", "cubic", "exp", "log",
-    "reverse_linear", "reverse_sqrt", "reverse_quadratic", "reverse_cubic", "reverse_exp", "reverse_log",
+    "uniform", "linear", "sqrt", "quadratic", "cubic", "fifth", "tenth", "exp", "log",
+    "reverse_linear", "reverse_sqrt", "reverse_quadratic", "reverse_cubic", "reverse_fifth", "reverse_tenth",
+    "reverse_exp", "reverse_log",
 ]  # fmt: skip
 StateDict = Mapping[str, torch.Tensor]
 WeightsLike = StateDict | str
 
 _PAIR_WEIGHT = {"interpolation": "w", "slerp": "t"}
+# Techniques whose `all` over a set is a weighted average, and so can weight experts by recency.
+WEIGHTED_ALL = ("interpolation", "average")
 
 
 def recency_weights(count: int, weighting: Weighting) -> list[float]:
@@ -53,6 +57,8 @@ def recency_weights(count: int, weighting: Weighting) -> list[float]:
         "sqrt": math.sqrt,
         "quadratic": lambda i: float(i**2),
         "cubic": lambda i: float(i**3),
+        "fifth": lambda i: float(i**5),
+        "tenth": lambda i: float(i**10),
         "exp": lambda i: 2.0 ** (i - 1),
         "log": lambda i: math.log(i + 1),
     }[kind]
@@ -64,8 +70,15 @@ def recency_weights(count: int, weighting: Weighting) -> list[float]:
 
 
 def check_technique(technique: MergeMethod, hparams: Mapping[str, Any]) -> None:
-    """Fail at configuration time on an unknown technique or hyperparameter (the message lists valid ones)."""
+    """Fail at configuration time on an unknown technique or hyperparameter (the message lists valid ones), and on
+    a pair weight set in `hparams`, where `pairwise` would silently let it override the protocol's EMA weight."""
     validate(technique, dict(hparams))
+    pair_weight = _PAIR_WEIGHT.get(technique, "weights" if technique == "average" else None)
+    if pair_weight in hparams:
+        raise ValueError(
+            f"protocol.hparams.{pair_weight}: the weight of the newer model in the EMA step (and of the expert in "
+            f"ft_zs) is protocol.ema_weight; `all` weights experts by protocol.all_weighting"
+        )
 
 
 def pairwise(
@@ -106,9 +119,9 @@ def merge_all(
         raise ValueError("`all` needs at least one expert")
     if len(members) == 1:
         return _materialise(members[0])
-    if technique in ("interpolation", "average"):
-        options = {k: v for k, v in hparams.items() if k not in ("w", "weights")}
-        return merge(base, members, "average", weights=tuple(recency_weights(len(members), weighting)), **options)
+    if technique in WEIGHTED_ALL:
+        weights = tuple(recency_weights(len(members), weighting))
+        return merge(base, members, "average", weights=weights, **dict(hparams))
     if weighting != "uniform":
         raise ValueError(f"recency weighting '{weighting}' applies to average/interpolation, not to '{technique}'")
     return merge(base, members, technique, **dict(hparams))
@@ -120,15 +133,3 @@ def _materialise(weights: WeightsLike) -> dict[str, torch.Tensor]:
 
         return load_weights(weights)
     return {k: v.clone() for k, v in weights.items()}
-
-
-def needs_ema(init: Init, deploy: Deploy) -> bool:
-    return "ema" in (init, deploy)
-
-
-def needs_all(init: Init, deploy: Deploy) -> bool:
-    return "all" in (init, deploy)
-
-
-def needs_ft_zs(init: Init, deploy: Deploy) -> bool:
-    return "ft_zs" in (init, deploy)

@@ -19,7 +19,8 @@ Files, in `<run dir>/experts/` (or `store_dir`):
 
 Checkpoint layout: the LightningModule's `state_dict` holds the live training weights (the expert being trained);
 this callback's state holds the expert store's index (file names and sha256), the last finished task and the
-sha256 of every merged file it may still read, all verified on restore.
+sha256 of every merged file it may still read, all verified on restore. `timelit validate|test --ckpt_path CKPT`
+evaluates the weights deployed after CKPT's last finished task (read from the files above), not the live ones.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from timelit.atomic import atomic_file
 from timelit.callbacks.results import run_directory
 from timelit.merging import ExpertStore, MergeMethod, load_weights, save_weights
 from timelit.merging.safetensors_io import file_sha256
-from timelit.protocol import Deploy, Init, Weighting, check_technique, merge_all, pairwise
+from timelit.protocol import WEIGHTED_ALL, Deploy, EmaStart, Init, Weighting, check_technique, merge_all, pairwise
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,14 @@ FINAL_FILE = "final_model.safetensors"
 def _merged_task(name: str) -> int:
     """The task of a merged file's name (`ema_0003.safetensors` -> 3)."""
     return int(name.removesuffix(".safetensors").rsplit("_", 1)[1])
+
+
+def _checkpoint_state(ckpt_path: str | None, key: str) -> dict[str, Any] | None:
+    """The state a callback saved under `key` in a Lightning checkpoint (memory-mapped: the weights are not read)."""
+    if not ckpt_path:
+        return None
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    return checkpoint.get("callbacks", {}).get(key)
 
 
 def _cpu_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -84,7 +93,7 @@ class TimeMerge(Callback):
         technique: MergeMethod = "interpolation",
         hparams: dict[str, Any] | None = None,
         ema_weight: float = 0.5,
-        ema_start: str = "base",
+        ema_start: EmaStart = "base",
         all_weighting: Weighting = "uniform",
         all_include_base: bool = False,
         store_dir: str | None = None,
@@ -97,6 +106,21 @@ class TimeMerge(Callback):
         self.init, self.deploy, self.technique = init, deploy, technique
         self.hparams = dict(hparams or {})
         check_technique(technique, self.hparams)
+        # Settings of `all` that would be ignored, or fail only at the first task boundary: refuse them now.
+        uses_all = "all" in (init, deploy)
+        for name, value, default in (
+            ("all_weighting", all_weighting, "uniform"),
+            ("all_include_base", all_include_base, False),
+        ):
+            if value != default and not uses_all:
+                raise ValueError(
+                    f"protocol.{name}={value!r} has no effect: neither init ({init}) nor deploy ({deploy}) is 'all'"
+                )
+        if all_weighting != "uniform" and technique not in WEIGHTED_ALL:
+            raise ValueError(
+                f"protocol.all_weighting={all_weighting!r} weights an average; technique '{technique}' merges task "
+                f"vectors (use one of {list(WEIGHTED_ALL)}, or all_weighting: uniform)"
+            )
         self.ema_weight, self.ema_start = ema_weight, ema_start
         self.all_weighting, self.all_include_base = all_weighting, all_include_base
         self.store_dir, self.keep_merged = store_dir, keep_merged
@@ -252,15 +276,53 @@ class TimeMerge(Callback):
 
     @override
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn != TrainerFn.FITTING:
+            self._deploy_checkpoint(trainer, pl_module)
+            return
         task = trainer.current_epoch
-        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or self.finished_task != task:
+        if trainer.sanity_checking or self.finished_task != task:
             return  # before the stream, or in the middle of a task: evaluate the weights being trained
-        self._live = _cpu_copy(pl_module.model)
-        pl_module.model.load_state_dict(load_weights(self.artefact(trainer, self.deploy, task)))
+        self._swap_in(pl_module, self.artefact(trainer, self.deploy, task))
 
     @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore_live(pl_module)
+
+    @override
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._deploy_checkpoint(trainer, pl_module)
+
+    @override
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_live(pl_module)
+
+    def _swap_in(self, pl_module: L.LightningModule, path: Path) -> None:
+        self._live = _cpu_copy(pl_module.model)
+        pl_module.model.load_state_dict(load_weights(path))
+
+    def _deploy_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """`timelit validate|test --ckpt_path CKPT` evaluates what the run deployed after CKPT's last finished task
+        (the numbers results.json reports), not the expert it was training: a checkpoint's `state_dict` holds the
+        live weights. Weights given by `pretrained`, or a checkpoint without TimeMerge state (`timelit merge --out
+        x.ckpt`), are evaluated as they are."""
+        state = _checkpoint_state(trainer.ckpt_path, self.state_key)
+        task = int(state.get("finished_task", -1)) if state else -1
+        if task < 0:
+            return
+        if self.deploy == "ft":
+            digests = {e["file"]: e["sha256"] for e in state["store"]["experts"]}
+            name = f"expert_{task:04d}.safetensors"
+        else:
+            digests, name = state.get("merged", {}), f"{self.deploy}_{task:04d}.safetensors"
+        path = self.directory(trainer) / name
+        if name not in digests or not path.exists() or file_sha256(path) != digests[name]:
+            raise FileNotFoundError(
+                f"{path}: the weights deployed ({self.deploy}) after task {task} of {trainer.ckpt_path} are missing "
+                "or changed since it was saved. Is protocol.deploy the run's? To evaluate a weights file instead: "
+                "--model.init_args.pretrained FILE --ckpt_path null"
+            )
+        self._swap_in(pl_module, path)
+        log.info("evaluating the weights deployed (%s) after task %d: %s", self.deploy, task, path)
 
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
@@ -292,6 +354,7 @@ class TimeMerge(Callback):
                 "ema_weight": self.ema_weight,
                 "ema_start": self.ema_start,
                 "all_weighting": self.all_weighting,
+                "all_include_base": self.all_include_base,
             }
         }
 
