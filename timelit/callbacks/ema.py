@@ -6,7 +6,8 @@
 Which weights are "the expert": with StepEMA, TimeMerge stores the step-EMA of a task's weights as that task's
 expert θ_t (its `averaged_weights()`), so the task EMA, `all` merges, deployment and the next task's init all see the
 averaged weights; the live weights keep training undisturbed. Without it the expert is the live weights at the end
-of the task. The average restarts at every task, from the weights the task starts from.
+of the task. The average restarts at every task: its first update of a task takes the weights after that task's first
+optimizer step.
 
 Built on Lightning's WeightAveraging (torch's AveragedModel with the fused `_foreach_lerp_` EMA of
 `get_ema_multi_avg_fn`), changed where TIME needs it: it averages the open_clip model only, not the whole
@@ -33,7 +34,7 @@ class StepEMA(WeightAveraging):
     Args:
         decay: weight of the running average at each update (average = decay * average + (1 - decay) * weights).
         update_every_n_steps: update after every n-th optimizer step.
-        device: where the average lives (default: the model's device).
+        device: where the average lives (default: the device the model trains on).
     """
 
     def __init__(self, decay: float = 0.999, update_every_n_steps: int = 1, device: str | None = None):
@@ -55,6 +56,13 @@ class StepEMA(WeightAveraging):
             self._average_model = AveragedModel(pl_module.model, device=device, use_buffers=True, **self._kwargs)
             if self._pending is not None:
                 self.load_state_dict(self._pending)
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # `setup` runs before the strategy moves the model to its device: an average built there would stay on the
+        # CPU and copy every parameter to the host at each update.
+        if self._device is None and self._average_model is not None:
+            self._average_model.to(pl_module.device)
 
     @override
     def on_train_batch_start(

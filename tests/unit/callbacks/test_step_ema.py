@@ -55,3 +55,21 @@ def test_experts_are_the_per_task_ema_of_the_live_weights(tiny_benchmark, tmp_pa
 def test_decay_outside_its_range_is_rejected():
     with pytest.raises(ValueError, match="decay"):
         StepEMA(decay=1.0)
+
+
+def test_the_average_follows_the_model_to_its_training_device():
+    """Lightning calls `setup` before the strategy moves the model; the average must end up where the model trains
+    (the meta device stands in for a GPU here)."""
+    model = torch.nn.Module()
+    model.model = torch.nn.Linear(2, 2)
+    model.device = torch.device("cpu")
+    ema = StepEMA()
+    ema.setup(None, model, "fit")
+    model.device = torch.device("meta")  # what the strategy did between `setup` and `on_fit_start`
+    ema.on_fit_start(None, model)
+    assert {p.device.type for p in ema._average_model.parameters()} == {"meta"}
+    assert ema._average_model.n_averaged.device.type == "meta"
+    pinned = StepEMA(device="cpu")
+    pinned.setup(None, model, "fit")
+    pinned.on_fit_start(None, model)
+    assert {p.device.type for p in pinned._average_model.parameters()} == {"cpu"}
