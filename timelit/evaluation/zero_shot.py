@@ -4,8 +4,9 @@
 
 Classification follows the reference pipeline: each class name goes through the dataset's prompt templates (one
 "primer" per FoMo-in-Flux dataset), the normalised text embeddings are averaged over templates and normalised again,
-and an image is assigned the class of highest cosine similarity. Retrieval ranks every caption for every image and
-every image for every caption; an image-to-text hit is any of the image's own captions in the top k.
+and an image is assigned the class of highest cosine similarity (a tie goes to the lower class index, as argmax).
+Retrieval ranks every caption for every image and every image for every caption; an image-to-text hit is any of the
+image's own captions in the top k.
 """
 
 from __future__ import annotations
@@ -41,14 +42,20 @@ def classification_head(
 
 
 def true_class_rank(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """For each row, how many other classes score at least as high as the true one (0 = top-1 hit).
+    """For each row, the place of the true class when classes are sorted by score (0 = top-1 hit).
 
-    Ties count against the sample and a row with a NaN score ranks last, so a collapsed model (all scores equal) or a
-    diverged one (NaN features) scores at chance or zero, never 100%. Storing this rank instead of predictions gives
-    every top-k from one number per sample.
+    A tie is broken by the lower class index, as `argmax` (the prediction) breaks it: classes scoring higher than the
+    true one rank above it, and so do tied classes with a lower index. Why: open_clip's tokenizer lowercases, so
+    QUILT's "Dermatopathology and Infectious Disease" and "...disease" (classes 69/70, likewise 130/131) get the same
+    prompt and head row; counting every tie against the sample made all four unreachable (0% top-1 whatever the
+    model). Now the lower class of each pair scores as argmax predicts and the higher one can still be in the top 5.
+    A collapsed model (every score equal) still scores chance, not 100%: the true class then ranks at its own index,
+    so only label 0 is a top-1 hit. A row with a NaN score ranks last (a diverged model scores 0). Storing this rank
+    instead of predictions gives every top-k from one number per sample.
     """
     true_scores = logits.gather(1, labels.view(-1, 1))
-    rank = (logits >= true_scores).sum(dim=1) - 1
+    lower_index = torch.arange(logits.shape[1], device=logits.device).view(1, -1) < labels.view(-1, 1)
+    rank = (logits > true_scores).sum(dim=1) + ((logits == true_scores) & lower_index).sum(dim=1)
     return rank.masked_fill(torch.isnan(logits).any(dim=1), logits.shape[1])
 
 
@@ -57,8 +64,9 @@ def recall_at_k(
 ) -> dict[str, float]:
     """Image-to-text and text-to-image recall@k in percent; `text_owner[j]` is the row of caption j's image.
 
-    Features must be L2-normalised. Ties count against the query (an equal score ranks above) and NaN scores miss,
-    as in `true_class_rank`. An empty set gives NaN.
+    Features must be L2-normalised. Ties count against the query (an equal score ranks above): unlike class indices,
+    captions and images have no order that a prediction would follow, so a collapsed model must not hit by position.
+    NaN scores miss. An empty set gives NaN.
     """
     if len(image_features) == 0 or len(text_features) == 0:
         return {f"{d}_R@{k}": float("nan") for k in ks for d in ("i2t", "t2i")}

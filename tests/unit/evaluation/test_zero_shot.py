@@ -70,6 +70,62 @@ def test_true_class_rank_counts_strictly_better_classes():
     assert [(rank < k).float().mean().item() for k in (1, 2, 4)] == [0.25, 0.75, 1.0]
 
 
+def test_true_class_rank_breaks_ties_by_the_lower_class_index():
+    # rank = classes scoring higher + tied classes with a lower index (argmax's choice among tied classes).
+    logits = torch.tensor(
+        [
+            [0.5, 0.5, 0.1, 0.0],  # label 0: ties with class 1, which has the higher index -> 0 (a top-1 hit)
+            [0.5, 0.5, 0.1, 0.0],  # label 1: ties with class 0, lower index -> 1
+            [0.2, 0.7, 0.7, 0.7],  # label 2: nothing higher, tied class 1 is lower -> 1
+            [0.2, 0.7, 0.7, 0.7],  # label 3: tied classes 1 and 2 are lower -> 2
+            [0.9, 0.3, 0.3, 0.1],  # label 2: 0.9 higher, tied class 1 lower -> 2
+            [0.9, 0.3, 0.3, 0.1],  # label 1: 0.9 higher, tied class 2 is above it in index -> 1
+        ]
+    )
+    rank = true_class_rank(logits, torch.tensor([0, 1, 2, 3, 2, 1]))
+    assert rank.tolist() == [0, 1, 1, 2, 2, 1]
+    assert (rank < 1).sum().item() == 1  # the prediction (argmax) is right for the first row only
+    assert (logits.argmax(dim=1) == torch.tensor([0, 1, 2, 3, 2, 1])).tolist() == (rank < 1).tolist()
+
+
+def test_true_class_rank_ties_at_the_top_5_boundary():
+    # Eight classes; 0.9 and 0.8 beat the five tied at 0.5 (classes 2-6). The tied classes rank 2, 3, 4, 5, 6 in
+    # index order, so classes 2-4 are in the top 5 and classes 5-6 are not; none is a top-1 hit.
+    row = [0.9, 0.8, 0.5, 0.5, 0.5, 0.5, 0.5, 0.1]
+    labels = torch.tensor([2, 3, 4, 5, 6, 7, 0])
+    rank = true_class_rank(torch.tensor([row] * len(labels)), labels)
+    assert rank.tolist() == [2, 3, 4, 5, 6, 7, 0]
+    assert (rank < 5).tolist() == [True, True, True, False, False, False, True]
+    assert (rank < 1).tolist() == [False] * 6 + [True]
+
+
+def test_class_names_that_differ_only_in_case_share_a_head_row_and_the_lower_one_can_win():
+    # QUILT's classes 69/70 ("... Infectious Disease" / "... disease"): open_clip's tokenizer lowercases them into
+    # the same prompt, so their head rows are equal and every image ties on them.
+    clip = build_clip("timelit-micro-ViT")
+    names = ["Dermatopathology and Infectious Disease", "Dermatopathology and Infectious disease", "Hematopathology"]
+    head = classification_head(clip.model, clip.tokenizer, names, ["a photo of {}."], torch.device("cpu"))
+    assert torch.equal(head[0], head[1])
+    image = head[0]
+    logits = torch.stack([(row * image).sum() for row in head]).view(1, -1).repeat(2, 1)
+    assert logits[0, 0] == logits[0, 1] > logits[0, 2]
+    assert true_class_rank(logits, torch.tensor([0, 1])).tolist() == [0, 1]  # was [1, 1]: neither could be top-1
+
+
+def test_a_collapsed_model_scores_exactly_chance():
+    # Every score equal, labels spread evenly over 8 classes: the true class ranks at its own index.
+    classes, per_class = 8, 3
+    labels = torch.arange(classes).repeat(per_class)
+    rank = true_class_rank(torch.zeros(len(labels), classes), labels)
+    assert (rank < 1).float().mean().item() == pytest.approx(1 / classes)
+    assert (rank < 5).float().mean().item() == pytest.approx(5 / classes)
+
+
+def test_a_nan_score_ranks_the_row_last_even_when_the_true_class_is_best():
+    logits = torch.tensor([[0.9, math.nan, 0.1], [0.9, 0.2, 0.1], [math.nan, 0.2, 0.1]])
+    assert true_class_rank(logits, torch.tensor([0, 0, 0])).tolist() == [3, 0, 3]
+
+
 def test_degenerate_scores_are_not_perfect():
     """A collapsed model (every score equal) or a diverged one (NaN features) must not score 100%."""
     labels = torch.tensor([0, 1, 2])
