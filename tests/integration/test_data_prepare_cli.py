@@ -44,6 +44,8 @@ def _manifest(root: Path, name: str, role: str, task: str, classes: list[str] | 
         "num_classes": len(classes) if classes else None,
         "prompt_templates": ["a photo of a {}." if classes else "{}"],
         "splits": {s: {"num_samples": None} for s in splits},
+        "source": {"test": "tests/integration/test_data_prepare_cli.py"},
+        "license": "test data",
     }
     (root / "datasets" / f"{name}.yaml").write_text(yaml.safe_dump(manifest))
     if classes:

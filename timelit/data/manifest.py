@@ -16,6 +16,7 @@ set of the same shape for the quickstart benchmark. Every problem names the file
 from __future__ import annotations
 
 import json
+import string
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -29,8 +30,11 @@ Role = Literal["adapt", "eval"]
 TaskType = Literal["classification", "retrieval"]
 
 SHIPPED_SETS = {"fomo_in_flux": manifests_dir}
-_DATASET_KEYS = {"name", "role", "task", "classnames", "num_classes", "prompt_templates", "splits"}
-_OPTIONAL_KEYS = {"source", "license", "citation", "notes"}
+# Required keys: a manifest says what its classes are (or, for a retrieval set without classes, says so with
+# `classnames: null` and `num_classes: null`), where the data comes from and under which terms.
+_DATASET_KEYS = {"name", "role", "task", "classnames", "num_classes", "prompt_templates", "splits", "source", "license"}
+_OPTIONAL_KEYS = {"citation", "notes"}
+_SPLIT_KEYS = {"num_samples"}
 
 
 class ManifestError(ValueError):
@@ -67,7 +71,9 @@ class DatasetManifest:
         return len(self.classnames)
 
     def labels_of(self, classname: str) -> list[int]:
-        """Every label carrying `classname` (a list may repeat a name; none of the shipped ones does)."""
+        """The label carrying `classname`, as a list (empty if none): the schema rejects a class list that repeats a
+        name, so there is at most one. Matching is exact: QUILT's "... Infectious Disease" and "... disease" are two
+        classes (which open_clip's lowercasing tokenizer cannot tell apart; see data_manifests/README.md)."""
         return self._labels_by_name.get(classname, [])
 
     @cached_property
@@ -112,12 +118,106 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 def _read_classnames(reference: str, manifest_path: Path) -> tuple[str, ...]:
     path = (manifest_path.parent / reference).resolve()
+    where = f"{manifest_path}: key 'classnames' ({path})"
     if not path.is_file():
         raise ManifestError(f"{manifest_path}: key 'classnames' points to '{reference}', which does not exist ({path})")
-    names = json.loads(path.read_text())
+    try:
+        names = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ManifestError(f"{where}: not valid JSON: {error}") from error
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise ManifestError(f"{path}: expected a JSON list of class-name strings")
+        raise ManifestError(f"{where}: expected a JSON list of class-name strings")
     return tuple(names)
+
+
+def _class_list(data: dict[str, Any], name: str, task: str, path: Path) -> tuple[str, ...]:
+    """The class names, checked against `num_classes`; both keys are required so that a forgotten list is an error,
+    not a dataset with no classes. Only a retrieval set may state `null` for both (each image is its own label)."""
+    for key in ("classnames", "num_classes"):
+        if key not in data:
+            raise ManifestError(
+                f"{path}: missing key '{key}' (a retrieval dataset without classes states 'classnames: null' and "
+                f"'num_classes: null')"
+            )
+    reference, num_classes = data["classnames"], data["num_classes"]
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)):
+        raise ManifestError(f"{path}: key 'num_classes' must be an integer or null, got {num_classes!r}")
+    if reference is None:
+        if task != "retrieval":
+            raise ManifestError(f"{path}: key 'classnames' is null, but a {task} dataset needs its class list")
+        if num_classes is not None:
+            raise ManifestError(f"{path}: key 'num_classes' is {num_classes} but key 'classnames' is null")
+        return ()
+    if not isinstance(reference, str):
+        raise ManifestError(f"{path}: key 'classnames' must be a path to a JSON class list or null, got {reference!r}")
+    classnames = _read_classnames(reference, path)
+    if not classnames:
+        raise ManifestError(
+            f"{path}: key 'classnames' points to an empty class list ({reference}); only a retrieval dataset may have "
+            f"no classes, and it states 'classnames: null'"
+        )
+    labels: dict[str, int] = {}
+    for label, classname in enumerate(classnames):
+        if classname in labels:
+            # Exact duplicates only: a name repeated would make its concept ambiguous in a stream and its label
+            # unreachable. Names equal after lowercasing (QUILT) are distinct classes of the release; see README.
+            raise ManifestError(
+                f"{path}: key 'classnames' ({reference}) of dataset '{name}' lists the class name {classname!r} twice "
+                f"(labels {labels[classname]} and {label}); class names must be unique"
+            )
+        labels[classname] = label
+    if num_classes is None:
+        raise ManifestError(f"{path}: key 'num_classes' is null but the class list has {len(classnames)} names")
+    if num_classes != len(classnames):
+        raise ManifestError(
+            f"{path}: key 'num_classes' is {num_classes} but the class list has {len(classnames)} names"
+        )
+    return classnames
+
+
+def _prompt_templates(data: dict[str, Any], path: Path) -> tuple[str, ...]:
+    """Templates with exactly one `{}`: `template.format(classname)` must put the class name in once, and a stray
+    field (`{name}`, a second `{}`, a lone brace) would fail or garble every prompt at evaluation time."""
+    templates = _require(data, "prompt_templates", list, path)
+    if not templates:
+        raise ManifestError(f"{path}: key 'prompt_templates' must be a non-empty list of strings containing '{{}}'")
+    for number, template in enumerate(templates):
+        where = f"{path}: key 'prompt_templates[{number}]'"
+        if not isinstance(template, str):
+            raise ManifestError(f"{where} must be a string, got {template!r}")
+        try:
+            fields = [parsed[1:] for parsed in string.Formatter().parse(template) if parsed[1] is not None]
+        except ValueError as error:
+            raise ManifestError(
+                f"{where} is {template!r}, not a format string ({error}); write a literal brace as '{{{{' or '}}}}'"
+            ) from error
+        if fields != [("", "", None)]:
+            raise ManifestError(
+                f"{where} is {template!r}: a template needs exactly one '{{}}' where the class name goes and no "
+                f"other field"
+            )
+    return tuple(templates)
+
+
+def _splits(data: dict[str, Any], role: str, path: Path) -> dict[str, SplitInfo]:
+    splits_raw = _require(data, "splits", dict, path)
+    splits = {}
+    for split, info in splits_raw.items():
+        if not isinstance(info, dict):
+            raise ManifestError(
+                f"{path}: key 'splits.{split}' must be a mapping such as {{num_samples: null}}, got {info!r}"
+            )
+        unknown = set(info) - _SPLIT_KEYS
+        if unknown:
+            raise ManifestError(f"{path}: key 'splits.{split}' has unknown keys {sorted(unknown)}; valid: num_samples")
+        count = info.get("num_samples")
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
+            raise ManifestError(f"{path}: key 'splits.{split}.num_samples' must be a non-negative integer or null")
+        splits[split] = SplitInfo(num_samples=count)
+    for required in ("test",) if role == "eval" else ("train", "test"):
+        if required not in splits:
+            raise ManifestError(f"{path}: a dataset with role '{role}' needs key 'splits.{required}'")
+    return splits
 
 
 def parse_dataset_manifest(path: Path) -> DatasetManifest:
@@ -137,39 +237,23 @@ def parse_dataset_manifest(path: Path) -> DatasetManifest:
     task = _require(data, "task", str, path)
     if task not in ("classification", "retrieval"):
         raise ManifestError(f"{path}: key 'task' must be 'classification' or 'retrieval', got '{task}'")
-    classnames: tuple[str, ...] = ()
-    if data.get("classnames") is not None:
-        classnames = _read_classnames(_require(data, "classnames", str, path), path)
-    elif task == "classification":
-        raise ManifestError(f"{path}: a classification dataset needs key 'classnames'")
-    num_classes = data.get("num_classes")
-    if num_classes is not None and num_classes != len(classnames):
-        raise ManifestError(
-            f"{path}: key 'num_classes' is {num_classes} but the class list has {len(classnames)} names"
-        )
-    templates = _require(data, "prompt_templates", list, path)
-    if not templates or not all(isinstance(t, str) and "{}" in t for t in templates):
-        raise ManifestError(f"{path}: key 'prompt_templates' must be a non-empty list of strings containing '{{}}'")
-    splits_raw = _require(data, "splits", dict, path)
-    splits = {}
-    for split, info in splits_raw.items():
-        count = (info or {}).get("num_samples")
-        if count is not None and (not isinstance(count, int) or count < 0):
-            raise ManifestError(f"{path}: key 'splits.{split}.num_samples' must be a non-negative integer or null")
-        splits[split] = SplitInfo(num_samples=count)
-    for required in ("test",) if role == "eval" else ("train", "test"):
-        if required not in splits:
-            raise ManifestError(f"{path}: a dataset with role '{role}' needs key 'splits.{required}'")
+    classnames = _class_list(data, name, task, path)
+    templates = _prompt_templates(data, path)
+    splits = _splits(data, role, path)
+    source = _require(data, "source", dict, path)
+    license_ = _require(data, "license", str, path)
+    if not license_.strip():
+        raise ManifestError(f"{path}: key 'license' is empty; state the dataset's terms (or where to find them)")
     return DatasetManifest(
         name=name,
         role=role,  # type: ignore[arg-type]
         task=task,  # type: ignore[arg-type]
         classnames=classnames,
-        prompt_templates=tuple(templates),
+        prompt_templates=templates,
         splits=splits,
         path=path,
-        source=data.get("source") or {},
-        license=data.get("license"),
+        source=source,
+        license=license_,
     )
 
 

@@ -71,6 +71,21 @@ def test_class_counts_match_the_class_lists_and_names_are_unique():
         assert len(set(names)) == len(names), f"{path}: duplicate class names"
 
 
+def test_the_only_names_equal_after_lowercasing_are_quilts_two_pairs(shipped):
+    # open_clip's tokenizer lowercases, so such a pair shares one prompt and one head row (README: "Class names").
+    pairs = {}
+    for manifest in shipped.datasets.values():
+        first: dict[str, int] = {}
+        for label, name in enumerate(manifest.classnames):
+            if name.lower() in first:
+                pairs.setdefault(manifest.name, []).append((first[name.lower()], label))
+            first.setdefault(name.lower(), label)
+    assert pairs == {"QUILT": [(69, 70), (130, 131)]}
+    quilt = shipped.dataset("QUILT").classnames
+    assert quilt[69:71] == ("Dermatopathology and Infectious Disease", "Dermatopathology and Infectious disease")
+    assert quilt[130].startswith("Hematopathology") and quilt[130].lower() == quilt[131].lower()
+
+
 def test_class_lists_carry_the_benchmark_sizes(shipped):
     # A few anchors from FoMo-in-Flux's DATASETS.md table.
     sizes = {"CIFAR100": 100, "IMAGENET": 1000, "IMAGENET_V2": 1000, "iNATURALIST2021": 2500, "FSCOCO": 115}
@@ -131,6 +146,8 @@ def _manifest(dataset: str, **changes) -> dict:
         "num_classes": 2,
         "prompt_templates": ["a photo of a {}."],
         "splits": {"train": {"num_samples": None}, "test": {"num_samples": None}},
+        "source": {"test": "tests/unit/data/test_manifests_shipped.py"},
+        "license": "test data",
     }
     manifest.update(changes)
     return {k: v for k, v in manifest.items() if v is not ...}
@@ -141,16 +158,87 @@ def test_a_valid_small_set_loads(tmp_path):
     assert load_manifests(root).dataset("A").classnames == ("x", "y")
 
 
-@pytest.mark.parametrize("field", ["role", "task", "prompt_templates", "splits", "name"])
+def test_a_retrieval_set_without_classes_states_null_for_both_class_keys(tmp_path):
+    manifest = _manifest("R", role="eval", task="retrieval", classnames=None, num_classes=None,
+                         prompt_templates=["{}"], splits={"test": {"num_samples": 3}})  # fmt: skip
+    loaded = load_manifests(_write_set(tmp_path / "set", {"R": manifest}, {})).dataset("R")
+    assert loaded.classnames == () and loaded.splits["test"].num_samples == 3
+
+
+def test_class_names_equal_only_after_lowercasing_are_two_classes(tmp_path):
+    # QUILT ships such a pair; they are distinct classes of the release (README: "Class names").
+    names = ["Infectious Disease", "Infectious disease"]
+    root = _write_set(tmp_path / "set", {"A": _manifest("A")}, {"A": names})
+    assert load_manifests(root).dataset("A").labels_of("Infectious disease") == [1]
+
+
+@pytest.mark.parametrize(
+    "field", ["role", "task", "prompt_templates", "splits", "name", "classnames", "num_classes", "source", "license"]
+)
 def test_schema_rejects_a_missing_field(tmp_path, field):
     root = _write_set(tmp_path / "set", {"A": _manifest("A", **{field: ...})}, {"A": ["x", "y"]})
     with pytest.raises(ManifestError, match=rf"A\.yaml.*missing key '{field}'"):
         load_manifests(root)
 
 
-def test_schema_rejects_a_class_count_that_does_not_match_the_list(tmp_path):
-    root = _write_set(tmp_path / "set", {"A": _manifest("A", num_classes=3)}, {"A": ["x", "y"]})
-    with pytest.raises(ManifestError, match=r"'num_classes' is 3 but the class list has 2 names"):
+RETRIEVAL = {"task": "retrieval", "prompt_templates": ["{}"]}
+
+
+@pytest.mark.parametrize(
+    ("changes", "classes", "message"),
+    [
+        pytest.param({"num_classes": 3}, ["x", "y"], r"key 'num_classes' is 3 but the class list has 2", id="count"),
+        pytest.param({"num_classes": None}, ["x", "y"], r"key 'num_classes' is null but the class list has 2",
+                     id="count-null"),
+        pytest.param({"num_classes": True}, ["x"], r"key 'num_classes' must be an integer or null", id="count-bool"),
+        pytest.param({"classnames": None, "num_classes": None}, [], r"key 'classnames' is null, but a classification",
+                     id="classification-without-list"),
+        pytest.param({**RETRIEVAL, "classnames": ..., "num_classes": ...}, [], r"missing key 'classnames'",
+                     id="retrieval-without-keys"),
+        pytest.param({**RETRIEVAL, "classnames": None}, [], r"key 'num_classes' is 2 but key 'classnames' is null",
+                     id="retrieval-count-without-list"),
+        pytest.param({"classnames": 3}, [], r"key 'classnames' must be a path to a JSON class list or null",
+                     id="list-not-a-path"),
+        pytest.param({"num_classes": 0}, [], r"key 'classnames' points to an empty class list", id="empty-list"),
+        pytest.param({**RETRIEVAL, "num_classes": 0}, [], r"key 'classnames' points to an empty class list",
+                     id="retrieval-empty-list"),
+        pytest.param({"num_classes": 3}, ["x", "y", "x"],
+                     r"key 'classnames' \(.*\) of dataset 'A' lists the class name 'x' twice \(labels 0 and 2\)",
+                     id="duplicate-name"),
+        pytest.param({"splits": {"train": 5, "test": {}}}, ["x", "y"], r"key 'splits\.train' must be a mapping",
+                     id="split-not-a-mapping"),
+        pytest.param({"splits": {"train": {}, "test": None}}, ["x", "y"], r"key 'splits\.test' must be a mapping",
+                     id="split-null"),
+        pytest.param({"splits": {"train": {"num_sample": 3}, "test": {}}}, ["x", "y"],
+                     r"key 'splits\.train' has unknown keys \['num_sample'\]", id="split-unknown-key"),
+        pytest.param({"splits": {"train": {"num_samples": -1}, "test": {}}}, ["x", "y"],
+                     r"key 'splits\.train\.num_samples' must be a non-negative integer", id="split-negative-count"),
+        pytest.param({"prompt_templates": ["a photo"]}, ["x", "y"], r"key 'prompt_templates\[0\]' is 'a photo'",
+                     id="template-without-field"),
+        pytest.param({"prompt_templates": ["{}", "a {} of a {}."]}, ["x", "y"],
+                     r"key 'prompt_templates\[1\]' .*exactly one '\{\}'", id="template-two-fields"),
+        pytest.param({"prompt_templates": ["a photo of a {name}."]}, ["x", "y"],
+                     r"key 'prompt_templates\[0\]' .*exactly one '\{\}'", id="template-named-field"),
+        pytest.param({"prompt_templates": ["a {} {"]}, ["x", "y"], r"key 'prompt_templates\[0\]' .*not a format",
+                     id="template-lone-brace"),
+        pytest.param({"prompt_templates": [3]}, ["x", "y"], r"key 'prompt_templates\[0\]' must be a string",
+                     id="template-not-a-string"),
+        pytest.param({"prompt_templates": []}, ["x", "y"], r"key 'prompt_templates' must be a non-empty list",
+                     id="no-template"),
+        pytest.param({"source": "FoMo-in-Flux"}, ["x", "y"], r"key 'source' must be dict", id="source-not-a-mapping"),
+        pytest.param({"license": " "}, ["x", "y"], r"key 'license' is empty", id="empty-license"),
+    ],
+)  # fmt: skip
+def test_schema_rejects_a_broken_manifest_naming_file_and_key(tmp_path, changes, classes, message):
+    root = _write_set(tmp_path / "set", {"A": _manifest("A", **changes)}, {"A": classes})
+    with pytest.raises(ManifestError, match=rf"datasets/A\.yaml: .*{message}"):
+        load_manifests(root)
+
+
+def test_schema_rejects_a_class_list_that_is_not_json(tmp_path):
+    root = _write_set(tmp_path / "set", {"A": _manifest("A")}, {})
+    (root / "classnames" / "A.json").write_text("['x', 'y']")
+    with pytest.raises(ManifestError, match=r"A\.yaml: key 'classnames' \(.*A\.json\): not valid JSON"):
         load_manifests(root)
 
 

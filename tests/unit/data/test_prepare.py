@@ -35,8 +35,11 @@ def _dataset(root: Path, name: str, role: str, task: str, classes: list[str] | N
         "role": role,
         "task": task,
         "classnames": f"../classnames/{name}.json" if classes else None,
+        "num_classes": len(classes) if classes else None,
         "prompt_templates": ["a photo of a {}." if classes else "{}"],
         "splits": splits,
+        "source": {"test": "tests/unit/data/test_prepare.py"},
+        "license": "test data",
         **extra,
     }
     (root / "datasets" / f"{name}.yaml").write_text(yaml.safe_dump(manifest))

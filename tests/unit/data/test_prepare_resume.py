@@ -35,8 +35,11 @@ def release(tmp_path: Path) -> dict[str, Path]:
         "role": "adapt",
         "task": "classification",
         "classnames": "../classnames/SHAPES.json",
+        "num_classes": len(CLASSES),
         "prompt_templates": ["a {} shape."],
         "splits": {"train": {"num_samples": 12}, "test": {"num_samples": 3}},
+        "source": {"test": "tests/unit/data/test_prepare_resume.py"},
+        "license": "test data",
     }
     (manifests / "datasets" / "SHAPES.yaml").write_text(yaml.safe_dump(manifest))
     (manifests / "classnames" / "SHAPES.json").write_text(json.dumps(CLASSES))

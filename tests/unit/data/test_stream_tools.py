@@ -30,8 +30,11 @@ def manifests(tmp_path: Path):
             "role": "eval" if name == "HELD" else "adapt",
             "task": "classification",
             "classnames": f"../classnames/{name}.json",
+            "num_classes": len(classes),
             "prompt_templates": ["a photo of a {}."],
             "splits": {"train": {}, "test": {}},
+            "source": {"test": "tests/unit/data/test_stream_tools.py"},
+            "license": "test data",
         }
         (root / "datasets" / f"{name}.yaml").write_text(yaml.safe_dump(manifest))
         (root / "classnames" / f"{name}.json").write_text(json.dumps(classes))

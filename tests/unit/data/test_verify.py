@@ -37,8 +37,11 @@ def prepared(tmp_path: Path) -> dict[str, Path]:
             "role": role,
             "task": "classification",
             "classnames": f"../classnames/{name}.json",
+            "num_classes": len(CLASSES),
             "prompt_templates": ["a photo of a {}."],
             "splits": {s: {"num_samples": None} for s in splits},
+            "source": {"test": "tests/unit/data/test_verify.py"},
+            "license": "test data",
         }
         (manifests / "datasets" / f"{name}.yaml").write_text(yaml.safe_dump(manifest))
         (manifests / "classnames" / f"{name}.json").write_text(json.dumps(CLASSES))
@@ -134,6 +137,8 @@ def test_a_count_that_differs_from_the_manifest_fails(prepared):
 
 def test_labels_outside_the_class_list_fail(prepared):
     (prepared["manifests"] / "classnames" / "HELD.json").write_text(json.dumps(CLASSES[:2]))
+    manifest = prepared["manifests"] / "datasets" / "HELD.yaml"
+    manifest.write_text(manifest.read_text().replace("num_classes: 3", "num_classes: 2"))
     (problem,) = _by_split(verify(prepared["data"], prepared["manifests"]))["HELD/test"].problems
     assert problem.startswith("3 label(s) outside 0..1")
 
