@@ -75,11 +75,20 @@ def concepts_by_dataset(
 
 
 def _dataset_order(names: list[str], dataset_order: list[str] | None, seed: int | None) -> list[str]:
+    """The order datasets enter the stream: `dataset_order` if given, else sorted names shuffled by `seed` (if any).
+
+    A given order must name every dataset of the stream once: a dataset it leaves out would silently vanish from the
+    stream, and one it adds would have no concepts.
+    """
     if dataset_order is not None:
-        unknown = [n for n in dataset_order if n not in names]
-        if unknown or len(set(dataset_order)) != len(dataset_order):
+        missing = [n for n in names if n not in dataset_order]
+        extra = [n for n in dataset_order if n not in names]
+        repeated = sorted({n for n in dataset_order if dataset_order.count(n) > 1})
+        if missing or extra or repeated:
+            problems = {"missing": missing, "not among the stream's datasets": extra, "repeated": repeated}
             raise ManifestError(
-                f"dataset_order {dataset_order} must list distinct datasets of the stream; unknown: {unknown}"
+                f"dataset_order {dataset_order} must list each dataset of the stream {sorted(names)} exactly once: "
+                + "; ".join(f"{label} {found}" for label, found in problems.items() if found)
             )
         return list(dataset_order)
     order = sorted(names)
@@ -100,7 +109,11 @@ def dataset_incremental_order(
     seed: int | None = None,
     shuffle_classes: bool = False,
 ) -> list[Concept]:
-    """Datasets one after another (given order, else a shuffle by `seed`, else by name)."""
+    """Datasets one after another (given order, else a shuffle by `seed`, else by name); `shuffle_classes` shuffles
+    each dataset's classes by `seed`, which it therefore needs (`random.Random(None)` would seed from the OS and give a
+    different stream on every call)."""
+    if shuffle_classes and seed is None:
+        raise ManifestError("dataset_incremental with shuffle_classes=True needs a seed")
     rng = random.Random(seed)
     out = []
     for name in _dataset_order(list(concepts), dataset_order, seed):
@@ -136,14 +149,19 @@ def generate_stream(
     shuffle_classes: bool = False,
 ) -> list[str]:
     """A checked stream as a list of `DATASET+++classname` strings."""
+    if dataset_order is not None and ordering == "random":
+        raise ManifestError(
+            "dataset_order orders dataset_incremental and class_incremental streams; a random stream has none "
+            "(restrict its datasets with `datasets`)"
+        )
     manifest_set = manifests if isinstance(manifests, ManifestSet) else load_manifests(manifests)
     names = datasets if datasets is not None else dataset_order
     concepts = concepts_by_dataset(manifest_set, names, universe)
     if ordering == "random":
         order = random_order(concepts, seed)
     elif ordering == "dataset_incremental":
-        seeded = seed if dataset_order is None else None
-        order = dataset_incremental_order(concepts, dataset_order, seeded, shuffle_classes)
+        # The seed always travels: a given dataset_order makes it irrelevant to the dataset order, not to the classes.
+        order = dataset_incremental_order(concepts, dataset_order, seed, shuffle_classes)
     elif ordering == "class_incremental":
         order = class_incremental_order(concepts, seed, dataset_order)
     else:
@@ -181,9 +199,11 @@ def stream_command(
         ordering: random (seeded), dataset_incremental (datasets one after another), or class_incremental (every
             dataset's classes spread evenly over the stream).
         manifests: the manifest set: fomo_in_flux (shipped) or a folder.
-        seed: seed of the shuffles (dataset_incremental: of the dataset order unless DATASET_ORDER is given).
+        seed: seed of every shuffle (dataset_incremental: of the dataset order unless DATASET_ORDER is given, and of
+            the classes with SHUFFLE_CLASSES); the same arguments always write the same stream.
         datasets: adaptation datasets to include (default: all of them, or those of DATASET_ORDER).
-        dataset_order: explicit dataset order for dataset_incremental / class_incremental.
+        dataset_order: explicit dataset order for dataset_incremental / class_incremental; with DATASETS it must
+            list exactly the same datasets.
         universe: take the concepts of this stream (e.g. random_sequence_1) instead of every class of the datasets.
         shuffle_classes: dataset_incremental: shuffle the classes within each dataset.
         num_tasks: also print the datasets of each of this many tasks.

@@ -9,7 +9,13 @@ import pytest
 import yaml
 
 from timelit.data.manifest import ManifestError, load_manifests
-from timelit.data.stream_tools import check_stream, generate_stream, stream_command, write_stream
+from timelit.data.stream_tools import (
+    check_stream,
+    dataset_incremental_order,
+    generate_stream,
+    stream_command,
+    write_stream,
+)
 from timelit.data.streams import chunk, load_stream
 
 CLASSES = {
@@ -71,6 +77,46 @@ def test_dataset_incremental_can_shuffle_classes_within_each_dataset(manifests):
     per_dataset = {d: [e.split("+++")[1] for e in entries if e.startswith(d)] for d in CLASSES}
     assert all(sorted(per_dataset[d]) == sorted(CLASSES[d]) for d in CLASSES)
     assert any(per_dataset[d] != CLASSES[d] for d in CLASSES)
+
+
+def test_a_given_dataset_order_with_shuffled_classes_is_reproducible(manifests):
+    # The seed shuffles the classes even when dataset_order fixes the datasets (it was dropped: OS-seeded shuffles).
+    def stream(seed: int) -> list[str]:
+        return generate_stream(
+            "dataset_incremental", manifests, seed=seed, dataset_order=["GAMMA", "ALPHA", "BETA"], shuffle_classes=True
+        )
+
+    first = stream(3)
+    assert stream(3) == first
+    assert _datasets_in_order(first) == ["GAMMA", "ALPHA", "BETA"]
+    assert first != [f"{d}+++{c}" for d in ("GAMMA", "ALPHA", "BETA") for c in CLASSES[d]]  # classes were shuffled
+    assert len({tuple(stream(seed)) for seed in range(4)}) > 1
+
+
+def test_shuffled_classes_need_a_seed(manifests):
+    with pytest.raises(ManifestError, match=r"shuffle_classes=True needs a seed"):
+        dataset_incremental_order({"ALPHA": list(CLASSES["ALPHA"])}, seed=None, shuffle_classes=True)
+
+
+@pytest.mark.parametrize("ordering", ["dataset_incremental", "class_incremental"])
+@pytest.mark.parametrize(
+    ("datasets", "dataset_order", "problem"),
+    [
+        (["ALPHA", "BETA", "GAMMA"], ["ALPHA", "BETA"], r"missing \['GAMMA'\]"),
+        (["ALPHA", "BETA"], ["ALPHA", "BETA", "GAMMA"], r"not among the stream's datasets \['GAMMA'\]"),
+        (None, ["ALPHA", "BETA", "ALPHA"], r"repeated \['ALPHA'\]"),
+        (["ALPHA", "GAMMA"], ["BETA", "ALPHA"], r"missing \['GAMMA'\]; not among the stream's datasets \['BETA'\]"),
+    ],
+)
+def test_a_dataset_order_must_name_exactly_the_streamed_datasets(manifests, ordering, datasets, dataset_order, problem):
+    expected = rf"dataset_order \[.*\] must list each dataset of the stream \[.*\] exactly once: {problem}$"
+    with pytest.raises(ManifestError, match=expected):
+        generate_stream(ordering, manifests, seed=0, datasets=datasets, dataset_order=dataset_order)
+
+
+def test_a_random_stream_refuses_a_dataset_order(manifests):
+    with pytest.raises(ManifestError, match=r"a random stream has none"):
+        generate_stream("random", manifests, dataset_order=["ALPHA", "BETA"])
 
 
 def test_class_incremental_spreads_every_dataset_over_every_task(manifests):
