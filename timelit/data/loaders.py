@@ -219,8 +219,12 @@ class EvalBatches(IterableDataset):
             sample = self.reader.read(int(position))  # one shard index: the id is the position
             if sample is None:
                 continue
+            if self.task_type == "classification":
+                label = self._class_label(sample)
+            else:
+                label = int(sample.meta.get("label", -1))  # unused: retrieval scores captions
             images.append(self.transform(sample.image))
-            labels.append(int(sample.meta.get("label", -1)))
+            labels.append(label)
             kept.append(int(position))
             if self.task_type == "retrieval":
                 captions.extend(sample.captions)
@@ -235,6 +239,19 @@ class EvalBatches(IterableDataset):
             batch["caption_tokens"] = self.tokenizer(captions) if captions else torch.empty(0, dtype=torch.long)
             batch["caption_owner"] = torch.tensor(owners, dtype=torch.long)
         return batch
+
+    def _class_label(self, sample: Sample) -> int:
+        """The sample's class index, checked here where its key is known: a missing or negative label used to fail
+        deep inside the evaluator's `gather` without naming the dataset or the sample."""
+        label = sample.meta.get("label")
+        if isinstance(label, bool) or not isinstance(label, int) or label < 0:
+            found = f"label {label!r}" if "label" in sample.meta else "no label"
+            raise ValueError(
+                f"evaluation dataset '{self.dataset}': sample '{sample.key}' has {found}; a classification sample "
+                f"needs a label in 0..C-1, its index in the dataset's class list of C names (`timelit data verify` "
+                f"checks the labels; `timelit data prepare` writes them)"
+            )
+        return label
 
 
 class EvalLoader(DataLoader):

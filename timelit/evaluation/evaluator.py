@@ -56,10 +56,18 @@ class ZeroShotEvaluator(nn.Module):
         self.specs: list[Any] = []
         self._heads: dict[str, torch.Tensor] = {}
         self._fingerprint: str | None = None
+        self._head_key: tuple[Any, ...] = ()
         self.head_builds = 0
 
     def configure(self, specs: list[Any]) -> None:
-        """One record set per evaluation dataset (`EvalSpec`s from the data module), in loader order."""
+        """One record set per evaluation dataset (`EvalSpec`s from the data module), in loader order.
+
+        The heads cached by `prepare` depend on the specs as much as on the text tower: when the datasets, class
+        names or templates change, the cache is dropped, or unchanged weights would keep serving the old heads.
+        """
+        head_key = _head_key(specs)
+        if head_key != self._head_key:
+            self._heads, self._fingerprint, self._head_key = {}, None, head_key
         self.specs = list(specs)
         self.records = nn.ModuleList(
             _Records(("position", "rank"))
@@ -89,6 +97,7 @@ class ZeroShotEvaluator(nn.Module):
             return
         images = F.normalize(model.encode_image(batch["image"]).float(), dim=-1)
         if spec.task == "classification":
+            _check_labels(spec, batch)
             head = self._heads[spec.name].to(images.device)
             records.update(position=batch["position"], rank=true_class_rank(images @ head.T, batch["label"]))
         else:
@@ -149,6 +158,29 @@ class ZeroShotEvaluator(nn.Module):
     def reset(self) -> None:
         for records in self.records:
             records.reset()
+
+
+def _head_key(specs: list[Any]) -> tuple[Any, ...]:
+    """What the classification heads are built from, per dataset."""
+    return tuple(
+        (spec.name, tuple(spec.classnames), tuple(spec.prompt_templates))
+        for spec in specs
+        if spec.task == "classification"
+    )
+
+
+def _check_labels(spec: Any, batch: dict[str, Any]) -> None:
+    """Labels must index the class list: an out-of-range one would fail inside `gather` without naming the dataset
+    (the loader already rejects a missing or negative label, naming the sample key)."""
+    labels, num_classes = batch["label"], len(spec.classnames)
+    bad = (labels < 0) | (labels >= num_classes)
+    if bool(bad.any()):
+        positions = batch["position"][bad].tolist()[:5]
+        raise ValueError(
+            f"evaluation dataset '{spec.name}': label(s) {sorted(set(labels[bad].tolist()))} at dataset position(s) "
+            f"{positions} are outside 0..{num_classes - 1}, the indices of its {num_classes}-name class list; the "
+            f"shards do not match the manifest (`timelit data verify` lists such labels)"
+        )
 
 
 def summary_figure(entry: dict[str, Any], scope: Scope = "subset") -> float:

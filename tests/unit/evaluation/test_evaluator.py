@@ -152,3 +152,42 @@ def test_heads_are_rebuilt_only_when_the_text_tower_changes():
         model.model.text_projection.mul_(2.0)
     evaluator.prepare(model.model, model.tokenizer, CPU)
     assert evaluator.head_builds == 2
+
+
+def cls_spec(name: str, classnames: tuple[str, ...]) -> SimpleNamespace:
+    return SimpleNamespace(name=name, role="adapt", task="classification", classnames=classnames,
+                           prompt_templates=("{}",), num_samples=2, subset=np.arange(2))  # fmt: skip
+
+
+def top1_of(evaluator: ZeroShotEvaluator, images: torch.Tensor, labels: list[int]) -> float:
+    evaluator.update(0, Identity(), {"image": images, "label": torch.tensor(labels), "position": torch.arange(2)})
+    return evaluator.compute("subset", CPU, DIM)[evaluator.specs[0].name]["subset"]["top1"]
+
+
+@pytest.mark.parametrize("renamed", [False, True])
+def test_new_specs_with_unchanged_weights_get_new_heads(renamed):
+    # The same weights (the Identity tower has none: one fingerprint) after `configure` with other class lists:
+    # heads cached for the old specs would be missing (a renamed dataset) or score against the old classes.
+    evaluator = new_evaluator()
+    assert evaluator.head_builds == 1
+    evaluator.configure([cls_spec("OTHER" if renamed else "CLS", ("c1", "c0"))])
+    evaluator.prepare(Identity(), one_hot_tokenizer, CPU)
+    assert evaluator.head_builds == 2
+    # image e1 is class "c1" (label 0 here), image e0 is "c0" (label 1): both right only with the new head.
+    assert top1_of(evaluator, torch.eye(DIM)[[1, 0]], [0, 1]) == 100.0
+
+
+def test_specs_with_the_same_content_keep_the_heads():
+    evaluator = new_evaluator()
+    evaluator.configure(specs())  # fresh objects, same datasets, classes and templates (a second `setup`)
+    evaluator.prepare(Identity(), one_hot_tokenizer, CPU)
+    assert evaluator.head_builds == 1
+
+
+@pytest.mark.parametrize("label", [-1, DIM])
+def test_a_label_outside_the_class_list_names_the_dataset_and_the_range(label):
+    evaluator = new_evaluator()
+    batch = {"image": CLS_IMAGES[:2], "label": torch.tensor([0, label]), "position": torch.tensor([3, 4])}
+    expected = rf"evaluation dataset 'CLS': label\(s\) \[{label}\] at dataset position\(s\) \[4\] are outside 0\.\.5"
+    with pytest.raises(ValueError, match=expected):
+        evaluator.update(0, Identity(), batch)
