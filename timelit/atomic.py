@@ -12,6 +12,7 @@ goes through here, so "the old file or the new one, never half of one" holds eve
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,10 +34,17 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def _writer_tag() -> str:
+    """`<host>.<pid>`: process ids repeat across the nodes of a cluster that share a filesystem, so a pid alone
+    would let two nodes' writers of the same file share a temporary name (and say nothing of who left one behind)."""
+    host = socket.gethostname().split(".")[0] or "host"
+    return f"{host}.{os.getpid()}"
+
+
 def temporary_path(path: str | os.PathLike[str]) -> Path:
-    """A hidden name beside `path`, unique to this process, that no reader of `path`'s folder lists."""
+    """A hidden name beside `path`, unique to this process on this host, that no reader of `path`'s folder lists."""
     path = Path(path)
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    return path.with_name(f".{path.name}.{_writer_tag()}.tmp")
 
 
 def replace_with(tmp: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
@@ -58,7 +66,7 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_writer_tag()}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as file:

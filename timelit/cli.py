@@ -92,14 +92,34 @@ class TimeLightningCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         """Inside a Slurm job, use SLURMEnvironment with Lightning's own requeue off: the `preemption` callback
         saves and requeues outside the signal handler. (A config default cannot do this: SLURMEnvironment reads
-        SLURM_* variables when it is built, and they do not exist elsewhere.)"""
+        SLURM_* variables when it is built, and they do not exist elsewhere.) Checkpoints are written by
+        AtomicCheckpointIO unless the config chose a CheckpointIO (`install_atomic_checkpoint_io`)."""
         from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
 
         configured = self._get(self.config_init, "trainer", default={}).get("plugins") or []
         configured = configured if isinstance(configured, list) else [configured]
         if SLURMEnvironment.detect() and not any(isinstance(p, ClusterEnvironment) for p in configured):
             kwargs["plugins"] = [*configured, SLURMEnvironment(auto_requeue=False)]
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        install_atomic_checkpoint_io(trainer)
+        return trainer
+
+
+def install_atomic_checkpoint_io(trainer: Any) -> bool:
+    """Give the trainer's strategy timelit's AtomicCheckpointIO when it would use Lightning's default TorchCheckpointIO.
+
+    Done on the built trainer rather than by adding a `trainer.plugins` entry, so that whatever the user configured
+    stays: a CheckpointIO plugin of their own, a strategy built with its `checkpoint_io`, and the strategies that need
+    their own IO (XLA's refuses any other, AsyncCheckpointIO wraps one) all keep theirs. Returns whether it replaced.
+    """
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    from timelit.callbacks.checkpoint import AtomicCheckpointIO
+
+    if type(trainer.strategy.checkpoint_io) is not TorchCheckpointIO:
+        return False
+    trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+    return True
 
 
 # Settings that change what an experiment computes; loader workers and evaluation batch sizes do not (the data

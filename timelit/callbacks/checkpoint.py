@@ -1,19 +1,88 @@
-"""StreamCheckpoint: one `last.ckpt` that is never more than N steps or one task boundary old.
+"""StreamCheckpoint: one `last.ckpt` that is never more than N steps or one task boundary old, written atomically.
+
+    timelit fit --config quickstart.yaml --checkpoint.every_n_train_steps 50      runs/quickstart/checkpoints/last.ckpt
 
 A thin ModelCheckpoint: `last.ckpt` every `every_n_train_steps` steps, and at the end of every task after its
 evaluation (`on_train_epoch_end`, the point from which Lightning resumes cleanly into the next task). No checkpoint
 is ever taken on a task's last batch or during an evaluation: Lightning resumes the first by skipping that task's
 evaluation (its point would be lost from the results) and the second by finishing the evaluation on part of the
 data. The steps between the previous `last.ckpt` and such a moment are recomputed exactly on resume.
+
+`AtomicCheckpointIO` (installed by `timelit fit`) writes every checkpoint file beside its destination and renames it
+into place, because `last.ckpt` is the only checkpoint a run keeps (`save_top_k=0`): a half-written one would leave
+nothing to resume from.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 from typing_extensions import override
+
+from timelit.atomic import replace_with, temporary_path
+
+log = logging.getLogger(__name__)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """TorchCheckpointIO whose local saves are atomic on any filesystem: `torch.save` into a hidden temporary file in
+    the destination's folder, fsync, `os.replace` over the destination.
+
+    Lightning's own save (`lightning.fabric.utilities.cloud_io._atomic_save`) serialises the whole checkpoint into
+    memory, writes it to a temporary file in `$TMPDIR` and `shutil.move`s it. On a cluster `$TMPDIR` is usually
+    node-local while the run directory is on a shared filesystem: the rename fails (EXDEV) and `shutil.move` copies
+    into `last.ckpt` in place, so a SIGKILL during the copy (Slurm's, `KillWait` after SIGTERM) leaves a truncated
+    `last.ckpt` and no older one to fall back on. Here the bytes go straight to the destination's filesystem (no copy
+    of the checkpoint in RAM or in `$TMPDIR`), and the rename within one folder is atomic: readers see the old file or
+    the new one. A save killed midway leaves only `.<name>.<host>.<pid>.tmp`, which no `last*.ckpt` glob matches; the
+    next successful save on the same host removes such leftovers of processes that no longer exist.
+
+    Loading and `remove_checkpoint` are TorchCheckpointIO's. Paths on remote filesystems (`s3://...`) are saved by
+    TorchCheckpointIO as before (object stores have no partial objects).
+    """
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        fs = get_filesystem(path)
+        if storage_options is not None or not isinstance(fs, LocalFileSystem):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        target = Path(fs._strip_protocol(str(path)))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temporary_path(target)
+        try:
+            torch.save(checkpoint, tmp)
+            replace_with(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _remove_leftovers(target)
+
+
+def _remove_leftovers(target: Path) -> None:
+    """Delete `.<name>.<this host>.<pid>.tmp` files of earlier writers on this host whose process is gone (a save
+    killed midway leaves a checkpoint-sized one). Other hosts' leftovers are kept: their pids mean nothing here."""
+    mine = temporary_path(target)
+    prefix, pid_here = mine.name.rsplit(".", 2)[0] + ".", os.getpid()
+    for leftover in target.parent.glob(f"{prefix}*.tmp"):
+        pid = leftover.name[len(prefix) : -len(".tmp")]
+        if not pid.isdigit() or int(pid) == pid_here:
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            leftover.unlink(missing_ok=True)
+            log.info("removed %s, left by a save that was killed midway", leftover)
+        except OSError:
+            pass  # alive under another user: not ours to judge
 
 
 class StreamCheckpoint(ModelCheckpoint):
@@ -22,7 +91,8 @@ class StreamCheckpoint(ModelCheckpoint):
     Args:
         every_n_train_steps: save within a task every this many optimizer steps.
         dirpath: where `last.ckpt` goes; default `<log_dir>/checkpoints`.
-        save_on_exception: also save when training stops on an exception (e.g. SIGTERM from Slurm).
+        save_on_exception: also save when a single-process run stops on an exception in a task's training steps
+            (with several ranks it never does; see `on_exception`).
     """
 
     def __init__(self, every_n_train_steps: int = 500, dirpath: str | None = None, save_on_exception: bool = True):
@@ -44,15 +114,32 @@ class StreamCheckpoint(ModelCheckpoint):
 
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        """Save `last.ckpt` when training stops on an exception inside a task's training steps.
+        """Save `last.ckpt` when a single-process run stops on an exception inside a task's training steps.
 
         Not during an evaluation (a resume would finish it on part of the data) nor on a task's last batch (Lightning
         would resume past that task's evaluation): there the previous `last.ckpt` is the right place to resume from,
         and the steps since are recomputed exactly. Unlike ModelCheckpoint, no extra named checkpoint is written.
+
+        Never with more than one rank: an exception is usually one rank's own (an error in its data, a CUDA fault),
+        and a save ends in a barrier that the other ranks, waiting in the step's all-reduce, never reach, so the job
+        would hang until the collective's timeout instead of failing. The preemption stop, which every rank agrees on,
+        saves through `Preemption` before it raises.
         """
+        if not self._should_save_on_exception(trainer):
+            return
+        if trainer.world_size > 1:
+            # Logged by the rank that failed: the others do not get here while they wait in a collective.
+            log.warning(
+                "rank %d: %s; last.ckpt is not saved on an exception with %d ranks (the others may be inside a "
+                "collective), so a resume starts from the previous last.ckpt",
+                trainer.global_rank,
+                type(exception).__name__,
+                trainer.world_size,
+            )
+            return
         in_training = trainer.training and not trainer.validating and not trainer.sanity_checking
         on_last_batch = trainer.fit_loop.epoch_loop.batch_progress.current.ready >= trainer.num_training_batches
-        if self._should_save_on_exception(trainer) and in_training and not on_last_batch:
+        if in_training and not on_last_batch:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     @override
