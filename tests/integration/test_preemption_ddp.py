@@ -1,5 +1,7 @@
 """Preemption under DDP (2 CPU processes, gloo): a signal that reaches one rank only stops both at the same step,
-rank 0 writes last.ckpt, and nothing hangs (research/ecosystem_reliability_anchors.md: PL#21406, PL#20280)."""
+rank 0 writes last.ckpt, and nothing hangs (research/ecosystem_reliability_anchors.md: PL#21406, PL#20280) — also
+when it arrives before training starts, where Lightning's own SIGTERM handler (which broadcasts inside the handler)
+used to be live."""
 
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ SCRIPT = textwrap.dedent(
     from timelit.callbacks.checkpoint import StreamCheckpoint
     from timelit.callbacks.preemption import Preempted, Preemption
 
-    out, signal_rank, signum = Path(sys.argv[1]), int(sys.argv[2]), getattr(signal, sys.argv[3])
+    out, signal_rank, signum, where = Path(sys.argv[1]), int(sys.argv[2]), getattr(signal, sys.argv[3]), sys.argv[4]
 
 
     class Linear(L.LightningModule):
@@ -45,13 +47,16 @@ SCRIPT = textwrap.dedent(
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
         def train_dataloader(self):
+            # Called after Lightning's signal registration and before on_train_start (no sanity check here).
+            if where == "loader" and self.trainer.global_rank == signal_rank:
+                os.kill(os.getpid(), signum)
             g = torch.Generator().manual_seed(0)
             return DataLoader(TensorDataset(torch.randn(32, 4, generator=g), torch.randn(32, 1, generator=g)), 2)
 
 
     class SignalOneRank(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if trainer.global_rank == signal_rank and batch_idx == 2:
+            if where == "batch" and trainer.global_rank == signal_rank and batch_idx == 2:
                 os.kill(os.getpid(), signum)
 
 
@@ -70,14 +75,17 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize(("signal_rank", "signame"), [(1, "SIGUSR1"), (0, "SIGTERM")])
-def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, signal_rank, signame):
+@pytest.mark.parametrize(
+    ("signal_rank", "signame", "where", "step"),
+    [(1, "SIGUSR1", "batch", 3), (0, "SIGTERM", "batch", 3), (1, "SIGTERM", "loader", 1)],
+)
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, signal_rank, signame, where, step):
     script = tmp_path / "fit_ddp.py"
     script.write_text(SCRIPT)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}  # not a Slurm job: no requeue
     env.update(MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo")
     result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), str(signal_rank), signame],
+        [sys.executable, str(script), str(tmp_path), str(signal_rank), signame, where],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -92,6 +100,6 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, signal
     while not all(marker.exists() for marker in markers) and time.monotonic() < deadline:
         time.sleep(0.2)
     ranks = [json.loads(marker.read_text()) for marker in markers]
-    assert ranks == [{"step": 3, "code": expected}] * 2  # batches 0..2 trained on both ranks, then both stopped
+    assert ranks == [{"step": step, "code": expected}] * 2  # both ranks trained up to the signal, then stopped
     checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
-    assert checkpoint["global_step"] == 3
+    assert checkpoint["global_step"] == step

@@ -10,9 +10,12 @@ What happens here (ARCHITECTURE.md decision 4; research/ecosystem_reliability_an
 1. The signal handlers only record which signal arrived. Lightning's own SLURM handler saves a checkpoint and runs
    `scontrol` inside the handler, and its SIGTERM handler broadcasts inside it; I/O and collectives in a handler
    can hang a DDP job (Lightning-AI/pytorch-lightning#21406). The handlers are installed in the main process of
-   every rank; loader workers ignore both signals (`timelit.data.loaders.ignore_preemption_signals`, PL#20280).
-2. At the end of every training batch the ranks agree with one all-reduce (MAX) over "SIGTERM seen, requeue signal
-   seen", so a signal delivered to a single rank stops all of them at the same step.
+   every rank at `setup`, and Lightning is kept from installing its own during this fit, so no SIGTERM ever reaches
+   Lightning's handler; loader workers ignore both signals (`timelit.data.loaders.ignore_preemption_signals`,
+   PL#20280).
+2. At the end of every training batch, and at the end of every task after its task-end checkpoint, the ranks agree
+   with one all-reduce (MAX) over "SIGTERM seen, requeue signal seen", so a signal delivered to a single rank stops
+   all of them at the same step.
 3. All ranks then save `last.ckpt` through the run's ModelCheckpoint (timelit's StreamCheckpoint): the same file, the
    same atomic write and the same point in the step as its periodic saves, so `timelit fit` (whose `ckpt_path`
    defaults to `last`) resumes from it to the same final weights as an uninterrupted run. This callback is a
@@ -28,16 +31,18 @@ What happens here (ARCHITECTURE.md decision 4; research/ecosystem_reliability_an
 
 When the signal arrives elsewhere than in the middle of a task:
 
-- during an evaluation (the zero-shot evaluation before the stream, a task's evaluation, the full evaluation after
-  it): the evaluation is never interrupted. Its metric states are not in any checkpoint, and the ranks may hold
-  different numbers of evaluation batches, so no collective can be placed between them. The signal takes effect at
-  the end of the next training batch, after the task-end checkpoint. Choose `--signal=SIGUSR1@N` with N longer than
-  one evaluation plus one checkpoint save; a SIGTERM whose `KillWait` ends inside an evaluation loses the work since
-  the previous `last.ckpt`, which is never more than `checkpoint.every_n_train_steps` steps old.
+- during an evaluation: the evaluation is never interrupted. Its metric states are not in any checkpoint, and the
+  ranks may hold different numbers of evaluation batches, so no collective can be placed between them. After a
+  task's evaluation the run stops right after that task's checkpoint (`on_train_epoch_end`, which every rank
+  reaches), so the job does not train on into the next task; after the zero-shot evaluation before the stream it
+  stops at the end of the first training batch. Choose `--signal=SIGUSR1@N` with N longer than one evaluation plus
+  one checkpoint save; a SIGTERM whose `KillWait` ends inside an evaluation loses the work since the previous
+  `last.ckpt`, which is never more than `checkpoint.every_n_train_steps` steps old.
 - on the last batch of a task: nothing is saved there (StreamCheckpoint does not save on a task's last batch either,
   because Lightning would skip that task's evaluation on resume); the task is evaluated, its task-end checkpoint is
-  written, and the run stops after the first batch of the next task.
-- after the last training step of the stream: the run finishes normally (exit status 0) and says so in the log.
+  written, and the run stops there.
+- during the last task's evaluation, or after the last training step of the stream: nothing is left to resume, so
+  the run finishes normally (exit status 0) and says so in the log.
 - in a loader worker: ignored there; the main process decides (Slurm signals every process of a job step).
 
 The checkpoint holds nothing of this callback: what it saves is the trainer's own state.
@@ -177,9 +182,39 @@ class Preemption(Checkpoint):
         self._turn_off_lightning_requeue(trainer)
         self._received = set()
         self._active = True
-        # Installed now, before Lightning registers its own: Lightning then leaves SIGUSR1 alone (it only takes a
-        # signal that has no handler) and wraps SIGTERM, which on_sanity_check_start / on_train_start take back.
+        # Installed now, and Lightning is kept from wrapping SIGTERM at the start of the run (which it would do
+        # after `setup`, leaving its broadcasting handler live until on_sanity_check_start / on_train_start).
         self._install_handlers()
+        self._keep_lightning_handlers_off(trainer)
+
+    @staticmethod
+    def _keep_lightning_handlers_off(trainer: L.Trainer) -> None:
+        """Make this fit's `trainer._signal_connector.register_signal_handlers()` install nothing.
+
+        Lightning calls it after the `setup` hooks, just before the run; in a fit it would wrap SIGTERM in a handler
+        that broadcasts inside the handler (PL#21406) and forwards the signal to launched children. Until
+        `on_sanity_check_start` / `on_train_start` took SIGTERM back, a SIGTERM to one rank could hang DDP in that
+        window (the run's barrier, building the first task's loader on a resume). With Lightning's handler never
+        installed, `trainer.received_sigterm` stays False, as it did after those hooks, and this callback's handlers
+        stay in place from `setup` to `teardown`. Lightning records no handlers to restore; this callback restores
+        its own. Undone at `teardown` / `on_exception`, so a later `validate` on the same trainer is Lightning's.
+        """
+        connector = getattr(trainer, "_signal_connector", None)
+        if connector is None or not callable(getattr(connector, "register_signal_handlers", None)):
+            log.debug("Preemption: this Lightning has no signal connector to keep off; handlers retaken at start")
+            return
+
+        def register_nothing() -> None:
+            connector.received_sigterm = False
+            connector._original_handlers = {}
+
+        connector.register_signal_handlers = register_nothing
+
+    @staticmethod
+    def _let_lightning_handlers_back(trainer: L.Trainer) -> None:
+        connector = getattr(trainer, "_signal_connector", None)
+        if connector is not None:
+            vars(connector).pop("register_signal_handlers", None)
 
     @staticmethod
     def _turn_off_lightning_requeue(trainer: L.Trainer) -> None:
@@ -213,12 +248,36 @@ class Preemption(Checkpoint):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if not self._active or batch_idx + 1 >= trainer.num_training_batches:
-            return  # a task's last batch: its evaluation and task-end checkpoint come first
+            return  # a task's last batch: its evaluation and task-end checkpoint come first (on_train_epoch_end)
         if (batch_idx + 1) % trainer.accumulate_grad_batches != 0:
             return  # gradients being accumulated are in no checkpoint
         stop, requeue = self.agree(trainer)
         if stop or requeue:
-            self._stop(trainer, self.signals[1] if requeue else self.signals[0], batch_idx)
+            self._stop(
+                trainer,
+                self.signals[1] if requeue else self.signals[0],
+                f"batch {batch_idx + 1} of {trainer.num_training_batches}",
+            )
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Act on a signal that arrived during the task's last batch or its evaluation, right after the task-end
+        checkpoint (this callback is a Checkpoint: it runs after StreamCheckpoint's save at this point, or makes the
+        same save itself). Without this, a requeue signal that came during a long evaluation would wait for the next
+        task's first batch, possibly past the time limit. Every rank reaches this hook, so the ranks agree as at a
+        batch end. After the last task nothing is left to resume: the run finishes."""
+        if not self._active or trainer.sanity_checking or self._stream_ends_here(trainer):
+            return
+        stop, requeue = self.agree(trainer)
+        if stop or requeue:
+            self._stop(trainer, self.signals[1] if requeue else self.signals[0], "after its evaluation")
+
+    @staticmethod
+    def _stream_ends_here(trainer: L.Trainer) -> bool:
+        """True at the end of the last task (or when the trainer stops after this epoch anyway)."""
+        last_epoch = trainer.max_epochs is not None and 0 <= trainer.max_epochs <= trainer.current_epoch + 1
+        out_of_steps = 0 <= trainer.max_steps <= trainer.global_step
+        return last_epoch or out_of_steps or trainer.should_stop
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -227,6 +286,7 @@ class Preemption(Checkpoint):
             return
         self._active = False
         self._restore_handlers(trainer)
+        self._let_lightning_handlers_back(trainer)
         if self._received:
             names = ", ".join(signal.Signals(s).name for s in sorted(self._received))
             log.warning("%s arrived after the last training step: the run finished normally", names)
@@ -236,6 +296,7 @@ class Preemption(Checkpoint):
         if self._active:
             self._active = False
             self._restore_handlers(trainer)
+            self._let_lightning_handlers_back(trainer)
 
     # ------------------------------------------------------------------ acting
 
@@ -260,7 +321,7 @@ class Preemption(Checkpoint):
                 callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
         return self._checkpoints[0].last_model_path or None
 
-    def _stop(self, trainer: L.Trainer, signum: int, batch_idx: int) -> None:
+    def _stop(self, trainer: L.Trainer, signum: int, where: str) -> None:
         path = self._save(trainer)
         for logger in trainer.loggers:
             logger.save()  # flushed now: the SIGTERM that follows a requeue may end the process mid-teardown
@@ -275,12 +336,11 @@ class Preemption(Checkpoint):
         trainer.strategy.barrier("timelit-preemption")
         if trainer.is_global_zero:
             log.warning(
-                "%s: stopped at step %d (task %d, batch %d of %d); saved %s%s",
+                "%s: stopped at step %d (task %d, %s); saved %s%s",
                 signal.Signals(signum).name,
                 trainer.global_step,
                 trainer.current_epoch,
-                batch_idx + 1,
-                trainer.num_training_batches,
+                where,
                 path,
                 f"; requeued Slurm job {requeued}" if requeued else "; run the same command again to resume",
             )

@@ -91,7 +91,7 @@ def fake_scontrol(tmp_path, monkeypatch):
     return calls, status
 
 
-def fit(tmp_path, *callbacks, model=None, ckpt_path=None) -> tuple[L.Trainer, Linear]:
+def fit(tmp_path, *callbacks, model=None, ckpt_path=None, **trainer_kwargs) -> tuple[L.Trainer, Linear]:
     model = model or Linear()
     trainer = L.Trainer(
         max_epochs=TASKS,
@@ -101,7 +101,9 @@ def fit(tmp_path, *callbacks, model=None, ckpt_path=None) -> tuple[L.Trainer, Li
         enable_model_summary=False,
         default_root_dir=tmp_path,
         callbacks=[*callbacks, StreamCheckpoint(every_n_train_steps=1000, dirpath=str(tmp_path / "checkpoints"))],
+        **trainer_kwargs,
     )
+    model.trainer_under_test = trainer  # for the assertions of a test that ends in an exception
     trainer.fit(model, ckpt_path=ckpt_path)
     return trainer, model
 
@@ -168,18 +170,51 @@ def test_requeue_can_be_turned_off(tmp_path, monkeypatch, fake_scontrol):
     assert not calls.exists() and saved_step(tmp_path) == 1
 
 
-def test_a_signal_during_evaluation_lets_it_finish_and_stops_after_the_next_batch(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_signal_during_evaluation_lets_it_finish_and_stops_right_after_the_task_end_checkpoint(tmp_path, signum):
     model = Linear()
-    with pytest.raises(Preempted):
-        fit(tmp_path, Preemption(), SendSignal(signal.SIGTERM, "val", task=0, batch=0), model=model)
+    with pytest.raises(Preempted) as stopped:
+        fit(tmp_path, Preemption(), SendSignal(signum, "val", task=0, batch=0), model=model)
+    assert stopped.value.code == 128 + signum
     assert model.val_batches == {0: VAL_BATCHES}  # the evaluation of task 0 ran to its end
-    assert saved_step(tmp_path) == BATCHES + 1  # then one batch of task 1, and the save
+    assert saved_step(tmp_path) == BATCHES  # and no step of task 1 was trained before stopping
+
+    # The task-end checkpoint resumes into task 1: task 0 is neither trained nor evaluated again.
+    resumed = Linear()
+    trainer, _ = fit(tmp_path, Preemption(), model=resumed, ckpt_path="last")
+    assert trainer.global_step == TASKS * BATCHES and trainer.state.finished
+    assert resumed.val_batches == {1: VAL_BATCHES}
 
 
 def test_a_signal_on_the_last_batch_of_a_task_waits_for_its_evaluation_and_task_end_checkpoint(tmp_path):
+    model = Linear()
     with pytest.raises(Preempted):
-        fit(tmp_path, Preemption(), SendSignal(signal.SIGUSR1, "train", task=0, batch=BATCHES - 1))
-    assert saved_step(tmp_path) == BATCHES + 1
+        fit(tmp_path, Preemption(), SendSignal(signal.SIGUSR1, "train", task=0, batch=BATCHES - 1), model=model)
+    assert model.val_batches == {0: VAL_BATCHES} and saved_step(tmp_path) == BATCHES
+
+
+class SignalWhileBuildingTheLoader(Linear):
+    """Sends SIGTERM to itself in `train_dataloader`, which a run without a sanity check (a resume, or
+    `num_sanity_val_steps=0`) calls after Lightning's signal registration and before `on_train_start`."""
+
+    def train_dataloader(self):
+        self.handler_seen = signal.getsignal(signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return super().train_dataloader()
+
+
+def test_lightning_never_handles_a_sigterm_that_arrives_before_training_starts(tmp_path):
+    """Lightning's SIGTERM handler broadcasts inside the handler (PL#21406); it must not be live in the window
+    between its registration and on_train_start, where a SIGTERM to one rank would hang DDP."""
+    model, preemption = SignalWhileBuildingTheLoader(), Preemption()
+    with pytest.raises(Preempted) as stopped:
+        fit(tmp_path, preemption, model=model, num_sanity_val_steps=0)
+    trainer = model.trainer_under_test
+    assert model.handler_seen == preemption._on_signal
+    assert trainer.received_sigterm is False  # Lightning's handler never ran
+    assert stopped.value.code == 128 + signal.SIGTERM and saved_step(tmp_path) == 1
+    # After the fit, Lightning registers its handlers again (validate is not timelit's to handle).
+    assert "register_signal_handlers" not in vars(trainer._signal_connector)
 
 
 def test_a_signal_after_the_last_step_lets_the_run_finish(tmp_path, caplog):
