@@ -83,20 +83,33 @@ def validate(method: str, hparams: Mapping[str, Any] | None = None) -> Technique
     """Check a method name and its hyperparameters without merging; return the configured technique.
 
     Raises a ValueError that lists the valid names and suggests the nearest one (``"tie"`` -> ``"ties"``), or that
-    translates a name from the pipeline or mergekit (``prune_percentile`` -> ``k = 1 - prune_percentile``). Checks that
-    need the experts (how many, the length of ``weights``) happen when merging.
+    translates a name from the pipeline or mergekit (``prune_percentile`` -> ``k = 1 - prune_percentile``). A
+    technique's ``aliases`` (Breadcrumbs' ``beta``/``gamma``, MERGING.md's names) are accepted for their fields; an
+    alias given together with its field is an error. Checks that need the experts (how many, the length of
+    ``weights``) happen when merging.
     """
     if method not in TECHNIQUES:
         raise ValueError(
             f"unknown merge method {method!r}{_nearest(method, TECHNIQUES)}; valid: {', '.join(TECHNIQUES)}"
         )
     technique = TECHNIQUES[method]
-    valid = [field.name for field in dataclasses.fields(technique)]
-    for name in hparams or {}:
+    fields = [field.name for field in dataclasses.fields(technique)]
+    valid = [*fields, *technique.aliases]
+    listed = ", ".join([*fields, *(f"{alias} (= {field})" for alias, field in technique.aliases.items())])
+    kwargs: dict[str, Any] = {}
+    given: dict[str, str] = {}  # field -> the name it was given under
+    for name, value in (hparams or {}).items():
         if name not in valid:
             hint = f" ({technique.hints[name]})" if name in technique.hints else _nearest(name, valid)
-            raise ValueError(f"unknown hyperparameter {name!r} for {method!r}{hint}; valid: {', '.join(valid)}")
-    return technique(**(hparams or {}))
+            raise ValueError(f"unknown hyperparameter {name!r} for {method!r}{hint}; valid: {listed}")
+        field = technique.aliases.get(name, name)
+        if field in given:
+            raise ValueError(
+                f"{given[field]!r} and {name!r} are two names for the same {method!r} hyperparameter {field!r}; "
+                "give one"
+            )
+        given[field], kwargs[field] = name, value
+    return technique(**kwargs)
 
 
 def _nearest(name: str, valid: Sequence[str] | Mapping[str, Any]) -> str:

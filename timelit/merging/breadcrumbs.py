@@ -1,6 +1,7 @@
 """Model Breadcrumbs: drop the largest and the smallest entries of each task vector (arXiv 2312.06795).
 
     merge(base, experts, "breadcrumbs", top_drop=0.01, bottom_drop=0.7)
+    merge(base, experts, "breadcrumbs", beta=0.01, gamma=0.7)   # the same, in shared/MERGING.md's names
     merge(base, experts, "breadcrumbs_ties", top_drop=0.01, bottom_drop=0.7, scope="tower")  # the TIME configs
 
 Per expert over the scope's n entries, keep lower <= |tau_i| <= upper, where upper is the (floor(top_drop n) + 1)-th
@@ -8,14 +9,18 @@ largest and lower the (floor(bottom_drop n) + 1)-th smallest |tau_i| (the pipeli
 kept). ``breadcrumbs`` then adds the masked vectors (task arithmetic, as in the paper); ``breadcrumbs_ties`` elects
 signs and takes the disjoint mean as TIES does (the pipeline's ``breadcrumbs_ties``).
 
-Naming: the paper's and the codes' beta/gamma disagree, so timelit names the fractions by what they drop:
+Naming: the paper's and the codes' beta/gamma disagree, so timelit's fields are named by what they drop, and
+``validate`` also accepts shared/MERGING.md's ``beta`` and ``gamma`` for them (giving a name and its alias together is
+an error). The provenance records ``top_drop`` and ``bottom_drop``, whichever name was given:
 
-| timelit         | shared/MERGING.md | FoMo-in-Flux pipeline    | authors' code (rezazzr) | mergekit              |
-|-----------------|-------------------|--------------------------|-------------------------|-----------------------|
-| ``top_drop``    | beta (largest)    | ``top_prune_percentile`` | gamma (largest dropped) | ``gamma``             |
-| ``bottom_drop`` | gamma (smallest)  | ``prune_percentile``     | 1 - beta - gamma        | 1 - density - gamma   |
+| timelit (alias)             | MERGING.md       | FoMo-in-Flux pipeline    | authors' code    | mergekit            |
+|-----------------------------|------------------|--------------------------|------------------|---------------------|
+| ``top_drop`` (``beta``)     | beta (largest)   | ``top_prune_percentile`` | gamma (largest)  | ``gamma``           |
+| ``bottom_drop`` (``gamma``) | gamma (smallest) | ``prune_percentile``     | 1 - beta - gamma | 1 - density - gamma |
 
-(the authors' beta is the fraction kept; mergekit's density likewise.)
+(the authors' code is rezazzr/breadcrumbs; its beta is the fraction kept, as is mergekit's density.) So a ``gamma``
+copied from the authors' code or mergekit is the largest fraction dropped: it belongs in ``top_drop``, not in
+timelit's ``gamma``.
 """
 
 from __future__ import annotations
@@ -32,19 +37,15 @@ from timelit.merging.chunks import Chunk
 from timelit.merging.task_vectors import Elected, elect_disjoint_mean, keep_magnitudes, sum_in_order
 from timelit.merging.technique import TaskVectorTechnique, check_range
 
-_NAMES = (
-    "breadcrumbs names its fractions by what they drop: `top_drop` (largest |tau| dropped; MERGING.md's beta, "
-    "the authors' gamma) and `bottom_drop` (smallest dropped; MERGING.md's gamma)"
-)
-
 
 @dataclass(frozen=True, kw_only=True)
 class Breadcrumbs(TaskVectorTechnique):
     """Breadcrumbs + task arithmetic.
 
     Args:
-        top_drop: fraction of the largest |tau_i| dropped per expert over the scope (default 0.01).
-        bottom_drop: fraction of the smallest |tau_i| dropped (default 0.7). top_drop + bottom_drop must be < 1.
+        top_drop: fraction of the largest |tau_i| dropped per expert over the scope (default 0.01); alias ``beta``.
+        bottom_drop: fraction of the smallest |tau_i| dropped (default 0.7); alias ``gamma``. top_drop + bottom_drop
+            must be < 1.
     """
 
     top_drop: float = 0.01
@@ -52,9 +53,9 @@ class Breadcrumbs(TaskVectorTechnique):
 
     name: ClassVar[str] = "breadcrumbs"
     order_statistics: ClassVar[bool] = True
+    scoped: ClassVar[bool] = True
+    aliases: ClassVar[dict[str, str]] = {"beta": "top_drop", "gamma": "bottom_drop"}
     hints: ClassVar[dict[str, str]] = {
-        "beta": _NAMES,
-        "gamma": _NAMES,
         "top_prune_percentile": "the pipeline's top_prune_percentile is `top_drop`",
         "prune_percentile": "the pipeline's prune_percentile is `bottom_drop`",
     }

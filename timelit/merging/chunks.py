@@ -51,9 +51,10 @@ class Chunk:
     def n_experts(self) -> int:
         return len(self._job.experts)
 
-    def buffer(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """An uninitialised buffer of the chunk's length, shared with every other chunk that asks for ``name``."""
-        return self._job.workspace.get(name, len(self), dtype)
+    def buffer(self, name: str, dtype: torch.dtype = torch.float32, length: int | None = None) -> torch.Tensor:
+        """An uninitialised buffer of the chunk's length (or ``length``, for scratch a kernel reuses within the
+        chunk), shared with every other chunk that asks for ``name``."""
+        return self._job.workspace.get(name, len(self) if length is None else length, dtype)
 
     @cached_property
     def base(self) -> torch.Tensor:

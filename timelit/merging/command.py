@@ -54,8 +54,9 @@ def merge_command(
             checkpoint ``{"state_dict": {"model." + key: tensor}, "pytorch-lightning_version": ...}`` whose
             state_dict loads into the timelit module; it holds no optimizer or loop state to resume from).
         hparams: the method's hyperparameters as a JSON object, e.g. ``'{"k": 0.3, "scope": "tower"}'`` for ties;
-            names as in the papers (k, lam, p, seed, w, t, weights, top_drop, bottom_drop, alpha, beta, scope, skip,
-            lines, lines_alpha, lines_beta). An unknown name is an error that lists the valid ones.
+            names as in the papers (k, lam, p, seed, w, t, weights, top_drop or beta, bottom_drop or gamma, alpha,
+            beta, scope, skip, lines, lines_alpha, lines_beta). An unknown name is an error that lists the valid ones.
+            The output records the values used, defaults resolved (e.g. lam 1.0).
         chunk_size: elements of one tensor read per expert at a time.
         threads: torch threads for the merge (default 1: robust when the machine is busy; null keeps torch's).
         progress: show a progress bar over tensors.
@@ -72,7 +73,7 @@ def merge_command(
     merged = merge(base_weights, expert_weights, technique, chunk_size=chunk_size, threads=threads, progress=progress)
     metadata = {
         "timelit.method": technique.name,
-        "timelit.hparams": json.dumps(technique.hparams()),
+        "timelit.hparams": json.dumps(technique.hparams(len(expert_weights))),
         "timelit.base": json.dumps({"file": str(base), "sha256": base_hash}),
         "timelit.experts": json.dumps(expert_hashes),
     }

@@ -6,6 +6,8 @@
 Each entry of tau_i is kept with probability 1 - p (an i.i.d. Bernoulli draw, as in the paper) and kept entries are
 divided by 1 - p, so E[drop(tau_i)] = tau_i. ``dare`` then adds the rescaled vectors (task arithmetic); ``dare_ties``
 elects signs and takes the disjoint mean as TIES does, with no magnitude trim (as in mergekit and the pipeline).
+The masks are drawn entry by entry, so ``scope`` matters only to ``dare_ties`` (where zero sums take the scope's
+majority sign) and to ``lines_alpha="auto"``; ``dare`` rejects any other scope as having no effect.
 
 The mask of expert i over tensor ``key`` is cut into blocks of 65,536 entries; block b's uniforms come from a
 generator seeded with a hash of (seed, i, key, b). A merge therefore gives the same weights whenever it is recomputed,
@@ -91,6 +93,7 @@ class DareTies(Dare):
     """DARE + TIES sign election and disjoint mean (no magnitude trim); same p and seed as :class:`Dare`."""
 
     name: ClassVar[str] = "dare_ties"
+    scoped: ClassVar[bool] = True
 
     def merge_chunk(self, chunk: Chunk) -> Elected:
         return elect_disjoint_mean(chunk, self.dropped(chunk))

@@ -2,10 +2,11 @@
 
     merged = run(Ties(k=0.3, scope="tower"), "base.safetensors", ExpertStore("experts").paths)
 
-Memory is bounded by the output (one model in the base's dtype) plus a few chunk-sized float32 buffers, whatever
-the number of experts: every kernel folds experts one at a time, safetensors inputs are read by byte range (no
-memory maps), and no tensor is ever stacked across experts (ARCHITECTURE.md property 3). A merge over state dicts
-in memory goes through the same code with the same chunking, so the two agree bitwise.
+Memory is bounded by the output (one model in the base's dtype) plus a few chunk-sized buffers (float32; float64
+for the sums of weighted averages and SLERP), whatever the number of experts: every kernel folds experts one at a time,
+safetensors inputs are read by byte range (no memory maps), and no tensor is ever stacked across experts
+(ARCHITECTURE.md property 3). A merge over state dicts in memory goes through the same code with the same chunking,
+so the two agree bitwise.
 
 Per scope group (the whole model, each tower, or each tensor, see ``Scope``):
 1. order statistics, if the technique trims by magnitude: two streamed passes (``order_stats``);
@@ -128,6 +129,9 @@ class _Merge:
         if not self.technique.order_statistics:
             return [() for _ in self.experts]
         n = sum(self.base.entries[key].numel for key in keys)
+        if n == 0:  # only zero-element tensors (scope="tensor"): nothing to trim, and no chunk reads a threshold
+            self.bar.update(2 * len(keys))  # the two passes it skips
+            return [() for _ in self.experts]
         try:
             ranks = self.technique.ranks(n)
         except ValueError as err:
@@ -164,7 +168,8 @@ def _l1(tensor: torch.Tensor) -> float:
 
 
 class _Undecided:
-    """TIES positions of one scope group whose elected sign was 0; resolved by the group's majority sign."""
+    """TIES positions of one scope group whose elected sign was 0; resolved by the group's majority sign, or left at
+    0 when the majority is 0 too (symmetric; the reference code would take the negative side, see ``ties``)."""
 
     def __init__(self) -> None:
         self.sign_sum = 0

@@ -3,7 +3,8 @@
     merge(base, [ema_prev, expert_t], "interpolation", w=0.5)  # ema_t = 0.5 ema_{t-1} + 0.5 expert_t
 
 TIME (arXiv 2412.06712) and the FoMo-in-Flux pipeline use a fixed w = 0.5, not 1/t, so the EMA forgets
-geometrically. For N models use ``average``.
+geometrically. For N models use ``average``; this is its two-model case with weights [1 - w, w], computed by the same
+float64 kernel, so interpolating a model with itself returns it exactly for any w, and w = 0 / 1 return a / b.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import ClassVar
 
 import torch
 
+from timelit.merging.average import weighted_sum
 from timelit.merging.chunks import Chunk
 from timelit.merging.technique import Technique, check_range
 
@@ -40,5 +42,4 @@ class Interpolation(Technique):
         check_range("w", self.w, 0.0, 1.0)
 
     def merge_chunk(self, chunk: Chunk) -> torch.Tensor:
-        merged = torch.mul(chunk.expert(0), 1 - self.w, out=chunk.buffer("result"))  # before the next read
-        return merged.add_(chunk.expert(1).mul_(self.w))
+        return weighted_sum(chunk, (1 - self.w, self.w))

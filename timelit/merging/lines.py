@@ -9,7 +9,8 @@ and every other key (embeddings, layer norms, projections, logit_scale) gets s =
 Shallow blocks stay close to the pretrained weights, which preserves zero-shot skill.
 
 Depth is read per open_clip tower from the base's keys: ``visual.transformer.resblocks.{l}.`` for the image tower and
-``transformer.resblocks.{l}.`` for the text tower, so ViT-L/14 gets 24 and 12 (the pipeline takes one L for both).
+``transformer.resblocks.{l}.`` (``CLIP``) or ``text.transformer.resblocks.{l}.`` (``CustomTextCLIP``, whose text tower
+is the module ``text``) for the text tower, so ViT-L/14 gets 24 and 12 (the pipeline takes one L for both).
 A tower with a single block gives it s = alpha. Keys of other layouts (e.g. timm trunks) are treated as non-block keys.
 
 ``alpha="auto"`` = ||sum_i tau_i||_1 / (N ||tau_m||_1) per scope: it rescales the merged vector to the mean task
@@ -27,14 +28,15 @@ import torch
 
 from timelit.merging.chunks import Chunk
 from timelit.merging.task_vectors import sum_in_order
-from timelit.merging.technique import Scaling, Scope, Technique, check_choice, check_range
+from timelit.merging.technique import Scaling, Scope, Technique, check_choice, check_range, check_scope_has_effect
 
-_BLOCK = re.compile(r"^(visual\.)?transformer\.resblocks\.(\d+)\.")
+_BLOCK = re.compile(r"^(visual\.|text\.)?transformer\.resblocks\.(\d+)\.")
+_TOWER = {"visual.": "visual", "text.": "text", None: "text"}  # CLIP's text tower has no prefix, CustomTextCLIP's text.
 
 
 def depth_ratios(keys: Iterable[str]) -> dict[str, float]:
     """l / (L - 1) for every key inside a residual block, with L counted per tower; other keys are absent (0)."""
-    blocks = {key: (match.group(1) or "", int(match.group(2))) for key in keys if (match := _BLOCK.match(key))}
+    blocks = {key: (_TOWER[match.group(1)], int(match.group(2))) for key in keys if (match := _BLOCK.match(key))}
     depth: dict[str, int] = {}
     for tower, index in blocks.values():
         depth[tower] = max(depth.get(tower, 0), index + 1)
@@ -53,7 +55,8 @@ class Lines(Technique):
     Args:
         alpha: scale of the shallowest block and of every non-block key (default 0.5, the pipeline's), or "auto".
         beta: added scale at the deepest block (default 0.5).
-        scope: where ``alpha="auto"`` is computed (see :data:`Scope`).
+        scope: where ``alpha="auto"`` is computed (see :data:`Scope`); with a fixed alpha it has no effect and
+            another scope than ``model`` is an error.
     """
 
     alpha: float | Literal["auto"] = 0.5
@@ -72,6 +75,7 @@ class Lines(Technique):
         if self.alpha != "auto":
             check_range("alpha", self.alpha)
         check_range("beta", self.beta)
+        check_scope_has_effect(self.name, self.scope, self.alpha == "auto", "alpha")
 
     def scaling(self) -> Scaling:
         return Scaling(self.alpha if self.alpha == "auto" else float(self.alpha), float(self.beta))

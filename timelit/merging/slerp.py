@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -41,7 +41,12 @@ class Slerp(Technique):
     name: ClassVar[str] = "slerp"
     space: ClassVar = "weights"
     experts_allowed: ClassVar = (2, None)
-    hints: ClassVar[dict[str, str]] = {"weight_coefficients": "the pipeline's weight_coefficients[0] is `t`"}
+    hints: ClassVar[dict[str, str]] = {
+        "weight_coefficients": (
+            "the pipeline calls slerp([newer, older]) and its weight_coefficients[0] weights the second, older "
+            "model, so `t` (the newer model's weight) = 1 - weight_coefficients[0]"
+        )
+    }
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -67,8 +72,19 @@ class Slerp(Technique):
                 dot, norm_a, norm_b = dot + float(a64 @ b64), norm_a + float(a64 @ a64), norm_b + float(b64 @ b64)
             weight_a, weight_b = _coefficients(dot, norm_a, norm_b, t)
             for a, chunk in zip(current, chunks, strict=True):
-                a.mul_(weight_a).add_(chunk.expert(j).mul_(weight_b))
+                # In float64, rounded once, as ``average.weighted_sum`` does: identical models (where SLERP is the
+                # lerp) come back exactly for any t, and so does every step of the fold over identical models.
+                mixed = chunk.buffer("slerp.a", torch.float64).copy_(a).mul_(weight_a)
+                a.copy_(mixed.add_(chunk.buffer("slerp.b", torch.float64).copy_(chunk.expert(j)).mul_(weight_b)))
         yield from zip(chunks, current, strict=True)
+
+    def hparams(self, n_experts: int | None = None) -> dict[str, Any]:
+        """As :meth:`Technique.hparams`, with an omitted ``t`` recorded as 0.5 for two models; over more it stays
+        null, which means the fold t_j = 1/j."""
+        values = super().hparams(n_experts)
+        if self.t is None and n_experts == 2:
+            values["t"] = 0.5
+        return values
 
 
 def _coefficients(dot: float, norm_a: float, norm_b: float, t: float) -> tuple[float, float]:

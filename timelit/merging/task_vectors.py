@@ -42,7 +42,9 @@ class Elected:
     ``tau`` holds the disjoint mean wherever the elected sign is +1 or -1 and 0 where the trimmed values sum to exactly
     0. Where such a zero-sum position still holds nonzero entries (they cancel), TIES gives it the scope's majority
     sign, known only after the whole scope is seen: those ``undecided`` positions (chunk offsets) carry both
-    candidate values, ``pos_mean`` and ``neg_mean``, and the engine patches them at the end of the scope.
+    candidate values, ``pos_mean`` and ``neg_mean``, and the engine patches them at the end of the scope: with
+    ``pos_mean`` when the scope's sum of elected signs is positive, ``neg_mean`` when negative, and 0 when that sum is
+    0 as well (symmetric; the reference code takes ``neg_mean`` there, see ``ties``).
     """
 
     tau: torch.Tensor
@@ -72,6 +74,10 @@ def elect_disjoint_mean(chunk: Chunk, trimmed: Iterable[torch.Tensor]) -> Electe
     entries), each accumulated in store order. The disjoint mean divides by the number of nonzero agreeing entries
     (at least 1), as the reference code and the FoMo-in-Flux pipeline do. Experts are folded one at a time into
     four accumulators (counts kept as floats, exact up to 2^24 experts) instead of an N x chunk stack.
+
+    Where the sum is exactly 0 the elected sign is the scope's majority, unknown until the scope is done: the result
+    holds 0 there and :class:`Elected` carries both candidates. A majority of 0 leaves the 0 (no side wins), where
+    the reference code would take the negative side's mean.
     """
     pos_sum, neg_sum, pos_count, neg_count = (chunk.buffer(f"elect.{name}") for name in ("ps", "ns", "pc", "nc"))
     part = chunk.buffer("elect.part")

@@ -37,6 +37,20 @@ def check_choice(name: str, value: object, choices: Sequence[str]) -> None:
         raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(choices)}.{hint}")
 
 
+def check_scope_has_effect(technique: str, scope: str, used: bool, auto_name: str) -> None:
+    """Reject a non-default ``scope`` where it changes nothing, as ``lam`` is rejected under LiNeS.
+
+    A technique that merges entry by entry (task arithmetic, DARE's i.i.d. masks, LiNeS with a fixed alpha) takes no
+    statistic over a scope, so ``scope="tower"`` there would read as a choice that was never applied. ``used`` says
+    whether this configuration takes one; ``auto_name`` is the hyperparameter whose ``"auto"`` value would.
+    """
+    if scope != "model" and not used:
+        raise ValueError(
+            f"scope={scope!r} has no effect on {technique}: it merges entry by entry and takes no statistic over a "
+            f"scope (scope only decides where {auto_name}='auto' is computed); leave scope unset"
+        )
+
+
 def check_range(
     name: str, value: object, low: float = -math.inf, high: float = math.inf, *, high_open: bool = False
 ) -> float:
@@ -81,6 +95,8 @@ class Technique:
     order_statistics: ClassVar[bool] = False
     hints: ClassVar[dict[str, str]] = {}
     """Explanations for hyperparameter names from other code bases, shown when a user passes one."""
+    aliases: ClassVar[dict[str, str]] = {}
+    """Other names ``validate`` accepts for a field (alias -> field), e.g. MERGING.md's Breadcrumbs ``beta``."""
 
     def __post_init__(self) -> None:
         skip = (self.skip,) if isinstance(self.skip, str) else self.skip
@@ -112,8 +128,13 @@ class Technique:
         (``chunk.buffer("result")``): the engine uses it up before it asks for the next chunk."""
         raise NotImplementedError
 
-    def hparams(self) -> dict[str, Any]:
-        """The hyperparameters as plain values (for provenance metadata)."""
+    def hparams(self, n_experts: int | None = None) -> dict[str, Any]:
+        """The hyperparameters the merge used, as plain values (the provenance in a merged file's metadata).
+
+        Defaults left unset (``None``) are recorded as the values they resolve to, e.g. ``lam: 1.0``, so the record
+        says what was computed; subclasses resolve their own. ``n_experts`` resolves what depends on the experts
+        (uniform average weights, SLERP's ``t``). Passed back to ``validate``, the record rebuilds the same merge.
+        """
         values = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
         return {name: list(value) if isinstance(value, tuple) else value for name, value in values.items()}
 
@@ -125,7 +146,8 @@ class TaskVectorTechnique(Technique):
     Args:
         lam: lambda, the scale of the merged task vector (default 1, as in the papers' definitions and the TIME
             configs; task arithmetic's paper tunes 0.3-0.4 for 8 tasks). Not allowed with ``lines=True``.
-        scope: where global statistics are taken (see :data:`Scope`); default ``model`` as in the papers.
+        scope: where global statistics are taken (see :data:`Scope`); default ``model`` as in the papers. Task
+            arithmetic and ``dare`` take none, so there another scope is an error unless ``lines_alpha="auto"``.
         lines: scale tau_m by depth with LiNeS (arXiv 2410.17146) instead of lambda.
         lines_alpha: LiNeS alpha (default 0.5, the pipeline's), or ``"auto"`` = ||sum tau_i||_1 / (N ||tau_m||_1).
         lines_beta: LiNeS beta (default 0.5).
@@ -136,6 +158,10 @@ class TaskVectorTechnique(Technique):
     lines: bool = False
     lines_alpha: float | Literal["auto"] | None = None
     lines_beta: float | None = None
+
+    scoped: ClassVar[bool] = False
+    """Whether the technique itself takes a statistic over the scope (a trim threshold, the majority sign). Where
+    it does not, ``scope`` matters only for ``lines_alpha="auto"`` and is rejected otherwise."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -152,6 +178,7 @@ class TaskVectorTechnique(Technique):
             check_range("lines_alpha", self.lines_alpha)
         if self.lines_beta is not None:
             check_range("lines_beta", self.lines_beta)
+        check_scope_has_effect(self.name, self.scope, self.scoped or self.scaling().alpha == "auto", "lines_alpha")
 
     def scaling(self) -> Scaling:
         if self.lines:
@@ -159,3 +186,17 @@ class TaskVectorTechnique(Technique):
             beta = 0.5 if self.lines_beta is None else float(self.lines_beta)
             return Scaling(alpha if alpha == "auto" else float(alpha), beta)
         return Scaling(1.0 if self.lam is None else float(self.lam))
+
+    def hparams(self, n_experts: int | None = None) -> dict[str, Any]:
+        """As :meth:`Technique.hparams`, with the scale that was applied: ``lam`` (default 1.0), or with LiNeS
+        ``lines_alpha`` and ``lines_beta`` (default 0.5 each). The other one is left out: it had no effect, and
+        recorded it would be rejected when the record is passed back to ``validate``."""
+        values = super().hparams(n_experts)
+        scaling = self.scaling()
+        if self.lines:
+            del values["lam"]
+            values["lines_alpha"], values["lines_beta"] = scaling.alpha, scaling.beta
+        else:
+            del values["lines_alpha"], values["lines_beta"]
+            values["lam"] = scaling.alpha
+        return values

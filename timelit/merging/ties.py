@@ -7,8 +7,11 @@
    Ties at the threshold are kept (as in the reference code, FusionBench and the pipeline), so more than ceil(k n)
    entries survive exactly when the threshold value repeats. k = 0 keeps nothing, k = 1 keeps everything.
    The threshold is exact (``order_stats``), found in two streamed passes.
+   (MERGING.md's rule; deliberately not the reference code's floor(k n) + 1 largest nor the pipeline's ceil(k n) + 1.)
 2. Elect: gamma = sign(sum_i trimmed tau_i) per entry (by mass). Where the sum is exactly 0, gamma is the sign of the
-   sum of all elected signs over the scope (the reference code's "majority" rule).
+   sum of all elected signs over the scope (the reference code's "majority" rule). Where that majority is 0 too,
+   the entry's merged value is 0 (symmetric: no side wins); the reference code and the pipeline then take the
+   negative side's mean, an artefact of ``where(sign > 0, tau > 0, tau < 0)``.
 3. Disjoint mean: average of the trimmed entries whose sign equals gamma (nonzero ones only).
 theta = theta_0 + lam * tau_m.
 """
@@ -37,6 +40,7 @@ class Ties(TaskVectorTechnique):
 
     name: ClassVar[str] = "ties"
     order_statistics: ClassVar[bool] = True
+    scoped: ClassVar[bool] = True
     hints: ClassVar[dict[str, str]] = {
         "prune_percentile": "the pipeline's prune_percentile is the fraction DROPPED: k = 1 - prune_percentile",
         "density": "mergekit's density is the fraction kept, `k`",

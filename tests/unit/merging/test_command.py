@@ -44,7 +44,14 @@ def test_merging_a_store_into_safetensors_records_provenance(tmp_path, clip_base
     assert all(torch.equal(merged[key], expected[key]) for key in clip_base)
     metadata = read_metadata(out)
     assert metadata["timelit.method"] == "ties"
-    assert json.loads(metadata["timelit.hparams"])["k"] == 0.3
+    # The values used, defaults resolved (lam 1.0), not the null defaults of the dataclass.
+    assert json.loads(metadata["timelit.hparams"]) == {
+        "skip": [],
+        "lam": 1.0,
+        "scope": "tower",
+        "lines": False,
+        "k": 0.3,
+    }
     assert [e["sha256"] for e in json.loads(metadata["timelit.experts"])] == [file_sha256(p) for p in store.paths]
     assert json.loads(metadata["timelit.base"])["sha256"] == file_sha256(base)
 
@@ -59,6 +66,7 @@ def test_lightning_checkpoints_in_and_out(tmp_path, clip_base, perturbed, write)
     _cli("--base", str(tmp_path / "base.ckpt"), "--experts", experts, "--method", "interpolation", "--out", str(out))
     saved = torch.load(out, weights_only=True, map_location="cpu")
     assert saved["pytorch-lightning_version"] == lightning.__version__
+    assert json.loads(saved["timelit_merge"]["timelit.hparams"]) == {"skip": [], "w": 0.5}
     expected = merge(clip_base, [older, newer], "interpolation", w=0.5)
     assert saved["state_dict"].keys() == {f"model.{k}" for k in clip_base}
     assert all(torch.equal(saved["state_dict"][f"model.{k}"], expected[k]) for k in clip_base)

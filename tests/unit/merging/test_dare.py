@@ -7,7 +7,7 @@ from itertools import pairwise
 import pytest
 import torch
 
-from timelit.merging import merge
+from timelit.merging import merge, validate
 from timelit.merging.dare import BLOCK, keep_mask
 
 
@@ -75,3 +75,16 @@ def test_dare_and_dare_ties_use_the_documented_masks():
     agree = torch.where(sign > 0, stacked > 0, stacked < 0)
     expected = (stacked * agree).sum(0) / agree.sum(0).clamp(min=1)
     torch.testing.assert_close(merge(base, experts, "dare_ties", p=0.6, seed=9)["w"], expected, rtol=1e-6, atol=0)
+
+
+def test_dare_takes_a_scope_only_where_one_is_used(clip_base, perturbed):
+    """DARE's masks are drawn entry by entry, so `dare` takes no statistic over a scope and rejects one; the scope
+    still decides dare_ties' majority sign and where lines_alpha="auto" is computed."""
+    with pytest.raises(ValueError, match="scope='tower' has no effect on dare"):
+        validate("dare", {"scope": "tower"})
+    validate("dare_ties", {"scope": "tower"})
+    experts = perturbed(clip_base, 2)
+    auto = {"lines": True, "lines_alpha": "auto", "seed": 1}
+    per_tower = merge(clip_base, experts, "dare", scope="tower", **auto)
+    whole = merge(clip_base, experts, "dare", scope="model", **auto)
+    assert not all(torch.equal(per_tower[key], whole[key]) for key in clip_base)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import open_clip
 import pytest
 import torch
 
@@ -17,6 +18,41 @@ def test_depth_is_counted_per_tower(clip_base):
     assert ratios["transformer.resblocks.0.attn.out_proj.weight"] == 0.0
     assert ratios["transformer.resblocks.1.mlp.c_proj.bias"] == 1.0
     assert {"visual.proj", "token_embedding.weight", "logit_scale", "ln_final.weight"}.isdisjoint(ratios)
+
+
+@pytest.fixture(scope="module")
+def custom_text_clip_base() -> dict[str, torch.Tensor]:
+    """The conftest's tiny CLIP as open_clip's CustomTextCLIP, whose text tower keys start with ``text.``."""
+    torch.manual_seed(0)
+    model = open_clip.CustomTextCLIP(
+        embed_dim=8,
+        vision_cfg={"layers": 3, "width": 16, "patch_size": 4, "image_size": 8, "head_width": 8},
+        text_cfg={"layers": 2, "width": 16, "heads": 2, "context_length": 5, "vocab_size": 20},
+    )
+    return {key: value.detach().clone() for key, value in model.state_dict().items()}
+
+
+def _as_clip_key(key: str) -> str:
+    """CLIP's key for a CustomTextCLIP tensor: the text tower's keys lose their ``text.`` prefix."""
+    return key.removeprefix("text.")
+
+
+def test_depth_is_counted_per_tower_in_both_open_clip_layouts(clip_base, custom_text_clip_base):
+    assert "text.transformer.resblocks.1.mlp.c_proj.bias" in custom_text_clip_base  # the layout under test
+    ratios = depth_ratios(custom_text_clip_base)
+    assert ratios["text.transformer.resblocks.0.attn.out_proj.weight"] == 0.0
+    assert ratios["text.transformer.resblocks.1.mlp.c_proj.bias"] == 1.0  # L = 2 for text, not the visual 3
+    assert ratios["visual.transformer.resblocks.1.mlp.c_fc.weight"] == 0.5
+    assert {_as_clip_key(key): ratio for key, ratio in ratios.items()} == depth_ratios(clip_base)
+
+
+def test_lines_on_custom_text_clip_scales_the_text_tower_as_on_clip(clip_base, custom_text_clip_base, perturbed):
+    experts = perturbed(custom_text_clip_base, 2)
+    custom = merge(custom_text_clip_base, experts, "lines", alpha=0.25, beta=0.5)
+    rename = lambda sd: {_as_clip_key(key): value for key, value in sd.items()}  # noqa: E731
+    plain = merge(rename(custom_text_clip_base), [rename(e) for e in experts], "lines", alpha=0.25, beta=0.5)
+    assert plain.keys() == clip_base.keys()
+    assert all(torch.equal(custom[key], plain[_as_clip_key(key)]) for key in custom)
 
 
 def test_lines_scales_each_key_by_its_depth_in_its_own_tower(clip_base):

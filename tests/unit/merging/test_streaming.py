@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from timelit.merging import TECHNIQUES, ExpertStore, merge
+from timelit.merging.chunks import Workspace
 from timelit.merging.safetensors_io import SafetensorsReader
 
 SMALL_CHUNK = 100  # cuts most tensors of the tiny CLIP (up to 1,024 entries) into several unaligned slices
@@ -43,6 +44,23 @@ def test_element_wise_techniques_do_not_depend_on_the_chunk_size(clip_base, pert
         merge(clip_base, experts, method, chunk_size=SMALL_CHUNK, **hparams),
         merge(clip_base, experts, method, **hparams),
     )
+
+
+@pytest.mark.parametrize("method", list(TECHNIQUES))
+def test_every_kernel_buffer_is_one_chunk_long(clip_base, perturbed, monkeypatch, method):
+    """Every workspace buffer, the weighted average's float64 ones included, is at most one chunk long: the kernels'
+    scratch memory does not grow with the tensor, the model or the number of experts."""
+    sizes: list[int] = []
+    get = Workspace.get
+
+    def recording(self: Workspace, name: str, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        sizes.append(n)
+        return get(self, name, n, dtype)
+
+    monkeypatch.setattr(Workspace, "get", recording)
+    experts = perturbed(clip_base, 2 if method == "interpolation" else 3)
+    merge(clip_base, experts, method, chunk_size=SMALL_CHUNK, **HPARAMS.get(method, {}))
+    assert sizes and max(sizes) <= SMALL_CHUNK
 
 
 def test_a_store_is_merged_in_task_order(clip_base, perturbed, tmp_path):

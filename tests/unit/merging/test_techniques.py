@@ -128,12 +128,42 @@ def test_lam_zero_returns_the_base(clip_base, perturbed, method):
     assert all(torch.equal(out[key], clip_base[key]) for key in clip_base)
 
 
-@pytest.mark.parametrize("method", ["average", "interpolation", "slerp"])
-def test_merging_identical_experts_returns_them(clip_base, perturbed, method):
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    ("method", "n", "hparams"),
+    [
+        ("average", 3, {}),  # 1/3 is inexact: summed in float32, ~30% of the entries came back 1 ulp off
+        ("average", 5, {}),
+        ("average", 3, {"weights": [0.5, 0.3, 0.2]}),
+        ("interpolation", 2, {"w": 0.3}),
+        ("interpolation", 2, {"w": 0.7}),
+        ("slerp", 2, {"t": 0.3}),
+        ("slerp", 3, {}),  # the fold: t_j = 1/2, then 1/3
+    ],
+)
+def test_merging_identical_experts_returns_them_exactly(clip_base, perturbed, method, n, hparams):
     (expert,) = perturbed(clip_base, 1)
-    out = merge(clip_base, [expert, expert], method)
-    for key in clip_base:
-        torch.testing.assert_close(out[key], expert[key], rtol=1e-6, atol=1e-7)
+    assert _same(merge(clip_base, [expert] * n, method, chunk_size=100, **hparams), expert)
+
+
+def test_one_hot_weights_and_interpolation_ends_return_that_model_exactly(clip_base, perturbed):
+    experts = perturbed(clip_base, 3)
+    assert _same(merge(clip_base, experts, "average", weights=[0.0, 1.0, 0.0]), experts[1])
+    assert _same(merge(clip_base, experts[:2], "interpolation", w=0.0), experts[0])
+    assert _same(merge(clip_base, experts[:2], "interpolation", w=1.0), experts[1])
+
+
+def test_average_is_the_exact_weighted_sum_rounded_once(clip_base, perturbed):
+    base = {**clip_base, "big": torch.zeros(600_001)}  # longer than the kernel's 2^18-entry blocks
+    experts, weights = perturbed(base, 5), [0.1, 0.3, 0.2, 0.15, 0.25]
+    out = merge(base, experts, "average", weights=weights)
+    for key in base:
+        exact = sum(w * expert[key].double() for w, expert in zip(weights, experts, strict=True))
+        assert torch.equal(out[key], exact.float())
+    assert torch.equal(merge(base, experts, "average", weights=weights, chunk_size=70_000)["big"], out["big"])
 
 
 def test_ties_with_k_one_and_one_expert_is_task_arithmetic(clip_base, perturbed):
@@ -167,3 +197,13 @@ def test_every_technique_leaves_its_inputs_untouched(clip_base, perturbed):
         merge(clip_base, experts, method, chunk_size=50)
     for original, now in zip(before, (clip_base, *experts), strict=True):
         assert all(torch.equal(original[key], now[key]) for key in original)
+
+
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties", "ties"])
+def test_zero_element_tensors_pass_through_a_per_tensor_trim(clip_base, perturbed, method):
+    experts = perturbed(clip_base, 2)
+    empty = {"empty": torch.zeros(0, 4)}  # a scope of 0 entries under scope="tensor": nothing to trim
+    out = merge({**clip_base, **empty}, [{**e, **empty} for e in experts], method, scope="tensor")
+    assert out["empty"].shape == (0, 4) and out["empty"].dtype == torch.float32
+    without = merge(clip_base, experts, method, scope="tensor")
+    assert all(torch.equal(out[key], without[key]) for key in clip_base)

@@ -54,8 +54,23 @@ def test_ties_keeps_every_entry_tied_with_the_threshold():
     assert out.tolist() == [4.0, -2.0, 2.0, 2.0, 0.0]
 
 
+@pytest.mark.parametrize("scope", ["model", "tensor"])
+def test_a_zero_sum_whose_majority_is_zero_too_leaves_the_base(scope):
+    # Both entries sum to 0 (1 - 1 and -1 + 1), so neither elects a sign and the scope's sum of signs is 0 as well:
+    # no side wins and the base stays. The reference code would add the negative side's mean, -1, to both.
+    base = {"w": torch.tensor([0.5, 2.0])}
+    experts = [{"w": base["w"] + torch.tensor([1.0, -1.0])}, {"w": base["w"] + torch.tensor([-1.0, 1.0])}]
+    assert torch.equal(merge(base, experts, "ties", k=1.0, scope=scope)["w"], base["w"])
+
+
 def _reference_ties(base: dict, experts: list[dict], k: float, keys: list[str]) -> torch.Tensor:
-    """TIES as the reference code (prateeky2806/ties-merging) computes it on a stacked, flattened matrix."""
+    """TIES as shared/MERGING.md specifies it, computed the naive way, on a stacked, flattened matrix with kthvalue.
+
+    It follows the reference code (prateeky2806/ties-merging) except where timelit deliberately differs (ties.py):
+    the trim keeps |tau| >= the ceil(k n)-th largest (the reference: kthvalue(n - int(n k)), the floor(k n) + 1-th
+    largest, one more entry whenever k n is an integer), and a zero sum whose majority sign is 0 as well stays 0
+    (the reference takes the negative side's mean there).
+    """
     flat = lambda sd: torch.cat([sd[key].reshape(-1) for key in keys])  # noqa: E731
     stacked = torch.stack([flat(expert) - flat(base) for expert in experts])
     n = stacked.shape[1]
@@ -63,8 +78,7 @@ def _reference_ties(base: dict, experts: list[dict], k: float, keys: list[str]) 
     trimmed = stacked * (stacked.abs() >= threshold)
     sign = torch.sign(trimmed.sum(0))
     sign[sign == 0] = torch.sign(sign.sum())
-    agree = torch.where(sign > 0, trimmed > 0, trimmed < 0)
-    selected = trimmed * agree
+    selected = trimmed * (trimmed.sign() * sign > 0)  # agreeing nonzero entries; none where the sign stayed 0
     return flat(base) + selected.sum(0) / (selected != 0).sum(0).clamp(min=1)
 
 
