@@ -1,7 +1,7 @@
-"""`timelit sweep`: expand a grid of configs into runs and submit them as one Slurm array job.
+"""`timelit sweep`: expand a grid of configs into runs and submit them as Slurm array jobs (one per resource shape).
 
     timelit sweep --grid model_size --dry_run true                       what would be submitted, nothing written
-    timelit sweep --grid model_size --concurrency 8 --sbatch '[--partition=gpu, --time=48:00:00, --gpus-per-node=1]'
+    timelit sweep --grid model_size --concurrency 8 --sbatch '[--partition=gpu, --time=48:00:00]'
     timelit sweep --grid model_size ...                             again: finished points are skipped
     timelit report runs/model_size
 
@@ -22,15 +22,21 @@ overrides, in axis order:
       seed: {key: seed_everything, values: [0, 1]}     # shorthand: --seed_everything=<value>
     exclude: [{tasks: "50", protocol: ft}]              # optional: combinations to leave out
     sbatch: [--cpus-per-task=8]                         # optional: sbatch options of this study
+    resources:                                          # optional: sbatch options of some points, after `sbatch:`
+      "tasks=200,*": [--time=96:00:00]                  #   (the first shell pattern that matches a point's name)
+    signal_seconds: 900                                 # optional: the SIGUSR1 lead time (default 300 s)
 
 An axis may also be a plain list of config files (each value named by its file stem). A point is named after its
 values, `tasks=20,protocol=ft,seed=0`, and its run directory is `<root>/<sweep>/<point>` (TensorBoardLogger
 `save_dir=<root>/<sweep>`, `name=<point>`, `version=""`), the same at every requeue and resubmission.
 
 `<root>/<sweep>/manifest.jsonl` holds one line per point (index, name, axes, configs, overrides, run_dir, argv);
-array task i runs line i (`slurm/array.sbatch`), logging to `<root>/<sweep>/logs/<i>.log`. A point is finished when
-its run directory holds a results.json with `"complete": true`; those, and points whose array task is still queued
-or running, are not submitted again. Requeued tasks read the manifest again, so a manifest that differs from the
+array task i runs line i (`slurm/array.sbatch`), logging to `<root>/<sweep>/logs/<i>.log`. Points with the same sbatch
+options go into one array job; all of a sweep's array jobs share one job name, `timelit-<sweep>-<hash>`. A point is
+finished when its run directory holds a results.json with `"complete": true`; those, and points whose array task is
+in `squeue` in an active state, are not submitted again. When `squeue` fails nothing is submitted (a point could be
+running already); `--ignore_queue true` submits anyway, and `slurm/array.sbatch` still refuses to run a point whose
+run directory another live job holds. Requeued tasks read the manifest again, so a manifest that differs from the
 grid's expansion is never overwritten silently (research/ecosystem_reliability_anchors.md §5, recommendation 13).
 """
 
@@ -58,12 +64,41 @@ log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.jsonl"
 RESULTS_FILE = "results.json"
-GRID_KEYS = ("name", "description", "configs", "overrides", "axes", "exclude", "sbatch")
+GRID_KEYS = ("name", "description", "configs", "overrides", "axes", "exclude", "sbatch", "resources", "signal_seconds")
+DEFAULT_SIGNAL_SECONDS = 300
+
+# Job states (squeue's %T) in which an array task may still run its point. The other states are final: COMPLETED,
+# FAILED, CANCELLED, TIMEOUT, OUT_OF_MEMORY, NODE_FAIL, BOOT_FAIL, DEADLINE, PREEMPTED and REVOKED stay visible in
+# squeue for MinJobAge (300 s by default) but will not run again. A job requeued after preemption, a node failure or
+# `scontrol requeue` shows as REQUEUED, then PENDING; PREEMPTED is what stays of one that was not requeued. Held
+# jobs (REQUEUE_HOLD, SPECIAL_EXIT: requeued and held until `scontrol release`) keep their id and may run again, so
+# they count as active: release or cancel them. slurm/array.sbatch's run lock uses the same list (a test checks).
+ACTIVE_STATES = frozenset(
+    {
+        "PENDING", "RUNNING", "SUSPENDED", "STOPPED", "CONFIGURING", "COMPLETING", "RESIZING", "SIGNALING",
+        "STAGE_OUT", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "SPECIAL_EXIT", "RESV_DEL_HOLD",
+    }
+)  # fmt: skip
+FINISHED_STATES = frozenset(
+    {
+        "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
+        "PREEMPTED", "REVOKED",
+    }
+)  # fmt: skip
+# sbatch options timelit sets itself, with their short forms and why a user's would break the sweep.
+_RESERVED_SBATCH = {
+    "--job-name": ("-J", "timelit names the job timelit-<sweep>-<hash>: squeue finds the sweep's queued tasks by it"),
+    "--array": ("-a", "timelit sets it to the unfinished points; choose points with --only"),
+}
 _NAME = re.compile(r"^[A-Za-z0-9._+-]+$")
 
 
 class GridError(ValueError):
     """A sweep grid that cannot be expanded; the message names the file and the key."""
+
+
+class QueueError(RuntimeError):
+    """squeue is missing or failed, so nobody knows which points are queued or running."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +120,25 @@ class Grid:
     axes: dict[str, list[AxisValue]]
     exclude: list[dict[str, str]] = field(default_factory=list)
     sbatch: list[str] = field(default_factory=list)
+    resources: dict[str, list[str]] = field(default_factory=dict)
+    signal_seconds: int | None = None
+
+    def sbatch_for(self, point: str) -> list[str]:
+        """The grid's sbatch options for one point: `sbatch:`, then the first `resources:` entry matching its name."""
+        import fnmatch
+
+        extra = next((opts for pattern, opts in self.resources.items() if fnmatch.fnmatchcase(point, pattern)), [])
+        return merge_sbatch_options([*self.sbatch, *extra])
+
+
+def merge_sbatch_options(options: list[str]) -> list[str]:
+    """One `--name=value` per name, the last value winning (as sbatch itself would take it), in first-seen order,
+    so that `sbatch:`, `resources:` and `--sbatch` compose into a command a reader can check."""
+    merged: dict[str, str] = {}
+    for option in options:
+        key = option.split("=", 1)[0] if option.startswith("--") and "=" in option else option
+        merged[key] = option
+    return list(merged.values())
 
 
 @dataclass
@@ -213,8 +267,30 @@ def load_grid(path: str | Path) -> Grid:
         exclude.append({axis: _scalar(value) for axis, value in rule.items()})
     configs = raw.get("configs") or []
     overrides = [_override(o, f"{path}: overrides") for o in raw.get("overrides") or []]
-    sbatch = [str(option) for option in raw.get("sbatch") or []]
-    return Grid(name, path, list(configs), overrides, axes, exclude, sbatch)
+    sbatch = check_sbatch_options([str(option) for option in raw.get("sbatch") or []], f"{path}: sbatch")
+    resources_raw = raw.get("resources") or {}
+    if not isinstance(resources_raw, dict) or not all(isinstance(v, list) for v in resources_raw.values()):
+        raise GridError(f"{path}: `resources` must map point-name patterns (`model=ViT-H-14,*`) to sbatch option lists")
+    resources = {
+        str(pattern): check_sbatch_options([str(o) for o in options], f"{path}: resources.{pattern}")
+        for pattern, options in resources_raw.items()
+    }
+    signal_seconds = raw.get("signal_seconds")
+    if signal_seconds is not None and (isinstance(signal_seconds, bool) or not isinstance(signal_seconds, int)):
+        raise GridError(f"{path}: signal_seconds must be a whole number of seconds, got {signal_seconds!r}")
+    return Grid(name, path, list(configs), overrides, axes, exclude, sbatch, resources, signal_seconds)
+
+
+def check_sbatch_options(options: list[str], where: str) -> list[str]:
+    """Refuse `--job-name`/`-J` and `--array`/`-a`: timelit sets both, and its queue check relies on them (with a job
+    name of the user's, the sweep's running tasks would be invisible to it and submitted a second time)."""
+    for option in options:
+        name = option.split("=", 1)[0].split(" ", 1)[0]
+        for long, (short, why) in _RESERVED_SBATCH.items():
+            # sbatch takes unambiguous abbreviations of long options (`--job-na=x`) and `-Jx` for `-J x`.
+            if (len(name) > len("--jo") and long.startswith(name)) or name.startswith(short):
+                raise GridError(f"{where}: '{option}' sets {long}, which timelit sweep sets itself ({why})")
+    return options
 
 
 # ---------------------------------------------------------------------------------------------------- expanding
@@ -297,25 +373,32 @@ def job_name(sweep_dir: Path) -> str:
     return f"timelit-{sweep_dir.name}-{digest}"
 
 
-def queued_indices(name: str) -> set[int] | None:
-    """Array task ids of this user's jobs named `name` that are pending or running; None when squeue is missing."""
+def queued_indices(name: str) -> dict[int, str]:
+    """Array task id -> state of this user's tasks named `name` that may still run (ACTIVE_STATES).
+
+    Raises QueueError when squeue is missing or fails: "nothing queued" cannot be told from "squeue did not answer",
+    and taking one for the other submits running points a second time. A state this list does not know (a newer
+    Slurm's) counts as active, with a warning: a point is never submitted twice on a guess.
+    """
     if shutil.which("squeue") is None:
-        return None
-    result = subprocess.run(
-        ["squeue", "--noheader", "--array", f"--name={name}", f"--user={getpass.getuser()}", "--format=%K %T"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+        raise QueueError("squeue is not on PATH")
+    command = ["squeue", "--noheader", "--array", f"--name={name}", f"--user={getpass.getuser()}", "--format=%K %T"]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise QueueError(f"`{shlex.join(command)}` did not run: {error}") from None
     if result.returncode != 0:
-        reason = (result.stderr.strip().split("\n") or [""])[-1]
-        log.warning("squeue failed (%s): points still queued or running are not recognised", reason)
-        return None
-    queued = set()
-    for line in result.stdout.split("\n"):
+        reason = result.stderr.strip().splitlines()[-1:] or [f"exit status {result.returncode}"]
+        raise QueueError(f"`{shlex.join(command)}` failed: {reason[0]}")
+    queued: dict[int, str] = {}
+    for line in result.stdout.splitlines():
         task, _, state = line.strip().partition(" ")
-        if task.isdigit() and state not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
-            queued.add(int(task))
+        state = state.strip().split()[0] if state.strip() else ""
+        if not task.isdigit() or state in FINISHED_STATES:
+            continue
+        if state not in ACTIVE_STATES:
+            log.warning("array task %s of %s is in state %r, unknown to timelit: counted as active", task, name, state)
+        queued[int(task)] = state
     return queued
 
 
@@ -348,12 +431,13 @@ def sweep_command(
     only: list[str] | None = None,
     concurrency: int | None = None,
     sbatch: list[str] | None = None,
-    signal_seconds: int = 300,
+    signal_seconds: int | None = None,
     script: str | None = None,
     dry_run: bool = False,
     rewrite_manifest: bool = False,
+    ignore_queue: bool = False,
 ) -> None:
-    """Expand a sweep grid into runs and submit the unfinished ones as one Slurm array job.
+    """Expand a sweep grid into runs and submit the unfinished ones as Slurm array jobs (one per resource shape).
 
     Writes <root>/<sweep>/manifest.jsonl (one point per line) and submits
     `sbatch --array=<unfinished points>%<concurrency> slurm/array.sbatch <manifest>`. Running it again submits only
@@ -364,20 +448,24 @@ def sweep_command(
         root: folder of sweeps; point runs go to <root>/<sweep name>/<point name>.
         overrides: extra `--key=value` overrides for every point (after the grid's own), e.g. a data root.
         only: submit only the points whose name matches one of these shell patterns (`model=ViT-L-14,*`).
-        concurrency: at most this many array tasks run at once (sbatch `--array=...%N`); default no limit.
-        sbatch: extra sbatch options, e.g. `[--partition=gpu, --account=abc, --time=24:00:00, --gpus-per-node=1]`;
-            after the grid's `sbatch:` list, so they win.
+        concurrency: at most this many array tasks of each array job run at once (`--array=...%N`); default no limit.
+        sbatch: extra sbatch options, e.g. `[--partition=gpu, --account=abc, --time=24:00:00]`; after the grid's
+            `sbatch:` and `resources:`, so they win. Not `--job-name`/`-J` nor `--array`: timelit sets those.
         signal_seconds: Slurm sends SIGUSR1 this long before the time limit (`--signal=USR1@N`); the run saves and
-            requeues itself. Longer than one evaluation plus one checkpoint save.
+            requeues itself. Longer than one evaluation plus one checkpoint save. Default: the grid's
+            `signal_seconds`, else 300.
         script: the sbatch script run by each array task; default timelit's slurm/array.sbatch.
-        dry_run: print the points and the sbatch command; write and submit nothing.
+        dry_run: print the points and the sbatch commands; write and submit nothing.
         rewrite_manifest: replace a manifest.jsonl that differs from the grid's expansion (only when no task of the
             old one can still start: requeued tasks read it again).
+        ignore_queue: submit even when squeue fails, as if nothing of this sweep were queued; points that are in
+            fact running are submitted again, and their second job exits at once (array.sbatch's run lock).
     """
     import fnmatch
 
     grid_path = find_grid(grid)
     spec = load_grid(grid_path)
+    user_sbatch = check_sbatch_options(list(sbatch or []), "--sbatch")
     points = expand(spec, root, overrides)
     sweep_dir = Path(root).expanduser().resolve() / spec.name
     manifest = sweep_dir / MANIFEST_FILE
@@ -389,17 +477,27 @@ def sweep_command(
             "--rewrite_manifest true once none of its tasks is queued or running."
         )
     name = job_name(sweep_dir)
-    queued = queued_indices(name) or set()
+    try:
+        queued: dict[int, str] | None = queued_indices(name)
+    except QueueError as error:
+        if not (dry_run or ignore_queue):
+            raise QueueError(
+                f"{error}. Without squeue, timelit cannot tell which points of {spec.name} are queued or running, "
+                "and would submit those again: nothing submitted. Run it where squeue works, or pass "
+                "--ignore_queue true to submit every unfinished point anyway."
+            ) from None
+        log.warning("%s: points queued or running are not recognised%s", error, "" if dry_run else " (--ignore_queue)")
+        queued = None
     rows, todo = [], []
     for point in points:
         if only and not any(fnmatch.fnmatchcase(point.name, pattern) for pattern in only):
             continue
         if is_complete(point.run_dir):
             status = "complete"
-        elif point.index in queued:
-            status = "queued or running"
+        elif queued is not None and point.index in queued:
+            status = f"queued or running ({queued[point.index]})"
         else:
-            status = "submit"
+            status = "submit" if queued is not None else "submit (queue unknown)"
             todo.append(point)
         rows.append((point.index, point.name, status))
 
@@ -411,22 +509,39 @@ def sweep_command(
         print("nothing to submit")
         return
 
-    command = [
-        "sbatch",
-        "--parsable",
-        f"--array={array_spec([p.index for p in todo], concurrency)}",
-        f"--job-name={name}",
-        f"--output={sweep_dir / 'logs' / '%a.log'}",
-        "--open-mode=append",
-        "--requeue",
-        f"--signal=USR1@{signal_seconds}",
-        *spec.sbatch,
-        *(sbatch or []),
-        str(Path(script).expanduser().resolve() if script else array_script()),
-        str(manifest),
+    lead = signal_seconds if signal_seconds is not None else spec.signal_seconds or DEFAULT_SIGNAL_SECONDS
+    script_path = str(Path(script).expanduser().resolve() if script else array_script())
+    groups: dict[tuple[str, ...], list[Point]] = {}
+    for point in todo:  # one array job per resource shape, in order of first appearance
+        groups.setdefault(tuple(spec.sbatch_for(point.name)), []).append(point)
+    commands = [
+        (
+            [
+                "sbatch",
+                *merge_sbatch_options(
+                    [
+                        "--parsable",
+                        f"--array={array_spec([p.index for p in group], concurrency)}",
+                        f"--job-name={name}",
+                        f"--output={sweep_dir / 'logs' / '%a.log'}",
+                        "--open-mode=append",
+                        "--requeue",
+                        f"--signal=USR1@{lead}",
+                        *options,
+                        *user_sbatch,
+                    ]
+                ),
+                script_path,
+                str(manifest),
+            ],
+            group,
+        )
+        for options, group in groups.items()
     ]
     if dry_run:
-        print("\nwould write " + str(manifest) + " and run:\n  " + shlex.join(command))
+        print(f"\nwould write {manifest} and run:")
+        for command, _ in commands:
+            print("  " + shlex.join(command))
         print("\neach array task runs:")
         for point in todo:
             print(f"  [{point.index}] timelit " + shlex.join(point.argv))
@@ -437,8 +552,10 @@ def sweep_command(
     (sweep_dir / "logs").mkdir(parents=True, exist_ok=True)
     write_text(manifest, text)
     shutil.copyfile(grid_path, sweep_dir / "grid.yaml")
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"sbatch failed ({result.returncode}): {result.stderr.strip()}\n  {shlex.join(command)}")
-    job = result.stdout.strip().split(";")[0]
-    print(f"submitted array job {job}: {len(todo)} point(s), logs in {sweep_dir / 'logs'}")
+    for command, group in commands:
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"sbatch failed ({result.returncode}): {result.stderr.strip()}\n  {shlex.join(command)}")
+        job = result.stdout.strip().split(";")[0]
+        shape = f" ({' '.join(spec.sbatch_for(group[0].name))})" if len(commands) > 1 else ""
+        print(f"submitted array job {job}: {len(group)} point(s){shape}, logs in {sweep_dir / 'logs'}")

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shutil
 import stat
 from pathlib import Path
 
@@ -18,7 +19,17 @@ import pytest
 import yaml
 
 from timelit.resources import configs_dir
-from timelit.sweep import GridError, array_spec, expand, find_grid, load_grid, sweep_command
+from timelit.sweep import (
+    ACTIVE_STATES,
+    FINISHED_STATES,
+    GridError,
+    QueueError,
+    array_spec,
+    expand,
+    find_grid,
+    load_grid,
+    sweep_command,
+)
 
 SHIPPED = ("quickstart", "model_size", "compute", "horizon")
 FOMO_GFLOPS = 1.8e9
@@ -52,14 +63,21 @@ sbatch: [--cpus-per-task=2]
 
 @pytest.fixture
 def fake_slurm(tmp_path, monkeypatch):
-    """`sbatch` that records its arguments and prints a job id; `squeue` that prints the file `queue`."""
+    """`sbatch` that records its arguments (the last call in `sbatch_calls`, every call in `sbatch_log`, separated
+    by `---`) and prints a job id; `squeue` that prints the file `queue` and exits with the status in `squeue_status`
+    (with an error message when it is not 0)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    calls, queue = tmp_path / "sbatch_calls", tmp_path / "queue"
+    calls, queue, status = tmp_path / "sbatch_calls", tmp_path / "queue", tmp_path / "squeue_status"
     queue.write_text("")
+    status.write_text("0")
+    log = tmp_path / "sbatch_log"
     scripts = {
-        "sbatch": f'#!/bin/sh\nprintf "%s\\n" "$@" > {calls}\necho 4242\n',
-        "squeue": f"#!/bin/sh\ncat {queue}\n",
+        "sbatch": f'#!/bin/sh\nprintf "%s\\n" "$@" > {calls}\nprintf "%s\\n" "$@" --- >> {log}\necho 4242\n',
+        "squeue": (
+            f'#!/bin/sh\ncode=$(cat {status})\n[ "$code" = 0 ] || echo "squeue: error: Unable to contact slurm '
+            f'controller (connect failure)" >&2\ncat {queue}\nexit "$code"\n'
+        ),
     }
     for name, text in scripts.items():
         path = bin_dir / name
@@ -188,6 +206,116 @@ def test_a_changed_grid_does_not_replace_the_manifest_requeued_tasks_read(grid, 
     assert len((root / "study" / "manifest.jsonl").read_text().splitlines()) == 5
 
 
+def sbatch_calls(tmp_path: Path) -> list[list[str]]:
+    text = (tmp_path / "sbatch_log").read_text() if (tmp_path / "sbatch_log").exists() else ""
+    return [call.strip("\n").split("\n") for call in text.split("---\n") if call.strip()]
+
+
+def test_a_failing_squeue_submits_nothing_unless_told_to_ignore_the_queue(grid, tmp_path, fake_slurm, capsys):
+    calls, _ = fake_slurm
+    (tmp_path / "squeue_status").write_text("1")
+    root = tmp_path / "runs"
+    with pytest.raises(QueueError, match=r"Unable to contact slurm controller.*--ignore_queue true") as error:
+        sweep_command(str(grid), root=str(root))
+    assert "would submit those again: nothing submitted" in str(error.value)
+    assert not calls.exists() and not (root / "study" / "manifest.jsonl").exists()
+
+    sweep_command(str(grid), root=str(root), dry_run=True)  # a dry run still shows what it would do
+    assert "submit (queue unknown)" in capsys.readouterr().out and not calls.exists()
+
+    sweep_command(str(grid), root=str(root), ignore_queue=True)
+    assert "--array=0-2" in calls.read_text().splitlines()
+
+
+def test_without_squeue_on_path_nothing_is_submitted(grid, tmp_path, fake_slurm, monkeypatch):
+    calls, _ = fake_slurm
+    which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name, *args, **kwargs: None if name == "squeue" else which(name))
+    with pytest.raises(QueueError, match="squeue is not on PATH"):
+        sweep_command(str(grid), root=str(tmp_path / "runs"))
+    assert not calls.exists()
+
+
+def test_only_points_in_an_active_state_count_as_queued(grid, tmp_path, fake_slurm, capsys):
+    """squeue keeps finished jobs visible for MinJobAge: OUT_OF_MEMORY, NODE_FAIL, PREEMPTED... will not run again."""
+    calls, queue = fake_slurm
+    for active in ("PENDING", "REQUEUED", "COMPLETING", "REQUEUE_HOLD"):
+        for finished in ("OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE"):
+            queue.write_text(f"0 {active}\n1 {finished}\n2 COMPLETED\n")
+            sweep_command(str(grid), root=str(tmp_path / "runs"))
+            assert "--array=1-2" in calls.read_text().splitlines(), (active, finished)
+            assert re.search(rf"size=tiny,seed=0 +queued or running \({active}\)", capsys.readouterr().out)
+
+
+def test_an_unknown_state_is_never_taken_for_finished(grid, tmp_path, fake_slurm, caplog):
+    calls, queue = fake_slurm
+    queue.write_text("0 SOME_NEW_STATE\n")
+    sweep_command(str(grid), root=str(tmp_path / "runs"))
+    assert "--array=1-2" in calls.read_text().splitlines()
+    assert "state 'SOME_NEW_STATE', unknown to timelit: counted as active" in caplog.text
+
+
+def test_active_and_finished_states_cover_slurms_job_states_once():
+    # squeue(1) "JOB STATE CODES" (Slurm 23.11)
+    documented = {
+        "BOOT_FAIL", "CANCELLED", "COMPLETED", "CONFIGURING", "COMPLETING", "DEADLINE", "FAILED", "NODE_FAIL",
+        "OUT_OF_MEMORY", "PENDING", "PREEMPTED", "RUNNING", "RESV_DEL_HOLD", "REQUEUE_FED", "REQUEUE_HOLD",
+        "REQUEUED", "RESIZING", "REVOKED", "SIGNALING", "SPECIAL_EXIT", "STAGE_OUT", "STOPPED", "SUSPENDED",
+        "TIMEOUT",
+    }  # fmt: skip
+    assert documented == ACTIVE_STATES | FINISHED_STATES and not ACTIVE_STATES & FINISHED_STATES
+
+
+@pytest.mark.parametrize(
+    "option", ["--job-name=mine", "-J", "-Jmine", "--job-name mine", "--job-na=mine", "--array=0-3", "-a"]
+)
+def test_the_job_name_and_array_are_timelits_own(grid, tmp_path, fake_slurm, option):
+    calls, _ = fake_slurm
+    with pytest.raises(GridError, match=r"--sbatch: .* which timelit sweep sets itself") as error:
+        sweep_command(str(grid), root=str(tmp_path / "runs"), sbatch=[option, "mine"])
+    assert not calls.exists()
+    if "-J" in option or "--job" in option:
+        assert "squeue finds the sweep's queued tasks by it" in str(error.value)
+    grid.write_text(grid.read_text().replace("sbatch: [--cpus-per-task=2]", f"sbatch: ['{option}']"))
+    with pytest.raises(GridError, match=rf"{re.escape(str(grid))}: sbatch: '{re.escape(option)}' sets"):
+        sweep_command(str(grid), root=str(tmp_path / "runs"))
+
+
+def test_options_that_look_alike_are_not_refused(grid, tmp_path, fake_slurm):
+    calls, _ = fake_slurm
+    sweep_command(str(grid), root=str(tmp_path / "runs"), sbatch=["--account=abc", "-A", "abc", "--jobid-x=1"])
+    assert "--account=abc" in calls.read_text().splitlines()
+
+
+def test_points_with_other_resources_go_into_their_own_array_job(grid, tmp_path, fake_slurm, capsys):
+    grid.write_text(
+        grid.read_text()
+        + 'resources:\n  "size=micro,*": [--gpus-per-node=4, --ntasks-per-node=4, --cpus-per-task=8]\n'
+        + "signal_seconds: 1800\n"
+    )
+    root = tmp_path / "runs"
+    sweep_command(str(grid), root=str(root), sbatch=["--time=01:00:00", "--ntasks-per-node=2"])
+    first, second = sbatch_calls(tmp_path)
+    assert first[1] == "--array=0" and second[1] == "--array=1-2"
+    assert first[2] == second[2] and first[2].startswith("--job-name=timelit-study-")  # one name: one queue check
+    assert first[6:-2] == ["--signal=USR1@1800", "--cpus-per-task=2", "--time=01:00:00", "--ntasks-per-node=2"]
+    # resources after `sbatch:` and the user's --sbatch after both; one value per option
+    assert second[6:-2] == [
+        "--signal=USR1@1800",
+        "--cpus-per-task=8",
+        "--gpus-per-node=4",
+        "--ntasks-per-node=2",
+        "--time=01:00:00",
+    ]
+    out = capsys.readouterr().out
+    assert "submitted array job 4242: 1 point(s) (--cpus-per-task=2)" in out
+    assert "submitted array job 4242: 2 point(s) (--cpus-per-task=8 --gpus-per-node=4 --ntasks-per-node=4)" in out
+
+    (tmp_path / "sbatch_log").unlink()
+    sweep_command(str(grid), root=str(root), signal_seconds=600, rewrite_manifest=True)
+    assert all("--signal=USR1@600" in call for call in sbatch_calls(tmp_path))
+
+
 # ---------------------------------------------------------------------------------------------------- shipped grids
 
 
@@ -254,3 +382,18 @@ def test_the_horizon_grid_spreads_the_same_budget_over_more_tasks():
     for point in _points("horizon"):
         assert _effective(point, "data.init_args.num_tasks") == int(point.axes["tasks"])
         assert _effective(point, "budget.total_gflops") == pytest.approx(FOMO_GFLOPS)
+
+
+def test_the_model_size_grid_gives_every_model_a_shape_that_splits_the_batch():
+    """ViT-L/H/g at batch 512 do not fit one GPU: they get their own array jobs with more GPUs, one rank per GPU,
+    and the global batch divides over the ranks."""
+    spec = load_grid(find_grid("model_size"))
+    gpus = {}
+    for point in _points("model_size"):
+        options = dict(o.lstrip("-").split("=", 1) for o in spec.sbatch_for(point.name))
+        assert options["ntasks-per-node"] == options["gpus-per-node"], point.name
+        gpus[point.axes["model"]] = int(options["nodes"]) * int(options["gpus-per-node"])
+    assert all(512 % n == 0 for n in gpus.values())
+    assert gpus["ViT-B-32"] == gpus["ViT-B-16"] == 1 and gpus["ViT-L-14"] >= 4
+    assert gpus["ViT-H-14"] >= 8 and gpus["ViT-g-14"] >= 8
+    assert spec.signal_seconds == 1800
