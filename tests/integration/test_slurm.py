@@ -181,3 +181,47 @@ def test_a_job_requeued_twice_mid_task_resumes_to_the_weights_of_an_uninterrupte
     assert stopped["global_step"] == str(2 * steps)
     assert stopped == slurm_cluster.final_weights(tmp_path / "reference" / "run")
     assert slurm_cluster.evaluations(run) == slurm_cluster.evaluations(tmp_path / "reference" / "run")
+
+
+def test_array_tasks_take_over_a_stale_run_lock_and_stay_out_of_a_live_ones_run_directory(slurm, tmp_path):
+    """slurm/array.sbatch's run lock against the real squeue: a lock of a job Slurm never knew is stale and taken
+    over; a lock of a running job keeps the second job out of the run directory."""
+    holder = slurm.run(
+        "sbatch", "--parsable", "--cpus-per-task=1", f"--output={tmp_path}/holder.log", "--wrap=sleep 600"
+    )
+    holder = holder.strip().split(";")[0]
+    try:
+        slurm.wait(lambda: slurm.job(holder)["JobState"] == "RUNNING", 120, "the lock holder to run")
+        fake_timelit = tmp_path / "timelit"
+        fake_timelit.write_text('#!/bin/sh\ntouch "$2"\n')
+        fake_timelit.chmod(0o755)
+        points = []
+        for index, lock_holder in enumerate(("999999", holder)):
+            run_dir = tmp_path / f"point{index}"
+            run_dir.mkdir()
+            (run_dir / "slurm-job.lock").write_text(f"{lock_holder} 1_{index} elsewhere 2025-01-01T00:00:00\n")
+            points.append(
+                {"index": index, "name": f"p{index}", "run_dir": str(run_dir), "argv": ["fit", f"{run_dir}/ran"]}
+            )
+        manifest = tmp_path / "manifest.jsonl"
+        manifest.write_text("".join(json.dumps(p) + "\n" for p in points))
+        array = slurm.run(
+            "sbatch", "--parsable", "--array=0-1", "--cpus-per-task=1", f"--output={tmp_path}/%a.log",
+            str(REPO / "slurm" / "array.sbatch"), str(manifest),
+            env={**slurm_cluster.job_environment(), "TIMELIT": str(fake_timelit)},
+        ).strip().split(";")[0]  # fmt: skip
+
+        def both_finished():
+            tasks = slurm.array_jobs(array)
+            return len(tasks) == 2 and all(t["JobState"] in FINISHED for t in tasks) and tasks
+
+        tasks = {t["ArrayTaskId"]: t for t in slurm.wait(both_finished, 300, "the two array tasks", poll=1)}
+        logs = {i: log_tail(tmp_path / f"{i}.log") for i in ("0", "1")}
+        assert (tasks["0"]["JobState"], tasks["0"]["ExitCode"]) == ("COMPLETED", "0:0"), logs["0"]
+        assert "taking over" in logs["0"] and "from job 999999 (no longer known to Slurm)" in logs["0"]
+        assert (tmp_path / "point0" / "ran").exists() and not (tmp_path / "point0" / "slurm-job.lock").exists()
+        assert tasks["1"]["JobState"] == "FAILED", logs["1"]
+        assert f"is held by job {holder} (RUNNING)" in logs["1"] and not (tmp_path / "point1" / "ran").exists()
+        assert (tmp_path / "point1" / "slurm-job.lock").read_text().startswith(f"{holder} ")
+    finally:
+        slurm.run("scancel", holder, check=False)
