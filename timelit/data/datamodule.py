@@ -141,6 +141,8 @@ class TimeDataModule(L.LightningDataModule):
             synthesize(self.data_root)
 
     def setup(self, stage: str) -> None:
+        if stage == "fit" and isinstance(self.trainer, L.Trainer):
+            self._check_world_size()
         if self._ready:
             return
         self.manifest_set: ManifestSet = load_manifests(self.manifests_spec)
@@ -177,6 +179,21 @@ class TimeDataModule(L.LightningDataModule):
             )
         self._train_names = list(self._train_indexes)
         self._ready = True
+
+    def _check_world_size(self) -> None:
+        """Fail at the start of a Trainer's `fit`, not at the first task's loader after the whole zero-shot
+        evaluation: every rank takes an equal share of each global batch (the contrastive loss gathers equal shapes
+        from all ranks). Evaluation alone splits datasets over any number of ranks."""
+        world = self._world()[1]
+        if self.batch_size % world:
+            nodes, devices = getattr(self.trainer, "num_nodes", None), getattr(self.trainer, "num_devices", None)
+            shape = f" ({nodes} nodes x {devices} devices)" if nodes and devices else ""
+            fits = [n for n in range(1, min(self.batch_size, 64) + 1) if self.batch_size % n == 0]
+            raise ValueError(
+                f"data.batch_size {self.batch_size} is the global batch, split equally across ranks, but the world "
+                f"size {world}{shape} does not divide it. Use a number of GPUs that divides {self.batch_size} "
+                f"({', '.join(map(str, fits))}, ...) or a batch size divisible by {world}."
+            )
 
     def _eval_manifests(self) -> list[DatasetManifest]:
         if self.eval_dataset_names is not None:
