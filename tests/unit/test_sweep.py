@@ -256,7 +256,7 @@ def test_an_unknown_state_is_never_taken_for_finished(grid, tmp_path, fake_slurm
 
 
 def test_active_and_finished_states_cover_slurms_job_states_once():
-    # squeue(1) "JOB STATE CODES" (Slurm 23.11)
+    # squeue(1), "JOB STATE CODES" (Slurm 22.05, Debian 12's, as the Slurm tests use)
     documented = {
         "BOOT_FAIL", "CANCELLED", "COMPLETED", "CONFIGURING", "COMPLETING", "DEADLINE", "FAILED", "NODE_FAIL",
         "OUT_OF_MEMORY", "PENDING", "PREEMPTED", "RUNNING", "RESV_DEL_HOLD", "REQUEUE_FED", "REQUEUE_HOLD",
