@@ -150,8 +150,9 @@ class Preemption(Checkpoint):
                 self._previous.setdefault(signum, previous)
 
     def _restore_handlers(self, trainer: L.Trainer) -> None:
-        # Lightning recorded this callback's handlers as the ones to restore when it registered its own; after an
-        # exception it restores them *after* `on_exception`, so its record is corrected too.
+        # Where Lightning did register its handlers (see _keep_lightning_handlers_off), it recorded this callback's
+        # as the ones to restore; after an exception it restores them *after* `on_exception`, so its record is
+        # corrected too.
         recorded = getattr(getattr(trainer, "_signal_connector", None), "_original_handlers", None)
         for signum, previous in self._previous.items():
             previous = previous if previous is not None else signal.SIG_DFL
@@ -230,6 +231,7 @@ class Preemption(Checkpoint):
 
     @override
     def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A no-op when Lightning was kept off the signals at `setup`; takes them back where it could not be.
         if self._active:
             self._install_handlers()
 
