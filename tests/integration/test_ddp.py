@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 HERE = Path(__file__).parent
+TIMELIT = Path(sys.executable).parent / "timelit"  # the console script beside this interpreter, venv active or not
 
 
 @pytest.mark.slow
@@ -22,7 +24,7 @@ def test_two_ranks_split_data_and_agree_on_every_merge(tiny_benchmark, tmp_path,
         tasks=3, steps=3,
     )  # fmt: skip
     env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    done = subprocess.run(["timelit", *args], env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run([str(TIMELIT), *args], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     run = tmp_path / "run"
     ranks = [json.loads((run / f"probe_rank{r}.json").read_text()) for r in range(2)]
