@@ -15,6 +15,8 @@ alternates the two step by step inside one fit so that both see the same machine
 * `SideBySide` runs blocks of plain steps between blocks of timelit's steps, on the same batches, and times each
   step of both. A timelit step is the time from one `on_train_batch_end` to the next, less the plain block, so it
   holds everything a step of `timelit fit` does: data fetch, every hook, logging, the optimizer step, checkpoints.
+* `BareLightning` + `bare_fit` are the plain loop's step as a LightningModule with no timelit code around it, to
+  split the overhead into Lightning's loop and timelit's own module and callbacks.
 * `BeforeFixes` puts back what timelit did before its three overhead fixes (per-call `torch.manual_seed`, tarfile
   for every sample, every scalar logged at every step), so a benchmark runs "before" and "now" in one process.
 """
@@ -27,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -169,6 +172,7 @@ class PlainLoop:
         eps: float = 1e-8,
         device: str | torch.device = "cpu",
         precision: str = "32",
+        fused: bool = True,
     ):
         from open_clip.loss import ClipLoss
 
@@ -181,7 +185,8 @@ class PlainLoop:
         decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
         no_decay = [p for n, p in self.model.named_parameters() if not (p.ndim >= 2 and "logit_scale" not in n)]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+        # Fused by default, as CLIPFineTuner's AdamW; SideBySide passes the fit's own choice.
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: _lr_factor(step, steps_per_task, 0.1, 0.001)
         )
@@ -213,6 +218,66 @@ def time_plain(loop: PlainLoop, batches: list[dict[str, Any]], steps: int, start
             torch.cuda.synchronize()
         times.append(time.perf_counter() - began)
     return times
+
+
+class BareLightning(L.LightningModule):
+    """PlainLoop's step as the smallest LightningModule: forward, ClipLoss, the same AdamW groups and schedule, with
+    gradient clipping left to the Trainer. Fitted with no callback but SideBySide, no logger, no progress bar, so
+    that what Lightning's own loop costs is told apart from what timelit's module and callbacks add."""
+
+    def __init__(
+        self,
+        model_name: str,
+        weights: dict[str, torch.Tensor] | None,
+        steps_per_task: int,
+        lr: float = 3e-4,
+        weight_decay: float = 0.2,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ):
+        super().__init__()
+        from open_clip.loss import ClipLoss
+
+        from timelit.clip import build_clip
+        from timelit.data.datamodule import Preprocessing
+
+        self.save_hyperparameters(ignore=["weights"])  # SideBySide builds its PlainLoop from these
+        bundle = build_clip(model_name)
+        self.model = bundle.model
+        if weights is not None:
+            self.model.load_state_dict(weights)
+        self._preprocessing = Preprocessing(bundle.train_transform, bundle.eval_transform, bundle.tokenizer)
+        self.loss_fn = ClipLoss()
+
+    def preprocessing(self) -> Any:
+        return self._preprocessing
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        image_features, text_features, logit_scale = self.model(batch["image"], batch["text"])
+        return self.loss_fn(image_features, text_features, logit_scale)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
+        no_decay = [p for n, p in self.model.named_parameters() if not (p.ndim >= 2 and "logit_scale" not in n)]
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=True)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: _lr_factor(step, hp.steps_per_task, 0.1, 0.001)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def bare_fit(data: InMemoryTimeData, model: BareLightning, tasks: int, block: int) -> SideBySide:
+    """`model` fitted on `data`'s in-memory batches for `tasks` epochs with SideBySide alone; returns SideBySide."""
+    side = SideBySide(block=block)
+    trainer = L.Trainer(
+        max_epochs=tasks, accelerator="cpu", devices=1, gradient_clip_val=1.0, callbacks=[side], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        num_sanity_val_steps=0, reload_dataloaders_every_n_epochs=1, use_distributed_sampler=False,
+    )  # fmt: skip
+    trainer.fit(model, data)
+    return side
 
 
 # --------------------------------------------------------------------------- side by side
@@ -255,6 +320,7 @@ class SideBySide(Callback):
                 hp.eps,
                 device=pl_module.device,
                 precision=str(trainer.precision),
+                fused=bool(trainer.optimizers[0].defaults.get("fused")),  # the same AdamW kernel as the fit's
             )
             self.batches = trainer.datamodule.cached()
             self.loop.step(self.batches[0])  # allocate its optimizer state before any timing

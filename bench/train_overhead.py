@@ -16,6 +16,8 @@ ratio. Variants:
   (`_fit.BeforeFixes`: torch.manual_seed per step and per sample, tarfile for every sample, every scalar logged at
   every step), run right after or before the other, so "before" and "now" see the same machine;
 * micro model: the fixed per-step overhead in milliseconds, where the model's own work is small;
+* micro model, bare Lightning: the same step as the smallest LightningModule (no timelit module, callbacks, logger or
+  progress bar), which splits that overhead into Lightning's loop and timelit's own code;
 * shards, 0 workers: the full pipeline with the real shard loaders, decoding in the training process;
 * shards, N workers: loader workers in the background (alternated whole runs, as workers prefetch across blocks).
 Every variant runs now and before the fixes, back to back, in alternating order over repeats.
@@ -110,6 +112,25 @@ def one_fit(
         shutil.rmtree(run_dir, ignore_errors=True)
     side = next(c for c in cli.trainer.callbacks if isinstance(c, SideBySide))
     summary = side.summary()
+    summary["fit_wall_s"] = time.perf_counter() - started
+    summary["load_average"] = os.getloadavg()[0]
+    return summary
+
+
+def one_bare_fit(args: argparse.Namespace, data_root: Path, model: str, batch: int, steps: int) -> dict[str, Any]:
+    """The plain step as a bare LightningModule (`_fit.BareLightning`), side by side with the plain loop."""
+    from _fit import BareLightning, InMemoryTimeData, bare_fit
+
+    from timelit.clip import read_state_dict
+
+    started = time.perf_counter()
+    data = InMemoryTimeData(
+        str(data_root), manifests=str(data_root), stream="random", num_tasks=args.tasks, batch_size=batch,
+        pretraining_pool="SYNTH_POOL", steps_per_task=steps, num_workers=0, eval_datasets=args.eval_datasets,
+    )  # fmt: skip
+    weights = read_state_dict(data_root / "base_model.safetensors") if model == args.data_model else None
+    with open(args.log, "a") as log, contextlib.redirect_stderr(log), contextlib.redirect_stdout(log):
+        summary = bare_fit(data, BareLightning(model, weights, steps), args.tasks, args.block).summary()
     summary["fit_wall_s"] = time.perf_counter() - started
     summary["load_average"] = os.getloadavg()[0]
     return summary
@@ -228,6 +249,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for before, suffix in both if "micro" in args.variants and args.micro_model else ():
             result = one_fit(args, data_root, args.micro_model, args.micro_batch, True, 0, before, args.micro_steps)
             record(f"micro model, batch {args.micro_batch}{suffix}", result)
+        if "bare" in args.variants and args.micro_model:
+            result = one_bare_fit(args, data_root, args.micro_model, args.micro_batch, args.micro_steps)
+            record(f"micro model, batch {args.micro_batch}, bare Lightning", result)
         for before, suffix in both if "shards" in args.variants else ():
             record(
                 f"shards, 0 workers{suffix}", one_fit(args, data_root, args.model, args.batch_size, False, 0, before)
@@ -393,7 +417,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tmp", default=None, help="where run folders go (default: the system temp dir)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--profile", action="store_true", help="also profile the micro model's fit (cProfile)")
-    parser.add_argument("--variants", nargs="+", default=["in-memory", "micro", "shards"], help="which to run")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["in-memory", "micro", "bare", "shards"],
+        help="which to run (bare: the "
+        "micro model's step as a bare LightningModule, no timelit code, to split Lightning's cost from timelit's)",
+    )
     parser.add_argument("--quick", action="store_true", help="a few steps on a tiny benchmark (the smoke test)")
     args = parser.parse_args(argv)
     if args.quick:
