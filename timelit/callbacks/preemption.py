@@ -305,6 +305,10 @@ class Preemption(Checkpoint):
     def agree(self, trainer: L.Trainer) -> tuple[bool, bool]:
         """(some rank saw SIGTERM, some rank saw the requeue signal): one MAX all-reduce, called by every rank."""
         stop_signal, requeue_signal = self.signals
+        if trainer.world_size == 1:
+            # Nothing to agree on, and no device tensor: reading one back would make the host wait for the GPU at
+            # every step.
+            return stop_signal in self._received, requeue_signal in self._received
         flags = torch.tensor(
             [stop_signal in self._received, requeue_signal in self._received],
             dtype=torch.int32,
