@@ -227,15 +227,24 @@ SCALING_AXES: dict[str, tuple[str, Callable[[RunResult], Any]]] = {
 
 
 def _group_label(run: RunResult, varying: list[str]) -> str:
-    parts = [run.protocol, run.technique]
-    values = {"model": run.model, "budget": f"{run.budget_gflops:.3g} GFLOPs", "horizon": f"{run.num_tasks} tasks"}
-    return " · ".join(parts + [values[axis] for axis in varying])
+    """protocol · technique, plus the other axes that vary among the plotted runs (a run may lack a budget)."""
+    values = {
+        "model": lambda: run.model,
+        "budget": lambda: "no budget" if run.budget_gflops is None else f"{run.budget_gflops:.3g} GFLOPs",
+        "horizon": lambda: f"{run.num_tasks} tasks",
+    }
+    return " · ".join([run.protocol, run.technique] + [values[axis]() for axis in varying])
 
 
 def plot_scaling(runs: list[RunResult], axis: str, path: Path) -> Path | None:
-    """Final GM against model size, budget or horizon, one line per protocol; None when `axis` does not vary."""
+    """Final GM against model size, budget or horizon, one line per protocol; None when `axis` does not vary.
+
+    One-task runs (the multitask bound) are left out, as from the protocol grid: they are no point of a stream's
+    horizon (a multitask run beside 4-task streams drew a 1-to-4-task "ft/ft" line), nor a protocol's."""
     title, value_of = SCALING_AXES[axis]
-    runs = [r for r in runs if value_of(r) is not None and r.tasks and not math.isnan(r.final("GM"))]
+    runs = [
+        r for r in runs if value_of(r) is not None and r.tasks and not math.isnan(r.final("GM")) and r.num_tasks != 1
+    ]
     if len({value_of(r) for r in runs}) < 2:
         return None
     others = [a for a in SCALING_AXES if a != axis and len({SCALING_AXES[a][1](r) for r in runs}) > 1]

@@ -207,3 +207,16 @@ def test_the_protocol_grid_leaves_out_one_task_runs(tmp_path):
     assert len(runs) == 2 and not skipped
     # One stream protocol is left once the multitask bound is out: no grid to draw.
     assert plot_protocol_grid(runs, tmp_path / "grid.png") is None
+
+
+def test_the_scaling_plots_leave_out_one_task_runs(tmp_path):
+    """A multitask bound beside streams of one horizon is no horizon study: no line from 1 task to 3."""
+    from timelit.report_plots import plot_scaling
+
+    write(tmp_path, "stream", results([10, 20, 30, 40], [80, 70, 60, 50], num_tasks=3, protocol=protocol("ft", "ft")))
+    write(tmp_path, "multitask", results([10, 50], [80, 75], num_tasks=1, protocol=protocol("ft", "ft")))
+    runs, _ = load_runs([str(tmp_path)])
+    assert plot_scaling(runs, "horizon", tmp_path / "horizon.png") is None
+    write(tmp_path, "longer", results([10, 20, 30, 40, 50, 60], [80] * 6, num_tasks=5, protocol=protocol("ft", "ft")))
+    runs, _ = load_runs([str(tmp_path)])
+    assert plot_scaling(runs, "horizon", tmp_path / "horizon.png") == tmp_path / "horizon.png"
