@@ -61,6 +61,24 @@ def test_train_overhead(bench, tiny_benchmark: Path, tmp_path: Path) -> None:
     assert in_memory["timelit_steps"] > 0 and in_memory["plain_steps"] > 0 and in_memory["block_ratios"]
 
 
+def test_train_overhead_bare_lightning(bench, tiny_benchmark: Path, tmp_path: Path) -> None:
+    args = ["--quick", "--data-root", str(tiny_benchmark), "--micro-model", MICRO, "--variants", "bare"]
+    bench("train_overhead").main([*args, "--out", str(tmp_path), "--tmp", str(tmp_path)])
+    (row,) = written(tmp_path, "train_overhead")["rows"]
+    assert row["variant"] == "micro model, batch 16, bare Lightning"
+    assert row["timelit_steps_per_s"] > 0 and row["plain_steps_per_s"] > 0
+
+
+def test_optimizer_step(bench, tiny_benchmark: Path, tmp_path: Path) -> None:
+    bench("optimizer_step").main(["--quick", "--data-root", str(tiny_benchmark), "--out", str(tmp_path),
+                                  "--tmp", str(tmp_path)])  # fmt: skip
+    report = written(tmp_path, "optimizer_step")
+    assert set(report["step_alone_ms"]) == {"default", "foreach", "fused"}
+    assert all(ms > 0 for runs in report["step_alone_ms"].values() for ms in runs)
+    assert {k: len(v) for k, v in report["fit_step_ms"].items()} == {"false": 1, "true": 1}
+    assert report["summary"]["fit_unfused_over_fused"] > 0
+
+
 def test_data_pipeline(bench, tiny_benchmark: Path, tmp_path: Path) -> None:
     bench("data_pipeline").main(["--quick", "--data-root", str(tiny_benchmark), "--out", str(tmp_path),
                                  "--tmp", str(tmp_path)])  # fmt: skip
