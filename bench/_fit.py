@@ -158,6 +158,26 @@ def _lr_factor(step: int, steps_per_task: int, warmup_fraction: float, min_ratio
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def plain_optimizer(
+    model: torch.nn.Module,
+    steps_per_task: int,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+    fused: bool,
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW without decay on gains, biases and logit_scale, and warm-up + cosine restarted every task, written
+    without timelit's code (timelit.optim is what is being measured against)."""
+    exempt = {n for n, p in model.named_parameters() if p.ndim < 2 or "logit_scale" in n}
+    decay = [p for n, p in model.named_parameters() if n not in exempt]
+    no_decay = [p for n, p in model.named_parameters() if n in exempt]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, steps_per_task, 0.1, 0.001))
+    return optimizer, schedule
+
+
 class PlainLoop:
     """One open_clip model trained by hand: the reference a researcher would write instead of timelit."""
 
@@ -182,14 +202,8 @@ class PlainLoop:
         if weights is not None:
             self.model.load_state_dict(weights)
         self.model.train()
-        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
-        no_decay = [p for n, p in self.model.named_parameters() if not (p.ndim >= 2 and "logit_scale" not in n)]
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        # Fused by default, as CLIPFineTuner's AdamW; SideBySide passes the fit's own choice.
-        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: _lr_factor(step, steps_per_task, 0.1, 0.001)
-        )
+        # Fused by default, as CLIPFineTuner's AdamW on a CPU; SideBySide passes the fit's own choice.
+        self.optimizer, self.schedule = plain_optimizer(self.model, steps_per_task, lr, weight_decay, betas, eps, fused)
         self.loss_fn = ClipLoss()
         self.device = torch.device(device)
         self.autocast = precision == "bf16-mixed"
@@ -258,12 +272,8 @@ class BareLightning(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
-        no_decay = [p for n, p in self.model.named_parameters() if not (p.ndim >= 2 and "logit_scale" not in n)]
-        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=True)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: _lr_factor(step, hp.steps_per_task, 0.1, 0.001)
+        optimizer, schedule = plain_optimizer(
+            self.model, hp.steps_per_task, hp.lr, hp.weight_decay, tuple(hp.betas), hp.eps, fused=True
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 

@@ -14,16 +14,27 @@ from timelit.merging import save_weights
 StateDict = dict[str, torch.Tensor]
 
 
-@pytest.fixture(scope="session")
-def clip_base() -> StateDict:
-    """An open_clip CLIP whose towers differ in depth (3 visual blocks, 2 text blocks), built by open_clip itself."""
+def _tiny_clip(architecture: type) -> StateDict:
+    """The weights of a tiny open_clip model whose towers differ in depth (3 visual blocks, 2 text blocks)."""
     torch.manual_seed(0)
-    model = open_clip.CLIP(
+    model = architecture(
         embed_dim=8,
         vision_cfg={"layers": 3, "width": 16, "patch_size": 4, "image_size": 8, "head_width": 8},
         text_cfg={"layers": 2, "width": 16, "heads": 2, "context_length": 5, "vocab_size": 20},
     )
     return {key: value.detach().clone() for key, value in model.state_dict().items()}
+
+
+@pytest.fixture(scope="session")
+def clip_base() -> StateDict:
+    """An open_clip CLIP, built by open_clip itself."""
+    return _tiny_clip(open_clip.CLIP)
+
+
+@pytest.fixture(scope="session")
+def custom_text_clip_base() -> StateDict:
+    """The same model as open_clip's CustomTextCLIP, whose text tower keys start with ``text.``."""
+    return _tiny_clip(open_clip.CustomTextCLIP)
 
 
 def _perturbed(base: StateDict, n: int, scale: float = 0.01, seed: int = 1) -> list[StateDict]:

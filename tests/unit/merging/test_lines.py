@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import open_clip
 import pytest
 import torch
 
@@ -18,18 +17,6 @@ def test_depth_is_counted_per_tower(clip_base):
     assert ratios["transformer.resblocks.0.attn.out_proj.weight"] == 0.0
     assert ratios["transformer.resblocks.1.mlp.c_proj.bias"] == 1.0
     assert {"visual.proj", "token_embedding.weight", "logit_scale", "ln_final.weight"}.isdisjoint(ratios)
-
-
-@pytest.fixture(scope="module")
-def custom_text_clip_base() -> dict[str, torch.Tensor]:
-    """The conftest's tiny CLIP as open_clip's CustomTextCLIP, whose text tower keys start with ``text.``."""
-    torch.manual_seed(0)
-    model = open_clip.CustomTextCLIP(
-        embed_dim=8,
-        vision_cfg={"layers": 3, "width": 16, "patch_size": 4, "image_size": 8, "head_width": 8},
-        text_cfg={"layers": 2, "width": 16, "heads": 2, "context_length": 5, "vocab_size": 20},
-    )
-    return {key: value.detach().clone() for key, value in model.state_dict().items()}
 
 
 def _as_clip_key(key: str) -> str:
