@@ -54,6 +54,11 @@ def _merged_task(name: str) -> int:
     return int(name.removesuffix(".safetensors").rsplit("_", 1)[1])
 
 
+def _intact(path: Path, digest: str | None) -> bool:
+    """Whether `path` is the file a checkpoint recorded with sha256 `digest` (None: it recorded none)."""
+    return digest is not None and path.exists() and file_sha256(path) == digest
+
+
 def _checkpoint_state(ckpt_path: str | None, key: str) -> dict[str, Any] | None:
     """The state a callback saved under `key` in a Lightning checkpoint (memory-mapped: the weights are not read)."""
     if not ckpt_path:
@@ -315,7 +320,7 @@ class TimeMerge(Callback):
         else:
             digests, name = state.get("merged", {}), f"{self.deploy}_{task:04d}.safetensors"
         path = self.directory(trainer) / name
-        if name not in digests or not path.exists() or file_sha256(path) != digests[name]:
+        if not _intact(path, digests.get(name)):
             raise FileNotFoundError(
                 f"{path}: the weights deployed ({self.deploy}) after task {task} of {trainer.ckpt_path} are missing "
                 "or changed since it was saved. Is protocol.deploy the run's? To evaluate a weights file instead: "
@@ -398,5 +403,5 @@ class TimeMerge(Callback):
             path = self.store.directory / name
             if _merged_task(name) < self.finished_task and not path.exists():
                 del self.merged_hashes[name]
-            elif not path.exists() or file_sha256(path) != digest:
+            elif not _intact(path, digest):
                 raise FileNotFoundError(f"{path}: merged weights listed in the checkpoint are missing or changed")
