@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
@@ -40,3 +41,32 @@ class RankProbe(Callback):
         self.record["world_size"] = trainer.world_size
         run_dir = Path(trainer.logger.log_dir)
         (run_dir / f"probe_rank{trainer.global_rank}.json").write_text(json.dumps(self.record))
+
+
+class SignalGate(Callback):
+    """Holds a run at chosen points until a signal has reached its Preemption callback, so a test that signals a job
+    from outside lands the signal exactly there, however slow the machine (a run of a few 10-ms steps is otherwise
+    past any point before `scontrol` returns). At each point it writes `<marker_dir>/gate_<point>` and waits; the
+    test waits for that file and sends the signal. Points: `step<N>` at the end of the batch that made global step N,
+    `task<T>` at the end of task T, after its evaluation and task-end checkpoint. Lightning runs Checkpoint callbacks
+    (Preemption is one) after this one at both hooks, so the run stops at the gate's point. The run's weights are
+    untouched: an uninterrupted run without the gate is its reference."""
+
+    def __init__(self, marker_dir: str, points: list[str], timeout: float = 300.0) -> None:
+        self.marker_dir, self.points, self.timeout = Path(marker_dir), set(points), timeout
+
+    def _hold(self, trainer, point: str) -> None:
+        if point not in self.points:
+            return
+        preemption = next(cb for cb in trainer.callbacks if type(cb).__name__ == "Preemption")
+        self.marker_dir.mkdir(parents=True, exist_ok=True)
+        (self.marker_dir / f"gate_{point}").touch()
+        deadline = time.monotonic() + self.timeout
+        while not preemption._received and time.monotonic() < deadline:
+            time.sleep(0.02)  # a signal interrupts the sleep, its handler runs, the loop sees the flag
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._hold(trainer, f"step{trainer.global_step}")
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._hold(trainer, f"task{trainer.current_epoch}")

@@ -26,7 +26,9 @@ pytestmark = pytest.mark.slow
 STEPS, EVERY_N = 8, 3  # 2 tasks of 8 steps; StreamCheckpoint saves at global steps 3, 6, 9, ... and at task ends
 
 
-def start(data: Path, save_dir: Path, log: Path) -> subprocess.Popen:
+def start(data: Path, save_dir: Path, log: Path, gates: Path | None = None) -> subprocess.Popen:
+    """`timelit fit` of two tiny tasks; with `gates`, it waits for a signal mid task 0 (step 5) and at task 0's end
+    (probes.SignalGate), so each signal lands at a known point however slow the machine."""
     command = [
         str(slurm_cluster.VENV_BIN / "timelit"),
         "fit",
@@ -36,9 +38,15 @@ def start(data: Path, save_dir: Path, log: Path) -> subprocess.Popen:
         f"--trainer.logger.init_args.save_dir={save_dir}",
         "--trainer.logger.init_args.name=run",
     ]
+    if gates is not None:
+        command += [
+            "--trainer.callbacks+=probes.SignalGate",
+            f"--trainer.callbacks.marker_dir={gates}",
+            "--trainer.callbacks.points=[step5,task0]",
+        ]
     # Not a Slurm job, even when the tests run inside one: SIGUSR1 must not requeue the test's own job.
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(PYTHONUNBUFFERED="1", TIMELIT_LOG_LEVEL="INFO")
+    env.update(PYTHONUNBUFFERED="1", TIMELIT_LOG_LEVEL="INFO", PYTHONPATH=str(Path(__file__).resolve().parent))
     with open(log, "ab") as out:
         return subprocess.Popen(
             command, cwd=save_dir.parent, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -70,23 +78,25 @@ def test_stopped_twice_and_resumed_it_ends_with_the_weights_of_an_uninterrupted_
     reference = start(tiny_benchmark, tmp_path / "reference", reference_log)
     run = tmp_path / "stopped" / "run"
 
-    # 1. SIGTERM in task 1 (index 0), just after the periodic save at step 3.
-    first = start(tiny_benchmark, tmp_path / "stopped", log)
-    wait_for(lambda: (run / "checkpoints" / "last.ckpt").exists(), first, log, "the first periodic checkpoint")
+    # 1. SIGTERM in task 1 (index 0), at step 5: after the periodic save at step 3, two steps before the next.
+    gates = tmp_path / "gates"
+    first = start(tiny_benchmark, tmp_path / "stopped", log, gates)
+    wait_for(lambda: (gates / "gate_step5").exists(), first, log, "step 5")
     os.killpg(first.pid, signal.SIGTERM)
     assert first.wait(timeout=300) == 128 + signal.SIGTERM, log.read_text()[-3000:]
     first_stop = slurm_cluster.checkpoint_step(run)
-    assert EVERY_N <= first_stop < STEPS, f"expected a stop in the middle of task 1, at step {first_stop}"
-    assert f"SIGTERM: stopped at step {first_stop} (task 0" in log.read_text()
+    assert first_stop == 5, f"expected the stop at step 5, in the middle of task 1, at step {first_stop}"
+    assert "SIGTERM: stopped at step 5 (task 0, batch 5 of 8)" in log.read_text()
 
-    # 2. The same command resumes; SIGUSR1 once task 1 is evaluated lands at its task-end checkpoint (step STEPS)
-    #    or early in task 2.
-    second = start(tiny_benchmark, tmp_path / "stopped", log)
-    wait_for(lambda: tasks_evaluated(run) >= 1, second, log, "the evaluation after task 1")
+    # 2. The same command resumes; SIGUSR1 after task 1's evaluation stops it at its task-end checkpoint.
+    second = start(tiny_benchmark, tmp_path / "stopped", log, gates)
+    wait_for(lambda: (gates / "gate_task0").exists(), second, log, "the evaluation after task 1")
+    assert tasks_evaluated(run) == 1
     os.killpg(second.pid, signal.SIGUSR1)
     assert second.wait(timeout=300) == 128 + signal.SIGUSR1, log.read_text()[-3000:]
     second_stop = slurm_cluster.checkpoint_step(run)
-    assert STEPS <= second_stop < 2 * STEPS, f"expected a stop at the end of task 1 or in task 2, at {second_stop}"
+    assert second_stop == STEPS, f"expected the stop at the end of task 1 (step {STEPS}), at step {second_stop}"
+    assert f"SIGUSR1: stopped at step {STEPS} (task 0, after its evaluation)" in log.read_text()
     assert "SIGUSR1: not a Slurm job, so not requeued" in log.read_text()
     assert f"resumed at step {first_stop} (task 0)" in log.read_text()
 

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 slurm_cluster = importlib.import_module("slurm_cluster")
 
 REPO = Path(__file__).resolve().parents[2]
+PROBES = Path(__file__).resolve().parent  # probes.py, for --trainer.callbacks+=probes.SignalGate
 MISSING = slurm_cluster.missing_binaries()
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 if MISSING:
@@ -113,15 +114,25 @@ def test_a_three_point_sweep_runs_as_one_array_job_and_is_not_submitted_twice(
 
 
 def test_a_job_requeued_twice_mid_task_resumes_to_the_weights_of_an_uninterrupted_job(slurm, tiny_benchmark, tmp_path):
-    steps = 8
+    steps, gates = 8, tmp_path / "gates"
+    # The requeued job waits at two points until the signal has reached it (probes.SignalGate): mid task 0 (step 5)
+    # and at the end of task 0, after its evaluation. Without the gates a run of 10-ms steps is past any chosen
+    # point before `scontrol` returns on a loaded machine, and a signal sent while a requeued job is still importing
+    # kills it before timelit's handlers exist.
+    gated = [
+        "--trainer.callbacks+=probes.SignalGate",
+        f"--trainer.callbacks.marker_dir={gates}",
+        "--trainer.callbacks.points=[step5,task0]",
+    ]
 
-    def submit(name: str) -> str:
+    def submit(name: str, extra: list[str]) -> str:
         args = [
             "--config",
             "quickstart.yaml",
             *slurm_cluster.tiny_overrides(tiny_benchmark, steps_per_task=steps, every_n_train_steps=3, num_workers=1),
             f"--trainer.logger.init_args.save_dir={tmp_path / name}",
             "--trainer.logger.init_args.name=run",
+            *extra,
         ]
         out = slurm.run(
             "sbatch",
@@ -132,12 +143,12 @@ def test_a_job_requeued_twice_mid_task_resumes_to_the_weights_of_an_uninterrupte
             f"--output={tmp_path / name}.log",
             str(REPO / "slurm" / "train.sbatch"),
             *args,
-            env=slurm_cluster.job_environment(),
+            env={**slurm_cluster.job_environment(), "PYTHONPATH": str(PROBES)},
         )
         return out.strip().split(";")[0]
 
-    reference, job = submit("reference"), submit("requeued")
-    run, log = tmp_path / "requeued" / "run", tmp_path / "requeued.log"
+    reference, job = submit("reference", []), submit("requeued", gated)
+    log = tmp_path / "requeued.log"
 
     def job_state():
         fields = slurm.job(job)
@@ -145,25 +156,17 @@ def test_a_job_requeued_twice_mid_task_resumes_to_the_weights_of_an_uninterrupte
 
     # 1. `scontrol requeue` (what an admin or a preemption does): Slurm sends SIGTERM, the run saves and exits,
     #    Slurm puts the job back in the queue and starts it again.
-    slurm.wait(lambda: (run / "checkpoints" / "last.ckpt").exists(), 600, f"the first checkpoint\n{log_tail(log)}")
+    slurm.wait(lambda: (gates / "gate_step5").exists(), 600, f"the run to reach step 5\n{log_tail(log)}")
     slurm.run("scontrol", "requeue", job)
     slurm.wait(lambda: job_state() == ("RUNNING", 1), 300, f"the requeued job to start again\n{log_tail(log)}")
-    first = re.search(r"SIGTERM: stopped at step (\d+) \(task 0", log.read_text())
-    assert first, log_tail(log)
+    assert "SIGTERM: stopped at step 5 (task 0, batch 5 of 8)" in log.read_text(), log_tail(log)
 
     # 2. SIGUSR1, as `--signal=USR1@N` sends before the time limit: the run saves and requeues itself.
-    def task_one_evaluated():
-        try:
-            return max(p["tasks_done"] for p in json.loads((run / "results.json").read_text())["points"]) >= 1
-        except (OSError, ValueError):
-            return False
-
-    slurm.wait(task_one_evaluated, 600, f"the evaluation after task 1\n{log_tail(log)}")
+    slurm.wait(lambda: (gates / "gate_task0").exists(), 600, f"the end of task 0\n{log_tail(log)}")
     slurm.run("scancel", "--signal=USR1", job)
     slurm.wait(lambda: job_state()[1] == 2, 300, f"the job to requeue itself\n{log_tail(log)}")
-    # At task 1's end-of-task checkpoint ("task 0, after its evaluation") or in task 2 ("task 1, batch ...").
-    second = re.search(rf"SIGUSR1: stopped at step (\d+) \(task [01], .*requeued Slurm job {job}\b", log.read_text())
-    assert second, log_tail(log)
+    second = f"SIGUSR1: stopped at step {steps} (task 0, after its evaluation); saved"
+    assert second in log.read_text() and f"requeued Slurm job {job}" in log.read_text(), log_tail(log)
 
     # 3. Both jobs finish; the twice-stopped one resumed from its checkpoints to the same weights and results.
     for name, job_id in (("requeued", job), ("reference", reference)):
@@ -171,12 +174,11 @@ def test_a_job_requeued_twice_mid_task_resumes_to_the_weights_of_an_uninterrupte
         fields = slurm.job(job_id)
         assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), log_tail(tmp_path / f"{name}.log")
     assert slurm.job(job)["Restarts"] == "2"
-    first_stop, second_stop = int(first.group(1)), int(second.group(1))
-    assert 3 <= first_stop < steps <= second_stop < 2 * steps  # mid task 1, then at its end or in task 2
     text = log.read_text()
     assert [int(r) for r in re.findall(r"\(restart (\d+)\)", text)] == [0, 1, 2]  # one log, appended to
-    assert f"resumed at step {first_stop} (task 0)" in text and f"resumed at step {second_stop} (task 1)" in text
+    assert "resumed at step 5 (task 0)" in text and f"resumed at step {steps} (task 1)" in text
 
+    run = tmp_path / "requeued" / "run"
     stopped = slurm_cluster.final_weights(run)
     assert stopped["global_step"] == str(2 * steps)
     assert stopped == slurm_cluster.final_weights(tmp_path / "reference" / "run")
