@@ -32,6 +32,7 @@ import yaml
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from timelit.atomic import write_text
 from timelit.data import synth_draw as draw
 from timelit.data.shards import ShardWriter, sample_key
 
@@ -41,6 +42,9 @@ FORMAT_VERSION = 1
 IMAGE_SIZE = 32
 POOL_NAME = "SYNTH_POOL"
 READY_FILE = "READY.json"
+# Written before anything else, so that a folder holding it (and no READY.json) is a half-written benchmark of ours
+# that may be cleared and written again; a folder holding neither is someone's data and is never touched.
+WRITING_FILE = ".timelit-synth-writing"
 BASE_MODEL_FILE = "base_model.safetensors"
 
 Drawer = Callable[[str | None, random.Random], tuple[Image.Image, list[str]]]
@@ -361,7 +365,33 @@ def _write_streams(root: Path, seed: int) -> None:
 
 def is_ready(root: str | Path) -> bool:
     marker = Path(root).expanduser() / READY_FILE
-    return marker.is_file() and json.loads(marker.read_text()).get("format_version") == FORMAT_VERSION
+    try:
+        return json.loads(marker.read_text()).get("format_version") == FORMAT_VERSION
+    except (OSError, ValueError, AttributeError):
+        return False  # absent, unreadable or not ours to trust: written again
+
+
+def _claim(root: Path) -> None:
+    """Make `root` an empty folder for a benchmark, clearing it only if what it holds is one of ours.
+
+    `data_root` is a setting a user also points at real data: quickstart.yaml with an overridden `data_root` (and
+    its `synthesize_if_missing: true`), or `timelit data synth --out` with a typo, must never empty that folder.
+    """
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"the quickstart benchmark's folder {root} is a file")
+    entries = sorted(root.iterdir()) if root.exists() else []
+    ours = (root / READY_FILE).is_file() or (root / WRITING_FILE).is_file()
+    if entries and not ours:
+        shown = ", ".join(entry.name for entry in entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise FileExistsError(
+            f"{root} is not empty ({shown}) and holds no quickstart benchmark ({READY_FILE} or {WRITING_FILE}): "
+            "refusing to write the quickstart benchmark over it. Choose an empty or new folder, or, if this folder "
+            "holds real data that a config should read, set `data.init_args.synthesize_if_missing: false`"
+        )
+    for child in entries:
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+    root.mkdir(parents=True, exist_ok=True)
+    (root / WRITING_FILE).write_text("the quickstart benchmark is being written here; READY.json marks it done\n")
 
 
 def synthesize(
@@ -375,15 +405,13 @@ def synthesize(
     """Write the quickstart benchmark (shards, manifests, stream, pool) and train its base model into `root`.
 
     Does nothing when `root` already holds a complete benchmark (`READY.json`); a half-written one is removed and
-    written again. `scale` multiplies every dataset's size (tests use a small one).
+    written again. A folder that holds anything else is refused, never cleared (`_claim`). `scale` multiplies every
+    dataset's size (tests use a small one).
     """
     root = Path(root).expanduser()
     if is_ready(root) and not force:
         return root
-    if root.exists():
-        for child in root.iterdir():
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-    root.mkdir(parents=True, exist_ok=True)
+    _claim(root)
     rng = random.Random(seed)
     splits = [
         (spec, split, max(1, round(n * scale)))
@@ -402,10 +430,12 @@ def synthesize(
     from timelit.data.synth_base import train_base
 
     report = train_base(root, model_name=base_model, steps=base_steps, seed=seed)
-    (root / READY_FILE).write_text(
+    write_text(  # atomic: a kill mid-write must not leave a READY.json that is_ready cannot parse
+        root / READY_FILE,
         json.dumps(
             {"format_version": FORMAT_VERSION, "seed": seed, "scale": scale, "base_model": base_model, **report},
             indent=1,
-        )
+        ),
     )
+    (root / WRITING_FILE).unlink()
     return root
