@@ -8,216 +8,81 @@
 dotted overrides). The other subcommands are plain typed functions dispatched by jsonargparse: LightningCLI
 subcommands must be Trainer methods, so they cannot live inside it. A `--config` that is not a file is looked up
 among the configs shipped with timelit, so the commands above work from any directory.
+
+This module imports nothing heavy: the LightningCLI subclass lives in timelit/lightning_cli.py and each tool's
+module is imported only when that tool runs, so `timelit --help`, `timelit sweep` and `timelit report` start in a
+fraction of a second instead of the ~7 s that importing torch and Lightning takes.
 """
 
 from __future__ import annotations
 
+import ast
+import importlib
 import logging
 import os
 import sys
-import warnings
-from pathlib import Path
 from typing import Any
 
-import yaml
-from lightning.pytorch.cli import LightningCLI
-
-from timelit.resources import PACKAGE_DIR
-
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
-DEFAULTS_DIR = PACKAGE_DIR / "cli_defaults"
+
+# Subcommand -> (module, function). Only the module of the command being run is imported: the merge and budget
+# commands pull in torch and Lightning (several seconds), which `timelit sweep` and `timelit report` never need.
+_FUNCTION_COMMANDS: dict[str, Any] = {
+    "data": {
+        "synth": ("timelit.commands", "synth_command"),
+        "prepare": ("timelit.data.prepare", "prepare_command"),
+        "verify": ("timelit.data.verify", "verify_command"),
+        "stream": ("timelit.data.stream_tools", "stream_command"),
+    },
+    "merge": ("timelit.merging.command", "merge_command"),
+    "budget": ("timelit.budget_command", "budget_command"),
+    "sweep": ("timelit.sweep", "sweep_command"),
+    "report": ("timelit.report", "report_command"),
+}
 
 
-class TimeLightningCLI(LightningCLI):
-    """LightningCLI with timelit's always-on callbacks and the trainer settings a stream needs.
+def run_lightning(args: list[str]) -> Any:
+    """`timelit fit|validate|test ...` (also the entry point the tests call in-process); returns the
+    `timelit.lightning_cli.TimeLightningCLI` that ran."""
+    from timelit.lightning_cli import run_lightning as run
 
-    Config sections beyond LightningCLI's own, one callback each: `protocol` (TimeMerge: init/deploy/merge
-    technique), `budget` (ComputeBudget: steps per task from a GFLOP budget, or metering only), `results`
-    (TaskResults: results.json and per-task TensorBoard scalars), `checkpoint` (StreamCheckpoint: last.ckpt every N
-    steps and at every task end) and `preemption` (Preemption: save, requeue and stop on SIGUSR1/SIGTERM). The trainer's
-    `max_epochs` follows `data.num_tasks` and the seeds of model and data follow `seed_everything`.
-    """
-
-    def add_arguments_to_parser(self, parser: Any) -> None:
-        from timelit.callbacks.budget import ComputeBudget
-        from timelit.callbacks.checkpoint import StreamCheckpoint
-        from timelit.callbacks.preemption import Preemption
-        from timelit.callbacks.results import TaskResults
-        from timelit.callbacks.time_merge import TimeMerge
-
-        parser.add_lightning_class_args(TimeMerge, "protocol")
-        parser.add_lightning_class_args(ComputeBudget, "budget")
-        parser.add_lightning_class_args(TaskResults, "results")
-        parser.add_lightning_class_args(StreamCheckpoint, "checkpoint")
-        # After `checkpoint`, so that trainer.checkpoint_callback stays StreamCheckpoint (Preemption saves through it).
-        parser.add_lightning_class_args(Preemption, "preemption")
-        parser.link_arguments("data.init_args.num_tasks", "trainer.max_epochs")
-        parser.link_arguments("seed_everything", "data.init_args.seed")
-        parser.link_arguments("seed_everything", "model.init_args.seed")
-        parser.set_defaults(
-            {
-                # The sanity check is the zero-shot evaluation before the stream: it must see whole datasets.
-                "trainer.num_sanity_val_steps": -1,
-                # Every task has its own training loader (and evaluation switches between subsets and full splits).
-                "trainer.reload_dataloaders_every_n_epochs": 1,
-                # timelit's loaders split data by rank themselves; a DistributedSampler would duplicate samples.
-                "trainer.use_distributed_sampler": False,
-                "trainer.gradient_clip_val": 1.0,
-                "trainer.logger": {
-                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                    "init_args": {"save_dir": "runs", "name": "timelit", "version": ""},
-                },
-            }
-        )
-
-    def before_fit(self) -> None:
-        """Refuse to resume a run directory whose checkpoint was made under a different experiment config."""
-        if self.config.fit.get("ckpt_path") != "last":
-            return
-        run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-        saved = run_dir / "config.yaml"
-        if not saved.is_file() or not any(run_dir.glob("checkpoints/last*.ckpt")):
-            return
-        # Both sides as SaveConfigCallback writes them, so that tuples, paths and numbers compare alike.
-        current = yaml.safe_load(self._parser("fit").dump(self.config.fit, skip_none=False, skip_validation=True))
-        differences = config_differences(yaml.safe_load(saved.read_text()) or {}, current)
-        if differences:
-            raise ValueError(
-                f"{run_dir} holds a run of another experiment, and fit would resume it from its last.ckpt:\n  "
-                + "\n  ".join(differences)
-                + "\nRun the new experiment elsewhere (--trainer.logger.init_args.name NEW), or start this directory "
-                "over with --ckpt_path null."
-            )
-
-    def instantiate_trainer(self, **kwargs: Any) -> Any:
-        """Inside a Slurm job, use SLURMEnvironment with Lightning's own requeue off: the `preemption` callback
-        saves and requeues outside the signal handler. (A config default cannot do this: SLURMEnvironment reads
-        SLURM_* variables when it is built, and they do not exist elsewhere.) Checkpoints are written by
-        AtomicCheckpointIO unless the config chose a CheckpointIO (`install_atomic_checkpoint_io`)."""
-        from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
-
-        configured = self._get(self.config_init, "trainer", default={}).get("plugins") or []
-        configured = configured if isinstance(configured, list) else [configured]
-        if SLURMEnvironment.detect() and not any(isinstance(p, ClusterEnvironment) for p in configured):
-            kwargs["plugins"] = [*configured, SLURMEnvironment(auto_requeue=False)]
-        trainer = super().instantiate_trainer(**kwargs)
-        install_atomic_checkpoint_io(trainer)
-        return trainer
+    return run(args)
 
 
-def install_atomic_checkpoint_io(trainer: Any) -> bool:
-    """Give the trainer's strategy timelit's AtomicCheckpointIO when it would use Lightning's default TorchCheckpointIO.
+def function_commands(only: str | None = None) -> dict[str, Any]:
+    """The non-Lightning subcommands, as jsonargparse dispatches them: all of them, or only the one named `only`
+    (when it is one)."""
 
-    Done on the built trainer rather than by adding a `trainer.plugins` entry, so that whatever the user configured
-    stays: a CheckpointIO plugin of their own, a strategy built with its `checkpoint_io`, and the strategies that need
-    their own IO (XLA's refuses any other, AsyncCheckpointIO wraps one) all keep theirs. Returns whether it replaced.
-    """
-    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+    def load(tree: dict[str, Any]) -> dict[str, Any]:
+        return {
+            name: load(entry) if isinstance(entry, dict) else getattr(importlib.import_module(entry[0]), entry[1])
+            for name, entry in tree.items()
+        }
 
-    from timelit.callbacks.checkpoint import AtomicCheckpointIO
-
-    if type(trainer.strategy.checkpoint_io) is not TorchCheckpointIO:
-        return False
-    trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-    return True
+    if only in _FUNCTION_COMMANDS:
+        return load({only: _FUNCTION_COMMANDS[only]})
+    return load(_FUNCTION_COMMANDS)
 
 
-# Settings that change what an experiment computes; loader workers and evaluation batch sizes do not (the data
-# pipeline's batches are a function of the seed, not of the number of workers).
-_EXPERIMENT_KEYS = ("seed_everything", "model", "data", "protocol", "budget")
-_NEUTRAL_KEYS = {"data.init_args.num_workers", "data.init_args.eval_batch_size", "data.init_args.synthesize_if_missing"}
+def _summary(module: str, function: str) -> str:
+    """The first line of a command's docstring, read from its source rather than imported (see _FUNCTION_COMMANDS)."""
+    from timelit.resources import PACKAGE_DIR
+
+    source = PACKAGE_DIR.joinpath(*module.split(".")[1:]).with_suffix(".py")
+    for node in ast.parse(source.read_text()).body:
+        if isinstance(node, ast.FunctionDef) and node.name == function:
+            return (ast.get_docstring(node) or "").strip().split("\n")[0]
+    raise LookupError(f"{function} is not defined in {source}")
 
 
-def config_differences(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """`key: old -> new` for every experiment setting that differs between two fit configs."""
-
-    def flatten(value: Any, prefix: str) -> dict[str, Any]:
-        if isinstance(value, dict):
-            return {k: v for key, item in value.items() for k, v in flatten(item, f"{prefix}.{key}").items()}
-        return {prefix: value}
-
-    old = {k: v for key in _EXPERIMENT_KEYS for k, v in flatten(saved.get(key), key).items()}
-    cur = {k: v for key in _EXPERIMENT_KEYS for k, v in flatten(new.get(key), key).items()}
-    return [
-        f"{key}: {old.get(key)!r} -> {cur.get(key)!r}"
-        for key in sorted(old.keys() | cur.keys())
-        if key not in _NEUTRAL_KEYS and old.get(key) != cur.get(key)
-    ]
-
-
-def _resolve_config_args(args: list[str]) -> list[str]:
-    """Replace `--config NAME` by the path of a shipped config when NAME is not a file."""
-    from timelit.resources import resolve_config
-
-    resolved, take_next = [], False
-    for arg in args:
-        if take_next:
-            resolved.append(str(resolve_config(arg)))
-            take_next = False
-        elif arg in ("--config", "-c"):
-            resolved.append(arg)
-            take_next = True
-        elif arg.startswith("--config="):
-            resolved.append(f"--config={resolve_config(arg.split('=', 1)[1])}")
-        else:
-            resolved.append(arg)
-    return resolved
-
-
-def run_lightning(args: list[str]) -> TimeLightningCLI:
-    """`timelit fit|validate|test ...` (also the entry point the tests call in-process)."""
-    from timelit.data.datamodule import TimeDataModule
-    from timelit.model import CLIPFineTuner
-
-    # `args` is the command line itself here, not a second one beside sys.argv.
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
-    return TimeLightningCLI(
-        CLIPFineTuner,
-        TimeDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        # `fit` resumes from the run's last.ckpt by default (a requeued Slurm job must); see cli_defaults/fit.yaml.
-        parser_kwargs={"fit": {"default_config_files": [str(DEFAULTS_DIR / "fit.yaml")]}},
-        args=_resolve_config_args(args),
-    )
-
-
-def function_commands() -> dict[str, Any]:
-    """The non-Lightning subcommands, as jsonargparse dispatches them."""
-    from timelit.budget_command import budget_command
-    from timelit.commands import synth_command
-    from timelit.data.prepare import prepare_command
-    from timelit.data.stream_tools import stream_command
-    from timelit.data.verify import verify_command
-    from timelit.merging.command import merge_command
-    from timelit.report import report_command
-    from timelit.sweep import sweep_command
-
-    return {
-        "data": {
-            "synth": synth_command,
-            "prepare": prepare_command,
-            "verify": verify_command,
-            "stream": stream_command,
-        },
-        "merge": merge_command,
-        "budget": budget_command,
-        "sweep": sweep_command,
-        "report": report_command,
-    }
-
-
-def _print_overview(commands: dict[str, Any]) -> None:
+def _print_overview() -> None:
     def lines(tree: dict[str, Any], prefix: str) -> list[str]:
         out = []
-        for name, value in tree.items():
-            if isinstance(value, dict):
-                out += lines(value, f"{prefix}{name} ")
+        for name, entry in tree.items():
+            if isinstance(entry, dict):
+                out += lines(entry, f"{prefix}{name} ")
             else:
-                summary = (value.__doc__ or "").strip().splitlines()[0] if value.__doc__ else ""
-                out.append(f"  {prefix + name:<22}{summary}")
+                out.append(f"  {prefix + name:<22}{_summary(*entry)}")
         return out
 
     print(
@@ -227,7 +92,7 @@ def _print_overview(commands: dict[str, Any]) -> None:
         "  fit                   train over the whole stream of tasks (resumes from last.ckpt)\n"
         "  validate              evaluate a checkpoint on the full test splits\n"
         "  test                  same as validate, through Lightning's test loop\n\n"
-        "Tools (`timelit data synth --help` etc.):\n" + "\n".join(lines(commands, ""))
+        "Tools (`timelit data synth --help` etc.):\n" + "\n".join(lines(_FUNCTION_COMMANDS, ""))
     )
 
 
@@ -244,10 +109,10 @@ def main(argv: list[str] | None = None) -> None:
     if args and args[0] in LIGHTNING_SUBCOMMANDS:
         run_lightning(args)
         return
-    commands = function_commands()
     if not args or args[0] in ("-h", "--help"):
-        _print_overview(commands)
+        _print_overview()
         return
+    commands = function_commands(args[0])
     from jsonargparse import CLI
 
     if args[0] == "report":  # `timelit report RUN... --out DIR`: run folders as positional arguments

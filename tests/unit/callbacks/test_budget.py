@@ -19,10 +19,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from timelit.callbacks.budget import ComputeBudget
 from timelit.callbacks.checkpoint import StreamCheckpoint
 from timelit.callbacks.results import TaskResults
-from timelit.cli import TimeLightningCLI
 from timelit.data.datamodule import TimeDataModule
 from timelit.data.synth import synthesize
 from timelit.flops import measure_step, steps_for_budget
+from timelit.lightning_cli import TimeLightningCLI
 from timelit.model import CLIPFineTuner
 from timelit.resources import configs_dir, resolve_config
 
@@ -292,11 +292,11 @@ def test_resume_under_a_different_budget_is_refused(benchmark: Path, tmp_path: P
 
 
 class BudgetCLI(TimeLightningCLI):
-    """timelit's CLI with the `budget:` section, wired as timelit/cli.py is meant to wire it."""
+    """timelit's CLI with the `budget:` section, wired as timelit/lightning_cli.py is meant to wire it."""
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         super().add_arguments_to_parser(parser)
-        if "budget" not in parser.callback_keys:  # until timelit/cli.py adds the section itself
+        if "budget" not in parser.callback_keys:  # until timelit/lightning_cli.py adds the section itself
             parser.add_lightning_class_args(ComputeBudget, "budget", required=False)
 
 

@@ -19,7 +19,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
 from timelit.callbacks.checkpoint import AtomicCheckpointIO, StreamCheckpoint
-from timelit.cli import install_atomic_checkpoint_io
+from timelit.lightning_cli import install_atomic_checkpoint_io
 
 SHM = Path("/dev/shm")
 

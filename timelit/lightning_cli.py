@@ -1,0 +1,174 @@
+"""timelit's LightningCLI: `timelit fit|validate|test` (timelit/cli.py dispatches here).
+
+Kept apart from timelit/cli.py, which every `timelit` command imports: importing Lightning takes ~7 s on a small
+machine, and `timelit sweep`, `timelit report` or `timelit --help` should not wait for it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import yaml
+from lightning.pytorch.cli import LightningCLI
+
+from timelit.resources import PACKAGE_DIR
+
+DEFAULTS_DIR = PACKAGE_DIR / "cli_defaults"
+
+
+class TimeLightningCLI(LightningCLI):
+    """LightningCLI with timelit's always-on callbacks and the trainer settings a stream needs.
+
+    Config sections beyond LightningCLI's own, one callback each: `protocol` (TimeMerge: init/deploy/merge
+    technique), `budget` (ComputeBudget: steps per task from a GFLOP budget, or metering only), `results`
+    (TaskResults: results.json and per-task TensorBoard scalars), `checkpoint` (StreamCheckpoint: last.ckpt every N
+    steps and at every task end) and `preemption` (Preemption: save, requeue and stop on SIGUSR1/SIGTERM). The trainer's
+    `max_epochs` follows `data.num_tasks` and the seeds of model and data follow `seed_everything`.
+    """
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        from timelit.callbacks.budget import ComputeBudget
+        from timelit.callbacks.checkpoint import StreamCheckpoint
+        from timelit.callbacks.preemption import Preemption
+        from timelit.callbacks.results import TaskResults
+        from timelit.callbacks.time_merge import TimeMerge
+
+        parser.add_lightning_class_args(TimeMerge, "protocol")
+        parser.add_lightning_class_args(ComputeBudget, "budget")
+        parser.add_lightning_class_args(TaskResults, "results")
+        parser.add_lightning_class_args(StreamCheckpoint, "checkpoint")
+        # After `checkpoint`, so that trainer.checkpoint_callback stays StreamCheckpoint (Preemption saves through it).
+        parser.add_lightning_class_args(Preemption, "preemption")
+        parser.link_arguments("data.init_args.num_tasks", "trainer.max_epochs")
+        parser.link_arguments("seed_everything", "data.init_args.seed")
+        parser.link_arguments("seed_everything", "model.init_args.seed")
+        parser.set_defaults(
+            {
+                # The sanity check is the zero-shot evaluation before the stream: it must see whole datasets.
+                "trainer.num_sanity_val_steps": -1,
+                # Every task has its own training loader (and evaluation switches between subsets and full splits).
+                "trainer.reload_dataloaders_every_n_epochs": 1,
+                # timelit's loaders split data by rank themselves; a DistributedSampler would duplicate samples.
+                "trainer.use_distributed_sampler": False,
+                "trainer.gradient_clip_val": 1.0,
+                "trainer.logger": {
+                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    "init_args": {"save_dir": "runs", "name": "timelit", "version": ""},
+                },
+            }
+        )
+
+    def before_fit(self) -> None:
+        """Refuse to resume a run directory whose checkpoint was made under a different experiment config."""
+        if self.config.fit.get("ckpt_path") != "last":
+            return
+        run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        saved = run_dir / "config.yaml"
+        if not saved.is_file() or not any(run_dir.glob("checkpoints/last*.ckpt")):
+            return
+        # Both sides as SaveConfigCallback writes them, so that tuples, paths and numbers compare alike.
+        current = yaml.safe_load(self._parser("fit").dump(self.config.fit, skip_none=False, skip_validation=True))
+        differences = config_differences(yaml.safe_load(saved.read_text()) or {}, current)
+        if differences:
+            raise ValueError(
+                f"{run_dir} holds a run of another experiment, and fit would resume it from its last.ckpt:\n  "
+                + "\n  ".join(differences)
+                + "\nRun the new experiment elsewhere (--trainer.logger.init_args.name NEW), or start this directory "
+                "over with --ckpt_path null."
+            )
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """Inside a Slurm job, use SLURMEnvironment with Lightning's own requeue off: the `preemption` callback
+        saves and requeues outside the signal handler. (A config default cannot do this: SLURMEnvironment reads
+        SLURM_* variables when it is built, and they do not exist elsewhere.) Checkpoints are written by
+        AtomicCheckpointIO unless the config chose a CheckpointIO (`install_atomic_checkpoint_io`)."""
+        from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
+
+        configured = self._get(self.config_init, "trainer", default={}).get("plugins") or []
+        configured = configured if isinstance(configured, list) else [configured]
+        if SLURMEnvironment.detect() and not any(isinstance(p, ClusterEnvironment) for p in configured):
+            kwargs["plugins"] = [*configured, SLURMEnvironment(auto_requeue=False)]
+        trainer = super().instantiate_trainer(**kwargs)
+        install_atomic_checkpoint_io(trainer)
+        return trainer
+
+
+def install_atomic_checkpoint_io(trainer: Any) -> bool:
+    """Give the trainer's strategy timelit's AtomicCheckpointIO when it would use Lightning's default TorchCheckpointIO.
+
+    Done on the built trainer rather than by adding a `trainer.plugins` entry, so that whatever the user configured
+    stays: a CheckpointIO plugin of their own, a strategy built with its `checkpoint_io`, and the strategies that need
+    their own IO (XLA's refuses any other, AsyncCheckpointIO wraps one) all keep theirs. Returns whether it replaced.
+    """
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    from timelit.callbacks.checkpoint import AtomicCheckpointIO
+
+    if type(trainer.strategy.checkpoint_io) is not TorchCheckpointIO:
+        return False
+    trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+    return True
+
+
+# Settings that change what an experiment computes; loader workers and evaluation batch sizes do not (the data
+# pipeline's batches are a function of the seed, not of the number of workers).
+_EXPERIMENT_KEYS = ("seed_everything", "model", "data", "protocol", "budget")
+_NEUTRAL_KEYS = {"data.init_args.num_workers", "data.init_args.eval_batch_size", "data.init_args.synthesize_if_missing"}
+
+
+def config_differences(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """`key: old -> new` for every experiment setting that differs between two fit configs."""
+
+    def flatten(value: Any, prefix: str) -> dict[str, Any]:
+        if isinstance(value, dict):
+            return {k: v for key, item in value.items() for k, v in flatten(item, f"{prefix}.{key}").items()}
+        return {prefix: value}
+
+    old = {k: v for key in _EXPERIMENT_KEYS for k, v in flatten(saved.get(key), key).items()}
+    cur = {k: v for key in _EXPERIMENT_KEYS for k, v in flatten(new.get(key), key).items()}
+    return [
+        f"{key}: {old.get(key)!r} -> {cur.get(key)!r}"
+        for key in sorted(old.keys() | cur.keys())
+        if key not in _NEUTRAL_KEYS and old.get(key) != cur.get(key)
+    ]
+
+
+def _resolve_config_args(args: list[str]) -> list[str]:
+    """Replace `--config NAME` by the path of a shipped config when NAME is not a file."""
+    from timelit.resources import resolve_config
+
+    resolved, take_next = [], False
+    for arg in args:
+        if take_next:
+            resolved.append(str(resolve_config(arg)))
+            take_next = False
+        elif arg in ("--config", "-c"):
+            resolved.append(arg)
+            take_next = True
+        elif arg.startswith("--config="):
+            resolved.append(f"--config={resolve_config(arg.split('=', 1)[1])}")
+        else:
+            resolved.append(arg)
+    return resolved
+
+
+def run_lightning(args: list[str]) -> TimeLightningCLI:
+    """`timelit fit|validate|test ...` (also the entry point the tests call in-process)."""
+    from timelit.data.datamodule import TimeDataModule
+    from timelit.model import CLIPFineTuner
+
+    # `args` is the command line itself here, not a second one beside sys.argv.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
+    return TimeLightningCLI(
+        CLIPFineTuner,
+        TimeDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        # `fit` resumes from the run's last.ckpt by default (a requeued Slurm job must); see cli_defaults/fit.yaml.
+        parser_kwargs={"fit": {"default_config_files": [str(DEFAULTS_DIR / "fit.yaml")]}},
+        args=_resolve_config_args(args),
+    )
