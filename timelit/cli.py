@@ -23,6 +23,8 @@ import os
 import sys
 from typing import Any
 
+from timelit import early_signals
+
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
 
 # Subcommand -> (module, function). Only the module of the command being run is imported: the merge and budget
@@ -105,9 +107,14 @@ def configure_logging() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "fit":
+        early_signals.hold()  # a requeue signal during the seconds of imports and set-up must not end the job
     configure_logging()
     if args and args[0] in LIGHTNING_SUBCOMMANDS:
-        run_lightning(args)
+        try:
+            run_lightning(args)
+        finally:
+            early_signals.release()  # a no-op once Preemption took them; otherwise back to how they were
         return
     if not args or args[0] in ("-h", "--help"):
         _print_overview()

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 from lightning.pytorch.cli import LightningCLI
 
+from timelit import early_signals
 from timelit.resources import PACKAGE_DIR
 
 DEFAULTS_DIR = PACKAGE_DIR / "cli_defaults"
@@ -61,7 +62,12 @@ class TimeLightningCLI(LightningCLI):
         )
 
     def before_fit(self) -> None:
-        """Refuse to resume a run directory whose checkpoint was made under a different experiment config."""
+        """Refuse to resume a run directory whose checkpoint was made under a different experiment config. Without
+        a Preemption callback, give the requeue signals held since start-up back (timelit.early_signals)."""
+        from timelit.callbacks.preemption import Preemption
+
+        if not any(isinstance(callback, Preemption) for callback in self.trainer.callbacks):
+            early_signals.release()
         if self.config.fit.get("ckpt_path") != "last":
             return
         run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)

@@ -114,3 +114,46 @@ def test_stopped_twice_and_resumed_it_ends_with_the_weights_of_an_uninterrupted_
     assert stopped == uninterrupted
     assert slurm_cluster.evaluations(run) == slurm_cluster.evaluations(tmp_path / "reference" / "run")
     assert json.loads((run / "results.json").read_text())["complete"] is True
+
+
+_SIGNAL_DURING_STARTUP = """
+import os, signal, sys
+import timelit.cli as cli
+
+start_lightning = cli.run_lightning
+
+def signalled_while_starting(args):
+    assert "lightning" not in sys.modules  # torch and Lightning are still to be imported: seconds of start-up
+    os.kill(os.getpid(), signal.SIGUSR1)
+    return start_lightning(args)
+
+cli.run_lightning = signalled_while_starting
+cli.main(sys.argv[1:])
+"""
+
+
+def test_a_requeue_signal_while_fit_starts_stops_it_at_the_first_batch(tiny_benchmark, tmp_path):
+    """SIGUSR1 before Lightning is even imported (a requeued job warned of its time limit at once, or an early
+    `scancel --signal=USR1`): the run saves at its first batch and exits 138. Without timelit.early_signals the
+    default action of SIGUSR1 ended the process (status -10) and a Slurm job with it, never requeued."""
+    log = tmp_path / "fit.log"
+    command = [
+        sys.executable,
+        "-c",
+        _SIGNAL_DURING_STARTUP,
+        "fit",
+        "--config",
+        "quickstart.yaml",
+        *slurm_cluster.tiny_overrides(tiny_benchmark, steps_per_task=STEPS, every_n_train_steps=EVERY_N, num_workers=1),
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--trainer.logger.init_args.name=run",
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PYTHONUNBUFFERED="1", TIMELIT_LOG_LEVEL="INFO")
+    with open(log, "wb") as out:
+        code = subprocess.run(command, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=600)
+    text = log.read_text()
+    assert code.returncode == 128 + signal.SIGUSR1, text[-3000:]
+    assert "SIGUSR1 arrived while the run was starting" in text
+    assert "SIGUSR1: stopped at step 1 (task 0, batch 1 of 8)" in text
+    assert slurm_cluster.checkpoint_step(tmp_path / "run") == 1

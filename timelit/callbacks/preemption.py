@@ -44,6 +44,9 @@ When the signal arrives elsewhere than in the middle of a task:
 - during the last task's evaluation, or after the last training step of the stream: nothing is left to resume, so
   the run finishes normally (exit status 0) and says so in the log.
 - in a loader worker: ignored there; the main process decides (Slurm signals every process of a job step).
+- while `timelit fit` starts up (imports, config, model), before this callback's `setup`: the requeue signal is
+  recorded from the first line of `timelit`'s main (`timelit.early_signals`) and acted on at the first training
+  batch; SIGTERM still ends the process at once, as nothing is there to save yet.
 
 The checkpoint holds nothing of this callback: what it saves is the trainer's own state.
 """
@@ -63,6 +66,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from typing_extensions import override
+
+from timelit import early_signals
 
 log = logging.getLogger(__name__)
 
@@ -183,9 +188,14 @@ class Preemption(Checkpoint):
         self._turn_off_lightning_requeue(trainer)
         self._received = set()
         self._active = True
+        # A requeue signal that came while `timelit fit` was starting up (timelit.early_signals) counts as received.
+        arrived_early = early_signals.take(self.signals[1])
         # Installed now, and Lightning is kept from wrapping SIGTERM at the start of the run (which it would do
         # after `setup`, leaving its broadcasting handler live until on_sanity_check_start / on_train_start).
         self._install_handlers()
+        if arrived_early:
+            self._received.add(self.signals[1])
+            log.warning("%s arrived while the run was starting: it stops at the first batch", self.requeue_signal)
         self._keep_lightning_handlers_off(trainer)
 
     @staticmethod
