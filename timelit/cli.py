@@ -113,8 +113,10 @@ def main(argv: list[str] | None = None) -> None:
     if args and args[0] in LIGHTNING_SUBCOMMANDS:
         try:
             run_lightning(args)
-        finally:
-            early_signals.release()  # a no-op once Preemption took them; otherwise back to how they were
+        except BaseException:
+            early_signals.release(deliver=False)  # the run failed: its error, not a held signal, ends the process
+            raise
+        early_signals.release()  # a no-op once Preemption took them
         return
     if not args or args[0] in ("-h", "--help"):
         _print_overview()

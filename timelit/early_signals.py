@@ -55,12 +55,13 @@ def take(signum: int) -> bool:
     return arrived
 
 
-def release() -> None:
-    """Give every held signal back to its previous handler and deliver again those that arrived while held (for
-    SIGUSR1/SIGUSR2 with no handler of their own: the end of the process, as without `hold`)."""
+def release(deliver: bool = True) -> None:
+    """Give every held signal back to its previous handler and, with `deliver`, deliver again those that arrived
+    while held (for SIGUSR1/SIGUSR2 with no handler of their own: the end of the process, as without `hold`)."""
     for signum, previous in list(_held.items()):
         signal.signal(signum, previous)
         del _held[signum]
         if signum in _arrived:
             _arrived.discard(signum)
-            signal.raise_signal(signum)
+            if deliver:
+                signal.raise_signal(signum)

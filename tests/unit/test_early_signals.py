@@ -55,3 +55,21 @@ def test_a_released_signal_that_arrived_is_delivered_again():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == -signal.SIGUSR2
     assert result.stdout == "still running\n"
+
+
+def test_a_fit_that_fails_while_starting_ends_with_its_error_not_with_the_held_signal(tmp_path):
+    """SIGUSR1 during start-up, then a config error before any Preemption exists: the error's traceback and exit
+    status 1, not a silent death by SIGUSR1."""
+    code = (
+        "import os, signal, sys\n"
+        "import timelit.cli as cli\n"
+        "def failing(args):\n"
+        "    os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "    raise ValueError('no such config key')\n"
+        "cli.run_lightning = failing\n"
+        "cli.main(['fit'])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "ValueError: no such config key" in result.stderr
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # this process was never touched
