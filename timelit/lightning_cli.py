@@ -160,7 +160,7 @@ def _resolve_config_args(args: list[str]) -> list[str]:
     return resolved
 
 
-def run_lightning(args: list[str]) -> TimeLightningCLI:
+def run_lightning(args: list[str], run: bool = True) -> TimeLightningCLI:
     """`timelit fit|validate|test ...` (also the entry point the tests call in-process)."""
     from timelit.data.datamodule import TimeDataModule
     from timelit.model import CLIPFineTuner
@@ -177,4 +177,5 @@ def run_lightning(args: list[str]) -> TimeLightningCLI:
         # `fit` resumes from the run's last.ckpt by default (a requeued Slurm job must); see cli_defaults/fit.yaml.
         parser_kwargs={"fit": {"default_config_files": [str(DEFAULTS_DIR / "fit.yaml")]}},
         args=_resolve_config_args(args),
+        run=run,
     )

@@ -22,7 +22,7 @@ from timelit.callbacks.results import TaskResults
 from timelit.data.datamodule import TimeDataModule
 from timelit.data.synth import synthesize
 from timelit.flops import measure_step, steps_for_budget
-from timelit.lightning_cli import TimeLightningCLI
+from timelit.lightning_cli import TimeLightningCLI, run_lightning
 from timelit.model import CLIPFineTuner
 from timelit.resources import configs_dir, resolve_config
 
@@ -291,29 +291,12 @@ def test_resume_under_a_different_budget_is_refused(benchmark: Path, tmp_path: P
 # ---------------------------------------------------------------- the `budget:` config section
 
 
-class BudgetCLI(TimeLightningCLI):
-    """timelit's CLI with the `budget:` section, wired as timelit/lightning_cli.py is meant to wire it."""
-
-    def add_arguments_to_parser(self, parser: Any) -> None:
-        super().add_arguments_to_parser(parser)
-        if "budget" not in parser.callback_keys:  # until timelit/lightning_cli.py adds the section itself
-            parser.add_lightning_class_args(ComputeBudget, "budget", required=False)
+def run_cli(args: list[str], run: bool = True) -> TimeLightningCLI:
+    """timelit's own CLI, which always has the `budget:` section; `run=False` only parses and instantiates."""
+    return run_lightning(args, run=run)
 
 
-def run_cli(args: list[str], run: bool = True) -> BudgetCLI:
-    return BudgetCLI(
-        CLIPFineTuner,
-        TimeDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-    )
-
-
-def budget_of(cli: BudgetCLI) -> ComputeBudget:
+def budget_of(cli: TimeLightningCLI) -> ComputeBudget:
     (budget,) = [c for c in cli.trainer.callbacks if isinstance(c, ComputeBudget)]
     return budget
 
