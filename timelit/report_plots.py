@@ -229,11 +229,11 @@ SCALING_AXES: dict[str, tuple[str, Callable[[RunResult], Any]]] = {
 def _group_label(run: RunResult, varying: list[str]) -> str:
     """protocol · technique, plus the other axes that vary among the plotted runs (a run may lack a budget)."""
     values = {
-        "model": lambda: run.model,
-        "budget": lambda: "no budget" if run.budget_gflops is None else f"{run.budget_gflops:.3g} GFLOPs",
-        "horizon": lambda: f"{run.num_tasks} tasks",
+        "model": run.model,
+        "budget": "no budget" if run.budget_gflops is None else f"{run.budget_gflops:.3g} GFLOPs",
+        "horizon": f"{run.num_tasks} tasks",
     }
-    return " · ".join([run.protocol, run.technique] + [values[axis]() for axis in varying])
+    return " · ".join([run.protocol, run.technique] + [values[axis] for axis in varying])
 
 
 def plot_scaling(runs: list[RunResult], axis: str, path: Path) -> Path | None:
