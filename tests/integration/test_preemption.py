@@ -26,11 +26,14 @@ pytestmark = pytest.mark.slow
 STEPS, EVERY_N = 8, 3  # 2 tasks of 8 steps; StreamCheckpoint saves at global steps 3, 6, 9, ... and at task ends
 
 
-def start(data: Path, save_dir: Path, log: Path, gates: Path | None = None) -> subprocess.Popen:
+def start(
+    data: Path, save_dir: Path, log: Path, gates: Path | None = None, launcher: list[str] | None = None
+) -> subprocess.Popen:
     """`timelit fit` of two tiny tasks; with `gates`, it waits for a signal mid task 0 (step 5) and at task 0's end
-    (probes.SignalGate), so each signal lands at a known point however slow the machine."""
+    (probes.SignalGate), so each signal lands at a known point however slow the machine. `launcher` replaces the
+    `timelit` executable (a script that calls timelit.cli.main with the rest of the command line)."""
     command = [
-        str(slurm_cluster.VENV_BIN / "timelit"),
+        *(launcher or [str(slurm_cluster.VENV_BIN / "timelit")]),
         "fit",
         "--config",
         "quickstart.yaml",
@@ -136,24 +139,12 @@ def test_a_requeue_signal_while_fit_starts_stops_it_at_the_first_batch(tiny_benc
     """SIGUSR1 before Lightning is even imported (a requeued job warned of its time limit at once, or an early
     `scancel --signal=USR1`): the run saves at its first batch and exits 138. Without timelit.early_signals the
     default action of SIGUSR1 ended the process (status -10) and a Slurm job with it, never requeued."""
+    (tmp_path / "starting").mkdir()
     log = tmp_path / "fit.log"
-    command = [
-        sys.executable,
-        "-c",
-        _SIGNAL_DURING_STARTUP,
-        "fit",
-        "--config",
-        "quickstart.yaml",
-        *slurm_cluster.tiny_overrides(tiny_benchmark, steps_per_task=STEPS, every_n_train_steps=EVERY_N, num_workers=1),
-        f"--trainer.logger.init_args.save_dir={tmp_path}",
-        "--trainer.logger.init_args.name=run",
-    ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(PYTHONUNBUFFERED="1", TIMELIT_LOG_LEVEL="INFO")
-    with open(log, "wb") as out:
-        code = subprocess.run(command, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=600)
+    process = start(tiny_benchmark, tmp_path / "starting", log, launcher=[sys.executable, "-c", _SIGNAL_DURING_STARTUP])
+    returncode = process.wait(timeout=600)
     text = log.read_text()
-    assert code.returncode == 128 + signal.SIGUSR1, text[-3000:]
+    assert returncode == 128 + signal.SIGUSR1, text[-3000:]
     assert "SIGUSR1 arrived while the run was starting" in text
     assert "SIGUSR1: stopped at step 1 (task 0, batch 1 of 8)" in text
-    assert slurm_cluster.checkpoint_step(tmp_path / "run") == 1
+    assert slurm_cluster.checkpoint_step(tmp_path / "starting" / "run") == 1
