@@ -1,8 +1,10 @@
-"""`timelit sweep`: expand a grid of configs into runs and submit them as Slurm array jobs (one per resource shape).
+"""`timelit sweep`: expand a grid of configs into runs and submit them as Slurm array jobs (one per resource shape),
+or run them on this machine.
 
     timelit sweep --grid model_size --dry_run true                       what would be submitted, nothing written
     timelit sweep --grid model_size --concurrency 8 --sbatch '[--partition=gpu, --time=48:00:00]'
     timelit sweep --grid model_size ...                             again: finished points are skipped
+    timelit sweep --grid quickstart --launcher local --parallel 2   no Slurm: fits as subprocesses, 2 at once
     timelit report runs/model_size
 
 A grid (YAML; the shipped ones are in `configs/sweeps/`) names base configs and axes; every combination of one value
@@ -38,6 +40,12 @@ in `squeue` in an active state, are not submitted again. When `squeue` fails not
 running already); `--ignore_queue true` submits anyway, and `slurm/array.sbatch` still refuses to run a point whose
 run directory another live job holds. Requeued tasks read the manifest again, so a manifest that differs from the
 grid's expansion is never overwritten silently (research/ecosystem_reliability_anchors.md §5, recommendation 13).
+
+`--launcher local` (timelit/launch_local.py) runs the same points on one machine: the same manifest, grid.yaml, run
+folders and logs, so `timelit report` reads a sweep whichever launcher ran it. The sbatch-only options
+(`--concurrency`, `--sbatch`, `--signal_seconds`, `--script`, `--ignore_queue`) are refused there, since nothing
+would honour them; the grid's own `sbatch:`, `resources:` and `signal_seconds:` describe the cluster and are ignored,
+so one grid serves both launchers.
 """
 
 from __future__ import annotations
@@ -53,7 +61,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -99,6 +107,10 @@ class GridError(ValueError):
 
 class QueueError(RuntimeError):
     """squeue is missing or failed, so nobody knows which points are queued or running."""
+
+
+class LauncherOptionError(ValueError):
+    """An option of one launcher given to the other (`--concurrency` to the local one, `--parallel` to Slurm)."""
 
 
 @dataclass(frozen=True)
@@ -436,12 +448,15 @@ def sweep_command(
     dry_run: bool = False,
     rewrite_manifest: bool = False,
     ignore_queue: bool = False,
+    launcher: Literal["slurm", "local"] = "slurm",
+    parallel: int | None = None,
 ) -> None:
-    """Expand a sweep grid into runs and submit the unfinished ones as Slurm array jobs (one per resource shape).
+    """Expand a sweep grid into runs and submit the unfinished ones as Slurm array jobs, or run them here.
 
     Writes <root>/<sweep>/manifest.jsonl (one point per line) and submits
     `sbatch --array=<unfinished points>%<concurrency> slurm/array.sbatch <manifest>`. Running it again submits only
-    the points without a complete results.json that are not queued or running already.
+    the points without a complete results.json that are not queued or running already. With `--launcher local`
+    the same points run on this machine as `timelit fit` subprocesses (timelit/launch_local.py).
 
     Args:
         grid: a grid file, or the name of a shipped one (configs/sweeps/): model_size, compute, horizon, quickstart.
@@ -460,9 +475,25 @@ def sweep_command(
             old one can still start: requeued tasks read it again).
         ignore_queue: submit even when squeue fails, as if nothing of this sweep were queued; points that are in
             fact running are submitted again, and their second job exits at once (array.sbatch's run lock).
+        launcher: `slurm` submits array jobs; `local` runs the points here without Slurm, at most `parallel` at
+            once, each logging to <root>/<sweep>/logs/<index>.log. Again later: finished points are skipped and
+            stopped or killed ones resume from their last.ckpt. Ctrl-C/SIGTERM stops the running fits (they save
+            last.ckpt first); a second one kills them. The options above that only sbatch reads (concurrency,
+            sbatch, signal_seconds, script, ignore_queue) are refused with it.
+        parallel: the local launcher's number of fits at once (default 1). Each fit gets
+            OMP_NUM_THREADS=max(1, cores // parallel), so torch's threads share the cores, unless it is set already.
     """
     import fnmatch
 
+    check_launcher_options(
+        launcher,
+        parallel=parallel,
+        concurrency=concurrency,
+        sbatch=sbatch,
+        signal_seconds=signal_seconds,
+        script=script,
+        ignore_queue=ignore_queue,
+    )
     grid_path = find_grid(grid)
     spec = load_grid(grid_path)
     user_sbatch = check_sbatch_options(list(sbatch or []), "--sbatch")
@@ -476,6 +507,10 @@ def sweep_command(
             "read it again whenever they are requeued, so it is not replaced: use another sweep name or root, or "
             "--rewrite_manifest true once none of its tasks is queued or running."
         )
+    if launcher == "local":
+        chosen = [p for p in points if not only or any(fnmatch.fnmatchcase(p.name, pattern) for pattern in only)]
+        run_locally(spec.name, sweep_dir, len(points), chosen, parallel or 1, dry_run, grid_path, text)
+        return
     name = job_name(sweep_dir)
     try:
         queued: dict[int, str] | None = queued_indices(name)
@@ -549,9 +584,7 @@ def sweep_command(
 
     if shutil.which("sbatch") is None:
         raise FileNotFoundError("sbatch not found: run `timelit sweep` where Slurm's client is installed, or --dry_run")
-    (sweep_dir / "logs").mkdir(parents=True, exist_ok=True)
-    write_text(manifest, text)
-    shutil.copyfile(grid_path, sweep_dir / "grid.yaml")
+    write_sweep_files(sweep_dir, text, grid_path)
     for command, group in commands:
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:
@@ -559,3 +592,76 @@ def sweep_command(
         job = result.stdout.strip().split(";")[0]
         shape = f" ({' '.join(spec.sbatch_for(group[0].name))})" if len(commands) > 1 else ""
         print(f"submitted array job {job}: {len(group)} point(s){shape}, logs in {sweep_dir / 'logs'}")
+
+
+def write_sweep_files(sweep_dir: Path, text: str, grid_path: Path) -> None:
+    """What every launcher leaves in the sweep folder before the first run starts: manifest, grid.yaml, logs/."""
+    (sweep_dir / "logs").mkdir(parents=True, exist_ok=True)
+    write_text(sweep_dir / MANIFEST_FILE, text)
+    shutil.copyfile(grid_path, sweep_dir / "grid.yaml")
+
+
+# Options only sbatch reads, and what to use instead under the local launcher.
+_SLURM_ONLY = {
+    "concurrency": "use --parallel N for the number of fits at once",
+    "sbatch": "the local launcher runs `timelit fit` directly",
+    "signal_seconds": "there is no time limit to warn of; Ctrl-C/SIGTERM to the launcher stops the fits cleanly",
+    "script": "the local launcher runs `timelit fit` directly (set TIMELIT to use another executable)",
+    "ignore_queue": "the local launcher asks no queue; run folders held by another launcher are skipped",
+}
+
+
+def check_launcher_options(launcher: str, parallel: int | None, **slurm_options: Any) -> None:
+    """Refuse the options the chosen launcher would silently ignore: a user who asks for `--concurrency 4` locally
+    expects 4 fits at once, and would get one."""
+    if launcher not in ("slurm", "local"):
+        raise LauncherOptionError(f"--launcher must be slurm or local, got {launcher!r}")
+    if launcher == "slurm":
+        if parallel is not None:
+            raise LauncherOptionError(
+                "--parallel is the local launcher's (--launcher local); under Slurm, --concurrency N limits how "
+                "many array tasks run at once"
+            )
+        return
+    given = [name for name, value in slurm_options.items() if value not in (None, False)]
+    if given:
+        raise LauncherOptionError(
+            "--launcher local does not take "
+            + "; ".join(f"--{name} ({_SLURM_ONLY[name]})" for name in given)
+            + ". The grid's own sbatch:, resources: and signal_seconds: are ignored under it."
+        )
+    if parallel is not None and parallel < 1:
+        raise LauncherOptionError(f"--parallel must be at least 1, got {parallel}")
+
+
+def run_locally(
+    sweep: str,
+    sweep_dir: Path,
+    total: int,
+    chosen: list[Point],
+    parallel: int,
+    dry_run: bool,
+    grid_path: Path,
+    text: str,
+) -> None:
+    """The local launcher's share of `sweep_command`: statuses, then the fits (timelit/launch_local.py)."""
+    from timelit import launch_local
+
+    rows = [(point, launch_local.status(point)) for point in chosen]
+    todo = [point for point, state in rows if state in ("run", "resume")]
+    width = max((len(point.name) for point, _ in rows), default=4)
+    print(f"sweep {sweep}: {total} points in {sweep_dir}, local launcher, --parallel {parallel}")
+    for point, state in rows:
+        print(f"  {point.index:>4}  {point.name:<{width}}  {state}")
+    if not todo:
+        print("nothing to run")
+        return
+    if dry_run:
+        print(f"\nwould write {sweep_dir / MANIFEST_FILE} and run, {parallel} at a time:")
+        command = shlex.join(launch_local.timelit_executable())
+        for point in todo:
+            print(f"  [{point.index}] {command} {shlex.join(point.argv)}")
+        return
+    code = launch_local.launch(todo, sweep_dir, parallel, prepare=lambda: write_sweep_files(sweep_dir, text, grid_path))
+    if code:
+        raise SystemExit(code)

@@ -1,0 +1,365 @@
+"""The local launcher of `timelit sweep`: a sweep's points as `timelit fit` subprocesses on this machine, no Slurm.
+
+    timelit sweep --grid quickstart --launcher local --parallel 2      at most 2 fits at once
+    timelit sweep --grid quickstart --launcher local --parallel 2      again: finished points are skipped, the
+                                                                       stopped or killed ones resume from last.ckpt
+    timelit report runs/quickstart_sweep
+
+The same array as the Slurm launcher (timelit/sweep.py), run by one process: point i runs `timelit <argv of manifest
+line i>`, exactly the command slurm/array.sbatch runs under srun, with its output appended to
+`<sweep>/logs/<i>.log`. So the run folders, the manifest and the logs are the same whichever launcher ran a point,
+and `timelit report` reads both.
+
+Why each piece is there:
+
+- Resume. `timelit fit` resumes from its run folder's `checkpoints/last.ckpt` (`ckpt_path: last`,
+  timelit/cli_defaults/fit.yaml), and a point's run folder is fixed by the manifest, so re-running the sweep is the
+  whole resume mechanism: a point whose results.json says `complete` is skipped, one with a last.ckpt resumes, the
+  rest start.
+- Stopping. Ctrl-C or SIGTERM to the launcher sends SIGTERM to every running fit (its process group, as Slurm
+  signals a job step); timelit's Preemption callback saves last.ckpt at the next batch boundary and exits 143. The
+  launcher waits for them and exits 128 + its signal. A second Ctrl-C/SIGTERM kills the fits at once (SIGKILL):
+  they then resume from their last periodic last.ckpt. The fits run in their own sessions, so a terminal's Ctrl-C
+  reaches the launcher only, never a fit half-way through saving.
+- One run per folder. Two launchers on one sweep (two terminals, two machines on a shared filesystem) must never
+  train the same run folder at once. Before starting a point the launcher takes `<run dir>/local-run.lock` with
+  flock(2) and writes into it who holds it (host, launcher pid, fit pid, since when); the fit inherits the locked
+  descriptor, so the lock is held while the launcher or its fit lives and is released by the kernel when both have
+  died. A lock file left by a dead holder is therefore taken over without any pid check (which could not see other
+  hosts). The Slurm launcher's lock (`slurm-job.lock`, slurm/array.sbatch) is a different file: do not run one
+  sweep under both launchers at the same time.
+- Threads. With N fits sharing the machine, each gets `OMP_NUM_THREADS = max(1, cores // N)` (torch's intra-op
+  threads follow it) unless the environment sets it; and `PYTHONUNBUFFERED=1` unless set, so logs follow the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from timelit.sweep import Point
+
+LOCK_FILE = "local-run.lock"
+_KINDS = ("done", "failed", "stopped", "skipped")
+POLL_SECONDS = 0.1
+
+
+# ---------------------------------------------------------------------------------------------------- run lock
+
+
+class RunLock:
+    """An flock(2) on `<run dir>/local-run.lock`, held by this process (and the fit it starts) until `release`."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path, self.fd = path, fd
+
+    @classmethod
+    def take(cls, run_dir: str | Path) -> RunLock | str:
+        """The lock, or the text of its holder when another live process holds it."""
+        path = Path(run_dir) / LOCK_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 4096).decode(errors="replace").strip()
+                os.close(fd)
+                return holder or "another process (it has not written its name yet)"
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # its holder released it (unlinked the file) between our open and flock: open the new one
+        left = os.read(fd, 4096).decode(errors="replace").strip()
+        if left:
+            print(f"  taking over {path}, left by {left} (no longer running)", flush=True)
+        lock = cls(path, fd)
+        lock.write()
+        return lock
+
+    def write(self, fit_pid: int | None = None) -> None:
+        since = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        fit = f", fit pid {fit_pid}" if fit_pid else ""
+        text = f"host {socket.gethostname()}, launcher pid {os.getpid()}{fit}, since {since}\n"
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, text.encode(), 0)
+
+    def release(self) -> None:
+        # Unlinked while still locked: whoever opened this file meanwhile sees, once it gets the lock, that the path
+        # no longer names it, and opens a new one (take's inode check), so no two processes ever both hold it.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        os.close(self.fd)
+
+
+def lock_holder(run_dir: str | Path) -> str | None:
+    """Who holds a run folder's lock now, or None; takes nothing and creates nothing."""
+    path = Path(run_dir) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+    finally:
+        os.close(fd)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------- one point
+
+
+def last_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint `timelit fit` resumes from (StreamCheckpoint's `<run dir>/checkpoints/last.ckpt`)."""
+    path = Path(run_dir) / "checkpoints" / "last.ckpt"
+    return path if path.is_file() else None
+
+
+def timelit_executable() -> list[str]:
+    """`$TIMELIT` (as slurm/array.sbatch reads it), else the `timelit` installed beside this Python, else PATH's."""
+    if os.environ.get("TIMELIT"):
+        return shlex.split(os.environ["TIMELIT"])
+    beside = Path(sys.executable).parent / "timelit"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return [str(beside)]
+    found = shutil.which("timelit")
+    if found is None:
+        raise FileNotFoundError("no `timelit` executable beside Python nor on PATH; set TIMELIT to its path")
+    return [found]
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def fit_environment(parallel: int) -> tuple[dict[str, str], dict[str, str]]:
+    """The fits' environment, and the variables the launcher set in it (shown in each log)."""
+    env = dict(os.environ)
+    added = {}
+    if "OMP_NUM_THREADS" not in env:
+        added["OMP_NUM_THREADS"] = str(max(1, cores() // parallel))
+    if "PYTHONUNBUFFERED" not in env:
+        added["PYTHONUNBUFFERED"] = "1"
+    env.update(added)
+    return env, added
+
+
+def _now() -> str:
+    return datetime.datetime.now().strftime("%H:%M:%S")
+
+
+def _say(word: str, point: Point, text: str) -> None:
+    """One line per event of a point, aligned with the status table above it."""
+    print(f"[{_now()}] {word:<7} {point.index:>4}  {point.name}{text}", flush=True)
+
+
+@dataclass
+class Running:
+    point: Point
+    process: subprocess.Popen
+    lock: RunLock
+    log: Path
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Outcome:
+    point: Point
+    kind: str  # done, failed, stopped, or skipped (held elsewhere, or found complete when its turn came)
+    code: int | None = None
+    note: str = ""
+
+
+def start(point: Point, command: list[str], env: dict[str, str], added: dict[str, str], logs: Path) -> Running | str:
+    """Start one point's fit, or say why not (finished meanwhile, or held by another launcher)."""
+    from timelit.sweep import is_complete
+
+    if is_complete(point.run_dir):
+        return "complete (finished meanwhile)"
+    lock = RunLock.take(point.run_dir)
+    if isinstance(lock, str):
+        return f"running elsewhere ({lock})"
+    if is_complete(point.run_dir):  # finished between the check and the lock: its holder released it at the end
+        lock.release()
+        return "complete (finished meanwhile)"
+    resume = last_checkpoint(point.run_dir)
+    log = logs / f"{point.index}.log"
+    argv = [*command, *point.argv]
+    with open(log, "a") as out:
+        stamp = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        out.write(
+            f"=== {stamp} local launcher on {socket.gethostname()} (pid {os.getpid()}), "
+            f"{'resuming from ' + str(resume) if resume else 'starting'}\n"
+            f"=== point {point.index}: {point.name} -> {point.run_dir}\n"
+            f"=== {shlex.join([*(f'{k}={v}' for k, v in added.items()), *argv])}\n"
+        )
+        out.flush()
+        try:
+            process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # Ctrl-C in the terminal reaches the launcher, which sends SIGTERM
+                pass_fds=(lock.fd,),  # the fit holds the run lock too, should the launcher die before it
+            )
+        except OSError:
+            lock.release()
+            raise
+    lock.write(process.pid)
+    how = f"resume from {resume.name}" if resume else "start"
+    _say("start", point, f" ({how}; log {log})")
+    return Running(point, process, lock, log)
+
+
+def finish(run: Running, code: int) -> Outcome:
+    from timelit.sweep import is_complete
+
+    seconds = time.monotonic() - run.started
+    run.lock.release()
+    with open(run.log, "a") as out:
+        out.write(f"=== exit {code} after {seconds:.1f} s\n")
+    if is_complete(run.point.run_dir):  # finished; a non-zero code came after results.json (a late signal)
+        word, note = "done", ""
+    elif code == 0:
+        word, note = "failed", "exit 0, but results.json is not complete"
+    elif code in (128 + signal.SIGTERM, -signal.SIGTERM, -signal.SIGKILL):
+        word, note = "stopped", "resumes when the sweep runs again"
+    else:
+        word, note = "failed", ""
+    _say(word, run.point, f": exit {code} after {seconds:.1f} s" + (f" ({note})" if note else ""))
+    return Outcome(run.point, word, code, note)
+
+
+# ---------------------------------------------------------------------------------------------------- the sweep
+
+
+def status(point: Point) -> str:
+    """What the launcher will do with a point: complete, run, resume, or leave it to whoever runs it already."""
+    from timelit.sweep import is_complete
+
+    if is_complete(point.run_dir):
+        return "complete"
+    holder = lock_holder(point.run_dir)
+    if holder:
+        return f"running elsewhere ({holder})"
+    return "resume" if last_checkpoint(point.run_dir) else "run"
+
+
+def launch(todo: list[Point], sweep_dir: Path, parallel: int, prepare: Callable[[], None] = lambda: None) -> int:
+    """Run `todo`'s fits, at most `parallel` at once; the exit status of the sweep (0 when every one finished).
+
+    `prepare` runs once before the first fit starts (it writes the manifest and grid.yaml, as the Slurm launcher
+    does before it submits).
+    """
+    if parallel < 1:
+        raise ValueError(f"--parallel must be at least 1, got {parallel}")
+    command = timelit_executable()
+    env, added = fit_environment(parallel)
+    logs = sweep_dir / "logs"
+    prepare()
+    logs.mkdir(parents=True, exist_ok=True)
+    if added:
+        settings = " ".join(f"{k}={v}" for k, v in added.items())
+        print(f"each fit gets {settings} ({cores()} cores, --parallel {parallel})")
+
+    received: list[int] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        received.append(signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    pending, running, outcomes = list(todo), [], []
+    forwarded = 0
+    try:
+        while pending or running:
+            while pending and len(running) < parallel and not received:
+                point = pending.pop(0)
+                started = start(point, command, env, added, logs)
+                if isinstance(started, str):
+                    _say("skip", point, f": {started}")
+                    outcomes.append(Outcome(point, "skipped", note=started))
+                else:
+                    running.append(started)
+            if len(received) > forwarded:
+                forwarded = _forward(received, forwarded, running)
+            for run in list(running):
+                code = run.process.poll()
+                if code is not None:
+                    running.remove(run)
+                    outcomes.append(finish(run, code))
+            if received and not running:
+                break
+            time.sleep(POLL_SECONDS)
+    except BaseException:  # the launcher itself failed: stop its fits as a signal would, never leave them behind
+        for run in running:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(run.process.pid, signal.SIGTERM)
+        for run in running:
+            run.process.wait()
+            run.lock.release()
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return summary(outcomes, pending, received, logs)
+
+
+def _forward(received: list[int], forwarded: int, running: list[Running]) -> int:
+    """SIGTERM to every running fit at the first signal, SIGKILL at the next; returns the signals handled."""
+    kill = forwarded > 0 or len(received) > 1
+    name = signal.Signals(received[-1]).name
+    if kill:
+        print(f"[{_now()}] {name} again: killing {len(running)} fit(s) (SIGKILL)", flush=True)
+    else:
+        print(
+            f"[{_now()}] {name}: SIGTERM to {len(running)} running fit(s); they save last.ckpt and stop "
+            "(again to kill them at once)",
+            flush=True,
+        )
+    for run in running:
+        with contextlib.suppress(ProcessLookupError):  # ended meanwhile: reaped at the next poll
+            os.killpg(run.process.pid, signal.SIGKILL if kill else signal.SIGTERM)
+    return len(received)
+
+
+def summary(outcomes: list[Outcome], pending: list[Point], received: list[int], logs: Path) -> int:
+    finished, failed, stopped, skipped = ([o for o in outcomes if o.kind == kind] for kind in _KINDS)
+    parts = [f"{len(finished)} finished", f"{len(failed)} failed", f"{len(stopped)} stopped"]
+    parts += [f"{len(skipped)} skipped"] if skipped else []
+    parts += [f"{len(pending)} not started"] if pending else []
+    print(f"\nlocal sweep: {', '.join(parts)}")
+    for outcome in failed:
+        reason = outcome.note or f"exit {outcome.code}"
+        log = logs / f"{outcome.point.index}.log"
+        print(f"  failed  {outcome.point.index:>4}  {outcome.point.name}: {reason}; log {log}")
+    for outcome in skipped:
+        print(f"  skipped {outcome.point.index:>4}  {outcome.point.name}: {outcome.note}")
+    if stopped or pending:
+        print("run the same command again to resume the stopped points and start the others")
+    if received:
+        return 128 + received[0]
+    return 1 if failed else 0
