@@ -12,6 +12,16 @@ both: `final_*` is the last point of the stream (the fixed-subset evaluation aft
 `mean_*` the mean over the points after each task (the zero-shot point excluded), `zs_*` the zero-shot point (task 0),
 and `full_end_*` the full-split evaluation after the stream when the run made one.
 
+Runs that differ only in seed are grouped (`timelit.report_stats`): `groups.csv` and the group table of `report.md`
+give each group's n and mean ± std (sample std, ddof=1) of the final A_KA, A_ZS, GM and of the forgetting numbers,
+and the paired differences of every group from a reference group over the seeds both ran, with Student-t 95 %
+intervals. `--reference` names the reference by its group label; by default it is Best-in-TIME (ema/ema,
+interpolation) when the runs have it, else the first group.
+
+Forgetting (`timelit.evaluation.forgetting`): backward transfer, average forgetting and the first-half drop of each
+run, computed from its points and the datasets each task trains (`run.data.task_datasets`); "—" for runs written
+before that header field existed.
+
 Protocol fields come from the run header that callbacks write into results.json (`run.protocol` from TimeMerge,
 `run.budget` from ComputeBudget); a run without them reads "unknown". An incomplete run (killed, still running) keeps
 its row and is marked, so a half-finished sweep can be read.
@@ -27,6 +37,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from timelit.evaluation.forgetting import NUMBERS, ForgettingMatrix, from_results
+from timelit.report_stats import group_runs, group_table, paired_table, reference_group, statistics_rows
 
 RESULTS_FILE = "results.json"
 UNKNOWN = "unknown"
@@ -55,12 +68,15 @@ class RunResult:
     budget_gflops: float | None = None
     num_tasks: int | None = None
     seed: int | None = None
+    stream: str = UNKNOWN
+    mixture: str = UNKNOWN
     complete: bool = False
     tasks: list[int] = field(default_factory=list)
     curves: dict[str, list[float]] = field(default_factory=dict)
     full_end: dict[str, float] = field(default_factory=dict)
     gflops_spent: float = math.nan
     zero_shot_step: int = 0
+    forgetting: ForgettingMatrix | None = None
 
     @property
     def protocol(self) -> str:
@@ -106,6 +122,13 @@ def _budget_gflops(budget: Any, num_tasks: int | None) -> float | None:
     return None
 
 
+def _mixture_label(mixture: Any) -> str:
+    """`pool 0.33 · replay 0.33` from the data module's mixture shares (the current task takes the rest)."""
+    if not isinstance(mixture, dict):
+        return UNKNOWN
+    return f"pool {mixture.get('pretraining', '?'):g} · replay {mixture.get('replay', '?'):g}"
+
+
 def _technique_label(protocol: dict[str, Any]) -> str:
     technique = protocol.get("technique")
     if not technique:
@@ -136,12 +159,15 @@ def parse_results(data: dict[str, Any], name: str, path: Path) -> RunResult:
         budget_gflops=_budget_gflops(header.get("budget"), num_tasks),
         num_tasks=num_tasks,
         seed=data_header.get("seed") if isinstance(data_header.get("seed"), int) else None,
+        stream=str(data_header.get("stream") or UNKNOWN),
+        mixture=_mixture_label(data_header.get("mixture")),
         complete=bool(data.get("complete", False)),
         tasks=[int(p["tasks_done"]) for p in points],
         curves={key: [_number(p.get(key)) for p in points] for key in SUMMARY_KEYS},
         full_end={key: _number(full_end.get(key)) for key in SUMMARY_KEYS},
         gflops_spent=_number(points[-1].get("gflops")) if points else math.nan,  # from ComputeBudget.task_record
         zero_shot_step=int(points[0].get("global_step") or 0) if points and points[0]["tasks_done"] == 0 else 0,
+        forgetting=from_results(data),
     )
 
 
@@ -207,7 +233,7 @@ def check_runs(runs: list[RunResult]) -> list[str]:
 COLUMNS = [
     "run", "init", "deploy", "technique", "model", "budget_gflops", "gflops_spent", "num_tasks", "seed", "tasks_done",
     *(f"{kind}_{key}" for kind in ("final", "mean", "zs", "full_end") for key in SUMMARY_KEYS),
-    "complete",
+    *NUMBERS, "stream", "mixture", "complete",
 ]  # fmt: skip
 
 
@@ -217,19 +243,22 @@ def table_rows(runs: list[RunResult]) -> list[dict[str, Any]]:
     for run in runs:
         row: dict[str, Any] = {"run": run.name, "init": run.init, "deploy": run.deploy, "technique": run.technique,
                                "model": run.model, "tasks_done": run.tasks_done, "complete": run.complete,
-                               "gflops_spent": run.gflops_spent}  # fmt: skip
+                               "gflops_spent": run.gflops_spent, "stream": run.stream,
+                               "mixture": run.mixture}  # fmt: skip
         for column in ("budget_gflops", "num_tasks", "seed"):
             row[column] = UNKNOWN if getattr(run, column) is None else getattr(run, column)
         for key in SUMMARY_KEYS:
             row[f"final_{key}"], row[f"mean_{key}"] = run.final(key), run.mean(key)
             row[f"zs_{key}"], row[f"full_end_{key}"] = run.zero_shot(key), run.full_end.get(key, math.nan)
+        for number in NUMBERS:
+            row[number] = getattr(run.forgetting, number) if run.forgetting is not None else math.nan
         rows.append(row)
     return rows
 
 
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+def write_csv(rows: list[dict[str, Any]], path: Path, columns: list[str] | None = None) -> None:
     with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=columns or COLUMNS)
         writer.writeheader()
         for row in rows:
             writer.writerow({k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()})
@@ -244,7 +273,8 @@ def _fmt(value: Any) -> str:
 def markdown_table(runs: list[RunResult]) -> str:
     """The headline columns: final, task-averaged and zero-shot A_KA / A_ZS / GM in %, one row per run."""
     head = ["run", "protocol", "technique", "model", "budget (GFLOPs)", "tasks"]
-    head += [f"{kind} {key}" for kind in ("final", "mean", "ZS") for key in SUMMARY_KEYS] + ["complete"]
+    head += [f"{kind} {key}" for kind in ("final", "mean", "ZS") for key in SUMMARY_KEYS]
+    head += ["BWT", "avg forgetting", "first-half drop", "complete"]
     numeric = range(6, len(head) - 1)
     lines = [
         "| " + " | ".join(head) + " |",
@@ -255,6 +285,7 @@ def markdown_table(runs: list[RunResult]) -> str:
         tasks = str(run.num_tasks) if run.num_tasks is not None else UNKNOWN
         cells = [run.name, run.protocol, run.technique, run.model, budget, tasks]
         cells += [_fmt(getter(key)) for getter in (run.final, run.mean, run.zero_shot) for key in SUMMARY_KEYS]
+        cells += [_fmt(getattr(run.forgetting, n) if run.forgetting else math.nan) for n in NUMBERS]
         cells.append(run.status)
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines)
@@ -263,7 +294,9 @@ def markdown_table(runs: list[RunResult]) -> str:
 # ---------------------------------------------------------------------------------------------------- command
 
 
-def report_command(runs: list[str], out: str = "report", plots: bool = True) -> list[Path]:
+def report_command(
+    runs: list[str], out: str = "report", plots: bool = True, reference: str | None = None
+) -> list[Path]:
     """Tables and plots of A_KA, A_ZS and GM over many runs (a sweep): runs.csv, report.md and PNG plots.
 
     Prints the table. Runs that have not finished are kept and marked; protocol, technique and budget read
@@ -272,7 +305,11 @@ def report_command(runs: list[str], out: str = "report", plots: bool = True) -> 
     Args:
         runs: run directories, results.json files, or folders searched recursively for results.json (a sweep root).
         out: folder to write runs.csv, report.md and the plots into (created if missing).
-        plots: also draw the PNG plots (curves over tasks, init x deploy grid, A_KA vs A_ZS plane, scaling).
+        plots: also draw the PNG plots (curves over tasks, init x deploy grid, A_KA vs A_ZS plane, scaling,
+            GM per task with a band per group, forgetting heat maps).
+        reference: the group that paired differences are taken against, by its label in the group table (or the
+            start of exactly one label, e.g. "zs/all"); default: Best-in-TIME (ema/ema, interpolation) if present,
+            else the first group.
     """
     results, skipped = load_runs(list(runs))
     for message in skipped:
@@ -283,23 +320,55 @@ def report_command(runs: list[str], out: str = "report", plots: bool = True) -> 
     if not results:
         raise ValueError(f"timelit report: none of the results.json files under {list(runs)} could be read")
     results.sort(key=lambda r: r.name)
+    groups = group_runs(results)
+    reference_of = reference_group(groups, reference)  # a wrong --reference fails before anything is written
     out_dir = Path(out).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = [out_dir / "runs.csv", out_dir / "report.md"]
+    written = [out_dir / "runs.csv", out_dir / "report.md", out_dir / "groups.csv"]
     write_csv(table_rows(results), written[0])
+    stats = statistics_rows(groups, reference_of)
+    write_csv(stats, written[2], columns=list(stats[0]))
     table = markdown_table(results)
+    statistics = _statistics_section(groups, reference_of)
     figures: list[Path] = []
     if plots:
+        from timelit.report_group_plots import draw_groups
         from timelit.report_plots import draw_all
 
-        figures = draw_all(results, out_dir)
-    written[1].write_text(_markdown_document(table, figures, skipped, warnings))
+        figures = draw_all(results, out_dir) + draw_groups(groups, out_dir)
+    written[1].write_text(_markdown_document(table, statistics, figures, skipped, warnings))
     print(table)
+    print(f"\n{statistics}")
     print(f"\nwrote {', '.join(str(p) for p in written + figures)}")
     return written + figures
 
 
-def _markdown_document(table: str, figures: list[Path], skipped: list[str], warnings: list[str]) -> str:
+def _statistics_section(groups: list[Any], reference: Any) -> str:
+    """The group table and the paired differences from the reference, with how to read them."""
+    parts = [
+        "## Groups (runs that differ only in seed)",
+        "",
+        "mean ± sample std (ddof=1) over the group's runs, n runs (* = none finished: last points of unfinished "
+        "runs); BWT: backward transfer (negative = forgetting); avg forgetting and first-half drop: positive = lost.",
+        "",
+        group_table(groups),
+    ]
+    if len(groups) > 1:
+        parts += [
+            "",
+            f"## Paired differences from {reference.label}",
+            "",
+            "group − reference in final figures, per seed both ran: mean [Student-t 95 % CI], n shared seeds "
+            "(– with one seed).",
+            "",
+            paired_table(groups, reference),
+        ]
+    return "\n".join(parts)
+
+
+def _markdown_document(
+    table: str, statistics: str, figures: list[Path], skipped: list[str], warnings: list[str]
+) -> str:
     parts = [
         "# timelit report",
         "",
@@ -307,7 +376,12 @@ def _markdown_document(table: str, figures: list[Path], skipped: list[str], warn
         "(zero-shot retention); GM = sqrt(A_KA * A_ZS); all in %. *final*: after the last task trained; *mean*: "
         "averaged over the evaluations after each task; *ZS*: the zero-shot model before the stream.",
         "",
+        "",
+        "## Runs",
+        "",
         table,
+        "",
+        statistics,
     ]
     if warnings:
         parts += ["", "Warnings:", *[f"- {message}" for message in warnings]]

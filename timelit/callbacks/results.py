@@ -8,7 +8,14 @@ protocol, ...). The records live in this callback's `state_dict`, so they surviv
     <log_dir>/validate_results.json  `timelit validate` / `timelit test` (test_results.json): one evaluation of
                                      the checkpoint's weights, with its scope, A_KA, A_ZS, GM and per-dataset figures
     TensorBoard                      summary/A_KA, summary/A_ZS, summary/GM and eval/<dataset>/<metric>,
-                                     x-axis = number of tasks trained (0 = zero-shot); full/... for full splits
+                                     x-axis = number of tasks trained (0 = zero-shot); full/... for full splits;
+                                     forgetting/bwt, forgetting/avg_forgetting, forgetting/first_half_drop per task
+                                     and the forgetting matrix as a Markdown table (text tab) at the end of fit
+
+results.json's `forgetting` section is the forgetting matrix of the points so far (`timelit.evaluation.forgetting`:
+figure of every adaptation dataset after every task, labelled by `rows` = tasks done and `columns` = datasets, each
+dataset's `own_task`, backward transfer, average forgetting and the first-half drop, and their `history` per task).
+It needs `run.data.task_datasets`, the datasets each task trains, read from the data module's stream.
 
 A callback contributes fields to a point by defining `task_record(trainer) -> dict`, and to the run header by
 defining `run_record(trainer) -> dict`.
@@ -16,6 +23,7 @@ defining `run_record(trainer) -> dict`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -30,6 +38,7 @@ from typing_extensions import override
 
 from timelit.atomic import write_text
 from timelit.evaluation.evaluator import summary_figure
+from timelit.evaluation.forgetting import NUMBERS, ForgettingMatrix, forgetting_matrix
 from timelit.evaluation.metrics import summarize
 
 log = logging.getLogger(__name__)
@@ -44,6 +53,11 @@ def _clean(value: Any) -> Any:
     if isinstance(value, list):
         return [_clean(v) for v in value]
     return value
+
+
+def _as_dict(value: Any) -> Any:
+    """A dataclass (the data module's Mixture) as a plain dict for the JSON header; other values unchanged."""
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) and not isinstance(value, type) else value
 
 
 def run_directory(trainer: L.Trainer) -> Path:
@@ -122,7 +136,7 @@ class TaskResults(Callback):
                 **summarize(evaluation["datasets"], "full"),
                 "datasets": self._figures(evaluation["datasets"], "full"),
             }
-        self._log_tensorboard(trainer, point, evaluation)
+        self._log_tensorboard(trainer, point, evaluation, self._forgetting(trainer))
         self._write(trainer)
         log.info(
             "after %d task(s): A_KA %.2f  A_ZS %.2f  GM %.2f", tasks_done, point["A_KA"], point["A_ZS"], point["GM"]
@@ -166,8 +180,18 @@ class TaskResults(Callback):
         num_tasks = getattr(datamodule, "num_tasks", None)
         self.complete = bool(self.points) and self.points[-1]["tasks_done"] == num_tasks
         self._write(trainer)
+        self._log_matrix(trainer)
 
     # ---------------------------------------------------------------- output
+
+    @staticmethod
+    def _task_datasets(trainer: L.Trainer) -> list[list[str]] | None:
+        stream = getattr(getattr(trainer, "datamodule", None), "stream", None)
+        return stream.task_datasets if hasattr(stream, "task_datasets") else None
+
+    def _forgetting(self, trainer: L.Trainer) -> ForgettingMatrix | None:
+        task_datasets = self._task_datasets(trainer)
+        return None if task_datasets is None else forgetting_matrix(self.points, task_datasets)
 
     def _run_header(self, trainer: L.Trainer) -> dict[str, Any]:
         module, datamodule = trainer.lightning_module, getattr(trainer, "datamodule", None)
@@ -179,6 +203,9 @@ class TaskResults(Callback):
                 "batch_size": getattr(datamodule, "batch_size", None),
                 "steps_per_task": getattr(datamodule, "steps_per_task", None),
                 "seed": getattr(datamodule, "seed", None),
+                # The report groups runs by everything but the seed: with or without replay are two experiments.
+                "mixture": _as_dict(getattr(datamodule, "mixture", None)),
+                "task_datasets": self._task_datasets(trainer),
             }
         for callback in trainer.callbacks:  # type: ignore[attr-defined]
             if hasattr(callback, "run_record"):
@@ -189,9 +216,16 @@ class TaskResults(Callback):
     def _write(self, trainer: L.Trainer) -> None:
         run_dir = run_directory(trainer)
         run_dir.mkdir(parents=True, exist_ok=True)
+        forgetting = self._forgetting(trainer)
         write_json_atomic(
             run_dir / self.filename,
-            {"run": self._run_header(trainer), "complete": self.complete, "points": self.points, "full": self.full},
+            {
+                "run": self._run_header(trainer),
+                "complete": self.complete,
+                "points": self.points,
+                "full": self.full,
+                "forgetting": None if forgetting is None else forgetting.to_dict(),
+            },
         )
 
     @rank_zero_only
@@ -207,12 +241,22 @@ class TaskResults(Callback):
         write_json_atomic(run_dir / f"{trainer.state.fn.value}_{self.filename}", record)
 
     @rank_zero_only
-    def _log_tensorboard(self, trainer: L.Trainer, point: dict[str, Any], evaluation: dict[str, Any]) -> None:
+    def _log_tensorboard(
+        self,
+        trainer: L.Trainer,
+        point: dict[str, Any],
+        evaluation: dict[str, Any],
+        forgetting: ForgettingMatrix | None,
+    ) -> None:
         writers = [lg.experiment for lg in trainer.loggers if hasattr(lg.experiment, "add_scalar")]
         step = point["tasks_done"]
         for writer in writers:
             for key in ("A_KA", "A_ZS", "GM"):
                 writer.add_scalar(f"summary/{key}", point[key], global_step=step)
+            if forgetting is not None and step > 0:
+                for number in NUMBERS:
+                    if not math.isnan(getattr(forgetting, number)):
+                        writer.add_scalar(f"forgetting/{number}", getattr(forgetting, number), global_step=step)
             for name, entry in evaluation["datasets"].items():
                 for metric, value in entry["subset"].items():
                     if metric != "n":
@@ -221,6 +265,17 @@ class TaskResults(Callback):
                 for key, value in summarize(evaluation["datasets"], "full").items():
                     writer.add_scalar(f"full/{key}", value, global_step=step)
             writer.flush()
+
+    @rank_zero_only
+    def _log_matrix(self, trainer: L.Trainer) -> None:
+        """The whole matrix once, at the end of fit: as text, so TensorBoard needs no image of it."""
+        forgetting = self._forgetting(trainer)
+        if forgetting is None or not self.points:
+            return
+        for logger in trainer.loggers:
+            if hasattr(logger.experiment, "add_text"):
+                logger.experiment.add_text("forgetting/matrix", forgetting.markdown(), global_step=forgetting.last)
+                logger.experiment.flush()
 
     # ---------------------------------------------------------------- checkpoint
 

@@ -81,6 +81,12 @@ class Stream:
                 order.setdefault(concept.dataset, None)
         return list(order)
 
+    @property
+    def task_datasets(self) -> list[list[str]]:
+        """For each task, the datasets its concepts come from (results.json's `run.data.task_datasets`, from which
+        the forgetting matrix finds each dataset's own task)."""
+        return [list(dict.fromkeys(concept.dataset for concept in task)) for task in self.tasks]
+
 
 def resolve(concepts: list[Concept], manifests: ManifestSet, source: str | Path) -> dict[str, frozenset[int]]:
     """Map concepts to the labels they select, per dataset; unknown datasets, classes and held-out sets are errors."""
