@@ -2,6 +2,8 @@
 
     python bench/merge_bench.py                                 # full: 2-20 experts of 149.6M params, ~13 GB on disk
     python bench/merge_bench.py --sizes 2 5 --params-scale 0.1  # a quick check
+    python bench/merge_bench.py --sizes 2 8 20 --params-scale 0.02 --out /tmp/merge_bench_small.json \\
+        --methods average ties model_stock tall_masks consensus_ties random   # issue 16's techniques, small
 
 Experts are random (theta_0 ~ N(0, 0.02^2), theta_i = theta_0 + N(0, 0.001^2)) with the real open_clip ViT-B-16
 shapes (read from ``open_clip.create_model("ViT-B-16", device="meta")``; ``--params-scale`` shrinks every first
@@ -16,6 +18,7 @@ warmed by reading the inputs once before each run, so both sides read from memor
   torch's default threads (written with in-place operations where the reference code would allocate, so it is the
   lean version of that approach). Naive runs whose estimated peak exceeds ``--naive-limit-gb`` (or 95% of the memory
   available at the time) are skipped and marked so in the table; the naive worker volunteers to the OOM killer.
+  Only average, TIES and MagMax have a naive version; the other techniques are measured streamed only.
 
 Prints a table and writes ``bench/results/merge_bench.json``.
 """
@@ -36,7 +39,15 @@ from pathlib import Path
 
 import torch
 
-HPARAMS = {"average": {}, "ties": {"k": 0.2}, "magmax": {}}
+HPARAMS = {
+    "average": {},
+    "ties": {"k": 0.2},
+    "magmax": {},
+    "model_stock": {},
+    "tall_masks": {"mask_lambda": 0.4, "min_agree": 2},
+    "consensus_ties": {"k": 0.2, "mask_lambda": 0.4, "min_agree": 2},
+    "random": {"seed": 0},
+}
 NAIVE_MODELS = {"average": (1.05, 4.2), "ties": (5.0, 3.0), "magmax": (3.1, 2.2)}
 """Naive peak RSS above the interpreter's, in model sizes, as a * N + b: fitted to runs at --params-scale 0.25 with
 N = 2 and 5 (TIES at N = 5, full size, measured 15.8 GB against 16.1 GB estimated)."""
@@ -194,6 +205,8 @@ def main(args: argparse.Namespace) -> None:
 
 
 def naive_run(args: argparse.Namespace, report: dict, directory: Path, method: str, n: int) -> dict:
+    if method not in NAIVE_MODELS:
+        return {"skipped": "no naive version"}
     a, b = NAIVE_MODELS[method]
     estimate = (a * n + b) * report["model_gb"] + report["baseline"]["peak_rss_mb"] / 1024
     with open("/proc/meminfo") as meminfo:
@@ -212,7 +225,7 @@ def row(run: dict) -> str:
     stream, naive = run["stream"], run["naive"]
     ratio = f"{naive['wall_s'] / stream['wall_s']:5.1f}x" if "wall_s" in naive and "wall_s" in stream else "     -"
     return (
-        f"| {run['method']:8} | {run['n']:3} | {cell(stream)} | {cell(naive)} | {ratio} | {run['load_average']:4.1f} |"
+        f"| {run['method']:14} | {run['n']:3} | {cell(stream)} | {cell(naive)} | {ratio} | {run['load_average']:4.1f} |"
     )
 
 
@@ -221,7 +234,7 @@ def table(report: dict) -> str:
         [
             f"{report['params'] / 1e6:.1f}M params ({report['model_gb']:.2f} GB in float32); "
             f"interpreter + torch alone: {report['baseline']['peak_rss_mb'] / 1024:.2f} GB RSS",
-            "| method   |   N | stream: wall, peak RSS | naive: wall, peak RSS  | naive/stream | load |",
+            "| method         |   N | stream: wall, peak RSS | naive: wall, peak RSS  | naive/stream | load |",
             "|---|---|---|---|---|---|",
             *(row(run) for run in report["runs"]),
         ]

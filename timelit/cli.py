@@ -128,4 +128,8 @@ def main(argv: list[str] | None = None) -> None:
         from timelit.report import report_argv
 
         args = ["report", *report_argv(args[1:])]
+    if args[0] == "merge":  # `timelit merge --experts a b c`: the paths a shell glob expands to
+        from timelit.merging.command import merge_argv
+
+        args = ["merge", *merge_argv(args[1:])]
     CLI(commands, args=args, as_positional=False)

@@ -20,15 +20,19 @@ import torch
 
 from timelit.merging.average import Average
 from timelit.merging.breadcrumbs import Breadcrumbs, BreadcrumbsTies
+from timelit.merging.consensus_ties import ConsensusTies
 from timelit.merging.dare import Dare, DareTies
 from timelit.merging.engine import DEFAULT_CHUNK_SIZE, DEFAULT_THREADS, run
 from timelit.merging.interpolation import Interpolation
 from timelit.merging.lines import Lines
 from timelit.merging.magmax import MagMax
+from timelit.merging.model_stock import ModelStock
+from timelit.merging.random_merge import RandomMerge
 from timelit.merging.safetensors_io import load_weights, read_metadata, save_weights
 from timelit.merging.slerp import Slerp
 from timelit.merging.sources import WeightsLike
 from timelit.merging.store import ExpertStore
+from timelit.merging.tall_masks import TallMasks
 from timelit.merging.task_arithmetic import TaskArithmetic
 from timelit.merging.technique import Scope, Technique
 from timelit.merging.ties import Ties
@@ -58,6 +62,10 @@ MergeMethod = Literal[
     "breadcrumbs_ties",
     "magmax",
     "lines",
+    "model_stock",
+    "tall_masks",
+    "consensus_ties",
+    "random",
 ]
 """The merge methods, for typed configs (``method: MergeMethod``); the keys of ``TECHNIQUES``."""
 
@@ -75,6 +83,10 @@ TECHNIQUES: dict[str, type[Technique]] = {
         BreadcrumbsTies,
         MagMax,
         Lines,
+        ModelStock,
+        TallMasks,
+        ConsensusTies,
+        RandomMerge,
     )
 }
 
@@ -136,7 +148,8 @@ def merge(
             state dicts are read in place (tensors on another device are first copied to the CPU).
         method: a name from ``TECHNIQUES`` (see :data:`MergeMethod`), or a technique from :func:`validate`.
         chunk_size: elements per slice of a tensor held per expert at a time; results do not depend on it except
-            for whole-tensor float64 statistics (SLERP's angle, LiNeS' auto alpha), which are summed chunk by chunk.
+            for whole-tensor float64 statistics (the angles of SLERP and model stock, LiNeS' auto alpha), which are
+            summed chunk by chunk.
         threads: torch intra-op threads during the merge (default 1, robust on busy machines, see
             ``engine.DEFAULT_THREADS``); ``None`` keeps torch's current setting.
         progress: show a tqdm bar over tensors.

@@ -2,10 +2,13 @@
 
     timelit merge --base base.safetensors --experts runs/x/experts --method ties \\
         --hparams '{"k": 0.3, "scope": "tower"}' --out merged.safetensors
+    timelit merge --base base.safetensors --experts runs/x/experts/expert_*.safetensors --method model_stock \\
+        --out merged.safetensors
     timelit merge --base last.ckpt --experts '[a.safetensors, b.safetensors]' --method interpolation --out ema.ckpt
 
 Wire it with ``jsonargparse.CLI({"merge": merge_command, ...}, as_positional=False)`` so that every parameter is a
-``--flag``; the docstring below becomes ``--help``.
+``--flag``, after :func:`merge_argv` has gathered the paths that follow ``--experts``; the docstring below becomes
+``--help``.
 """
 
 from __future__ import annotations
@@ -47,16 +50,17 @@ def merge_command(
         base: the base weights theta_0 (the zero-shot model): a .safetensors file of open_clip keys, or a Lightning
             .ckpt of the timelit module (keys ``model.<open_clip key>``; read with ``weights_only=True``).
         experts: the experts, oldest first: .safetensors or .ckpt files, or ExpertStore directories (all their
-            ``expert_NNNN.safetensors`` files, in task order), e.g. ``'[a.safetensors, b.safetensors]'`` or
-            ``runs/x/experts``.
+            ``expert_NNNN.safetensors`` files, in task order), as one path (``runs/x/experts``), several paths
+            (``a.safetensors b.safetensors``, or a shell glob such as ``runs/x/experts/expert_*.safetensors``,
+            which expands in name order, i.e. task order) or a list (``'[a.safetensors, b.safetensors]'``).
         method: the merge technique; its module in timelit/merging states the formula, the paper and the defaults.
         out: where to write the result: ``.safetensors`` (open_clip keys), or ``.ckpt`` (a weights-only Lightning
             checkpoint ``{"state_dict": {"model." + key: tensor}, "pytorch-lightning_version": ...}`` whose
             state_dict loads into the timelit module; it holds no optimizer or loop state to resume from).
         hparams: the method's hyperparameters as a JSON object, e.g. ``'{"k": 0.3, "scope": "tower"}'`` for ties;
             names as in the papers (k, lam, p, seed, w, t, weights, top_drop or beta, bottom_drop or gamma, alpha,
-            beta, scope, skip, lines, lines_alpha, lines_beta). An unknown name is an error that lists the valid ones.
-            The output records the values used, defaults resolved (e.g. lam 1.0).
+            beta, mask_lambda, min_agree, scope, skip, lines, lines_alpha, lines_beta). An unknown name is an error
+            that lists the valid ones. The output records the values used, defaults resolved (e.g. lam 1.0).
         chunk_size: elements of one tensor read per expert at a time.
         threads: torch threads for the merge (default 1: robust when the machine is busy; null keeps torch's).
         progress: show a progress bar over tensors.
@@ -87,6 +91,31 @@ def merge_command(
         }
         with atomic_file(out) as file:
             torch.save(checkpoint, file)
+    return out
+
+
+def merge_argv(args: list[str]) -> list[str]:
+    """``--experts a b c`` -> ``--experts=["a", "b", "c"]``: the paths a shell glob expands to, as one JSON list.
+
+    jsonargparse reads a list argument from one token (``--experts '[a, b]'``), so the arguments that follow
+    ``--experts`` up to the next option are gathered here. One path (a file, a store directory, or a list already
+    written as one token) is passed on unchanged.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        out.append(args[i])
+        i += 1
+        if out[-1] != "--experts":
+            continue
+        values = []
+        while i < len(args) and not args[i].startswith("-"):
+            values.append(args[i])
+            i += 1
+        if len(values) > 1:
+            out[-1] = f"--experts={json.dumps(values)}"
+        else:
+            out += values
     return out
 
 

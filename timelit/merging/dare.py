@@ -9,42 +9,31 @@ elects signs and takes the disjoint mean as TIES does, with no magnitude trim (a
 The masks are drawn entry by entry, so ``scope`` matters only to ``dare_ties`` (where zero sums take the scope's
 majority sign) and to ``lines_alpha="auto"``; ``dare`` rejects any other scope as having no effect.
 
-The mask of expert i over tensor ``key`` is cut into blocks of 65,536 entries; block b's uniforms come from a
-generator seeded with a hash of (seed, i, key, b). A merge therefore gives the same weights whenever it is recomputed,
-whatever the chunk size or processing order (the pipeline re-draws its masks from the global RNG on every call).
+The mask of expert i over tensor ``key`` comes from ``seeded.uniforms`` under the stream ``"{seed}/{i}"``: blocks of
+65,536 entries, block b's uniforms drawn from a generator seeded with a hash of (seed, i, key, b). A merge therefore
+gives the same weights whenever it is recomputed, whatever the chunk size or processing order (the pipeline re-draws
+its masks from the global RNG on every call).
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
+from timelit.merging import seeded
 from timelit.merging.chunks import Chunk
 from timelit.merging.task_vectors import Elected, elect_disjoint_mean, sum_in_order
 from timelit.merging.technique import TaskVectorTechnique, check_range
 
-BLOCK = 1 << 16
+BLOCK = seeded.BLOCK
 
 
 def uniforms(seed: int, expert: int, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Entries ``start:stop`` of the uniforms behind the DARE mask of ``expert`` over tensor ``key``."""
-    out = torch.empty(stop - start) if out is None else out
-    for block in range(start // BLOCK, (stop - 1) // BLOCK + 1):
-        digest = hashlib.blake2b(f"{seed}/{expert}/{key}/{block}".encode(), digest_size=8).digest()
-        generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
-        offset = block * BLOCK
-        low, high = max(start, offset), min(stop, offset + BLOCK)
-        # Drawing n uniforms gives the first n of a longer draw (torch's CPU generator is serial; a test guards
-        # this), so a block is drawn only up to the end of the slice, straight into place when the slice starts it.
-        if low == offset:
-            torch.rand(high - offset, generator=generator, out=out[low - start : high - start])
-        else:
-            out[low - start : high - start] = torch.rand(high - offset, generator=generator)[low - offset :]
-    return out
+    return seeded.uniforms(f"{seed}/{expert}", key, start, stop, out)
 
 
 def keep_mask(seed: int, expert: int, key: str, start: int, stop: int, p: float) -> torch.Tensor:

@@ -119,7 +119,8 @@ class Technique:
         return Scaling()
 
     def merge_tensor(self, job: TensorJob) -> Iterator[tuple[Chunk, torch.Tensor | Elected]]:
-        """Merge one tensor chunk by chunk; techniques that need a whole-tensor statistic (SLERP) override this."""
+        """Merge one tensor chunk by chunk; techniques that need a whole-tensor statistic (SLERP, model stock) override
+        this."""
         for chunk in job.chunks():
             yield chunk, self.merge_chunk(chunk)
 

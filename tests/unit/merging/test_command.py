@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from timelit.merging import ExpertStore, load_weights, merge, read_metadata
-from timelit.merging.command import merge_command
+from timelit.merging.command import merge_argv, merge_command
 from timelit.merging.safetensors_io import file_sha256
 
 
@@ -96,3 +96,31 @@ def test_help_shows_every_option_with_its_documentation(capsys):
     for option in ("--base", "--experts", "--method", "--out", "--hparams", "--chunk_size", "--progress"):
         assert option in text
     assert "the base weights theta_0" in text and "breadcrumbs_ties" in text
+    assert all(method in text for method in ("model_stock", "tall_masks", "consensus_ties", "random"))
+
+
+def test_experts_given_as_several_paths_or_a_directory(tmp_path, clip_base, perturbed, write, monkeypatch):
+    """`timelit merge --experts a b c` (what a shell glob expands to) and `--experts DIR` through timelit's own CLI."""
+    from timelit.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    experts = perturbed(clip_base, 3)
+    store = ExpertStore(tmp_path / "experts")
+    for task, expert in enumerate(experts):
+        store.add(task, expert)
+    base, expected = write("base", clip_base), merge(clip_base, experts, "model_stock")
+    common = ["merge", "--base", str(base), "--method", "model_stock", "--progress", "false", "--out"]
+    main([*common, "globbed.safetensors", "--experts", *map(str, store.paths)])
+    main([*common, "directory.safetensors", "--experts", str(store.directory)])
+    for name in ("globbed", "directory"):
+        merged = load_weights(tmp_path / f"{name}.safetensors")
+        assert all(torch.equal(merged[key], expected[key]) for key in clip_base)
+        recorded = json.loads(read_metadata(tmp_path / f"{name}.safetensors")["timelit.experts"])
+        assert [entry["sha256"] for entry in recorded] == [file_sha256(path) for path in store.paths]
+
+
+def test_merge_argv_gathers_the_paths_after_experts():
+    assert merge_argv(["--experts", "a", "b c", "--method", "ties"]) == ['--experts=["a", "b c"]', "--method", "ties"]
+    assert merge_argv(["--method", "ties", "--experts", "a", "b"]) == ["--method", "ties", '--experts=["a", "b"]']
+    for unchanged in (["--experts", "runs/x/experts"], ["--experts", "[a, b]", "--out", "o"], ["--experts=a"]):
+        assert merge_argv(unchanged) == unchanged

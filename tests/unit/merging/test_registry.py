@@ -141,6 +141,10 @@ def test_provenance_records_the_fields_an_alias_set():
         ("average", {"weights": [0.1, 0.1, 0.6], "normalize": True}, 3, {"normalize": False}, set()),
         ("slerp", {}, 2, {"t": 0.5}, set()),
         ("slerp", {}, 3, {"t": None}, set()),  # null: the fold t_j = 1/j
+        ("model_stock", {}, 3, {"skip": []}, set()),
+        ("tall_masks", {}, 3, {"lam": 1.0, "mask_lambda": 0.4, "min_agree": 2}, {"lines_alpha"}),
+        ("consensus_ties", {"k": 0.3}, 3, {"lam": 1.0, "k": 0.3, "mask_lambda": 0.4, "min_agree": 2}, {"lines_beta"}),
+        ("random", {"seed": 4}, 3, {"lam": 1.0, "seed": 4}, set()),
     ],
 )
 def test_provenance_records_resolved_defaults_and_rebuilds_the_same_merge(

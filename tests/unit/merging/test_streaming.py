@@ -19,6 +19,9 @@ HPARAMS = {
     "dare": {"p": 0.5},
     "dare_ties": {"p": 0.5},
     "lines": {"alpha": "auto"},
+    "consensus_ties": {"k": 0.3, "scope": "tower"},
+    "tall_masks": {"min_agree": 2, "lines": True},
+    "random": {"seed": 3},
 }
 
 
@@ -36,7 +39,7 @@ def test_files_and_state_dicts_merge_to_the_same_bits(clip_base, perturbed, writ
     assert _equal(streamed, in_memory)
 
 
-@pytest.mark.parametrize("method", [m for m in TECHNIQUES if m not in ("slerp", "lines")])
+@pytest.mark.parametrize("method", [m for m in TECHNIQUES if m not in ("slerp", "lines", "model_stock")])
 def test_element_wise_techniques_do_not_depend_on_the_chunk_size(clip_base, perturbed, method):
     experts = perturbed(clip_base, 2 if method == "interpolation" else 3)
     hparams = HPARAMS.get(method, {})
