@@ -3,8 +3,10 @@ this folder on PYTHONPATH): they record what each rank did into `<run dir>/probe
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -70,3 +72,25 @@ class SignalGate(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         self._hold(trainer, f"task{trainer.current_epoch}")
+
+
+class DiskFullAtSave(Callback):
+    """Makes every checkpoint save from global step `from_step` on fail as a full disk does, with
+    OSError(ENOSPC) from the run's CheckpointIO, and appends each attempt's path to `attempts_file`: issue 20's second
+    save into a disk that had just refused the first one."""
+
+    def __init__(self, attempts_file: str, from_step: int = 1) -> None:
+        self.attempts_file, self.from_step = Path(attempts_file), from_step
+
+    def setup(self, trainer, pl_module, stage):
+        io = trainer.strategy.checkpoint_io
+        save = io.save_checkpoint
+
+        def save_or_fail(checkpoint, path, storage_options=None):
+            if trainer.global_step < self.from_step:
+                return save(checkpoint, path, storage_options)
+            with open(self.attempts_file, "a") as attempts:
+                attempts.write(f"{path}\n")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+        io.save_checkpoint = save_or_fail

@@ -15,8 +15,10 @@ nothing to resume from.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +106,16 @@ class StreamCheckpoint(ModelCheckpoint):
             save_on_exception=save_on_exception,
             enable_version_counter=False,
         )
+        self._failed_save: BaseException | None = None
+
+    @override
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        # Every save of this callback comes through here (periodic, task-end, Preemption's, on an exception).
+        try:
+            super()._save_checkpoint(trainer, filepath)
+        except BaseException as error:
+            self._failed_save = error  # `on_exception` must not write into the disk that just refused this one
+            raise
 
     @override
     def on_train_batch_end(
@@ -124,7 +136,14 @@ class StreamCheckpoint(ModelCheckpoint):
         and a save ends in a barrier that the other ranks, waiting in the step's all-reduce, never reach, so the job
         would hang until the collective's timeout instead of failing. The preemption stop, which every rank agrees on,
         saves through `Preemption` before it raises.
+
+        Never when the exception is this callback's own failed save or a full disk (ENOSPC, EDQUOT): a second save
+        into the disk that just refused one fails the same way, and the previous `last.ckpt` (written atomically) is
+        still there. A save here that fails is logged, not raised: an exception out of this hook would replace the
+        run's own and cut Lightning's error path short before the data module stops its loader workers, and the
+        process would hang at exit (issue 20).
         """
+        failed_save, self._failed_save = self._failed_save, None
         if not self._should_save_on_exception(trainer):
             return
         if trainer.world_size > 1:
@@ -137,13 +156,33 @@ class StreamCheckpoint(ModelCheckpoint):
                 trainer.world_size,
             )
             return
+        if any(error is failed_save or _disk_full(error) for error in _chain(exception)):
+            log.error("last.ckpt is not saved again after %s: a resume starts from the previous one", exception)
+            return
         in_training = trainer.training and not trainer.validating and not trainer.sanity_checking
         on_last_batch = trainer.fit_loop.epoch_loop.batch_progress.current.ready >= trainer.num_training_batches
         if in_training and not on_last_batch:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            try:
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            except Exception as error:
+                log.error("last.ckpt could not be saved after %s: %s", type(exception).__name__, error)
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.fast_dev_run or trainer.sanity_checking:
             return
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def _chain(exception: BaseException) -> Iterator[BaseException]:
+    """The exception and those it was raised from or during (`__cause__`, `__context__`)."""
+    seen: set[int] = set()
+    current: BaseException | None = exception
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)

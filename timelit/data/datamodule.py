@@ -26,6 +26,7 @@ from timelit.data.loaders import (
     OnCorrupt,
     SampleReader,
     SourcePart,
+    StoppableLoader,
     TaskBatches,
     TaskLoader,
     encode,
@@ -131,6 +132,7 @@ class TimeDataModule(L.LightningDataModule):
             raise ValueError("data.mixture.pretraining > 0 needs data.pretraining_pool (a pool of the manifest set)")
         self.preprocessing: Preprocessing | None = None
         self._ready = False
+        self._loaders: dict[str, list[StoppableLoader]] = {}  # the latest loaders built, by kind, for on_exception
 
     # ------------------------------------------------------------------ set-up
 
@@ -282,7 +284,9 @@ class TimeDataModule(L.LightningDataModule):
         task = self.trainer.current_epoch  # type: ignore[union-attr]
         batches = self.task_batches(task)
         log.info("task %d: %d steps, batch mix %s", task, batches.steps, self.counts(task))
-        return TaskLoader(batches, **loader_kwargs(self.num_workers))
+        loader = TaskLoader(batches, **loader_kwargs(self.num_workers))
+        self._loaders["train"] = [loader]
+        return loader
 
     # ------------------------------------------------------------------ evaluation
 
@@ -324,7 +328,23 @@ class TimeDataModule(L.LightningDataModule):
             batches = self.eval_batches(spec, scope)
             workers = eval_workers(self.num_workers, batches.most_batches)
             loaders.append(EvalLoader(batches, self.eval_scope, **loader_kwargs(workers)))
+        self._loaders["eval"] = list(loaders)
         return loaders
 
     def test_dataloader(self) -> list:
         return self.val_dataloader()
+
+    # ------------------------------------------------------------------ errors
+
+    def on_exception(self, exception: BaseException) -> None:
+        """Stop the loader workers on the error path of `fit`, `validate` and `test` (Lightning calls this after the
+        callbacks' `on_exception`), so that the process can exit.
+
+        Without this a failed run never ends: the iterator that owns the workers stays referenced by the exception's
+        traceback, so nothing stops them, and at exit Python's multiprocessing handler sends them SIGTERM, which they
+        ignore for preemption (`timelit.data.loaders.ignore_preemption_signals`), then joins them while they wait for
+        their parent. Issue 20: a missing shard, or a full disk at a checkpoint, held a job until its time limit.
+        """
+        for loaders in self._loaders.values():
+            for loader in loaders:
+                loader.shutdown_workers()

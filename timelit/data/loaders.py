@@ -15,6 +15,7 @@ import math
 import random
 import signal
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -22,6 +23,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
 from timelit.data.mixture import _SOURCE_CODES, SourceSequence
 from timelit.data.samples import Sample, decode
@@ -48,7 +50,12 @@ def decode_id(sample_id: int) -> tuple[int, int]:
 
 
 def ignore_preemption_signals(_worker_id: int) -> None:
-    """Loader workers leave SIGTERM/SIGUSR1 to the main process, which saves and requeues (PL#20280)."""
+    """Loader workers leave SIGTERM/SIGUSR1 to the main process, which saves and requeues (PL#20280).
+
+    The price: torch ends the workers of an iterator that is never garbage collected by the SIGTERM that Python's
+    multiprocessing exit handler sends to daemonic children before it joins them. Ignored here, that join would wait
+    forever, so the error path stops the workers explicitly (`StoppableLoader.shutdown_workers`).
+    """
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
 
@@ -146,7 +153,41 @@ class TaskBatches(IterableDataset):
         }
 
 
-class TaskLoader(DataLoader):
+class StoppableLoader(DataLoader):
+    """A DataLoader whose worker processes can be stopped by whoever built it, not only by whoever iterates it.
+
+    Without persistent workers, torch's DataLoader keeps no reference to the iterator that owns its workers: they
+    stop when that iterator is exhausted or garbage collected. After an exception the iterator lives on in the
+    traceback until the interpreter exits, and our workers ignore the SIGTERM that would end them then
+    (`ignore_preemption_signals`): the process hangs at exit. `TimeDataModule.on_exception` calls `shutdown_workers`.
+
+    The loader holds its iterator weakly: Lightning leaves some evaluation iterators unfinished (it stops at their
+    length), and a strong reference here would keep their workers alive into that same hang after a run that ended
+    well.
+    """
+
+    _live: weakref.ref[Any] | None = None  # the iterator of the latest `__iter__`
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        iterator = super().__iter__()
+        self._live = weakref.ref(iterator)
+        return iterator
+
+    def shutdown_workers(self) -> None:
+        """Stop the workers of the latest iteration, if it has any: torch's own shutdown (a stop message, a join of
+        up to 5 s each), then SIGKILL for a worker still busy, since the SIGTERM torch sends it is ignored."""
+        iterator = self._live() if self._live is not None else None
+        self._live = None
+        if not isinstance(iterator, _MultiProcessingDataLoaderIter):
+            return
+        iterator._shutdown_workers()
+        for worker in iterator._workers:
+            if worker.is_alive():
+                worker.kill()
+                worker.join(timeout=5)
+
+
+class TaskLoader(StoppableLoader):
     """A DataLoader over `TaskBatches` whose position survives a restart (Lightning's resumable-loader protocol)."""
 
     def __init__(self, batches: TaskBatches, **kwargs: Any):
@@ -254,7 +295,7 @@ class EvalBatches(IterableDataset):
         return label
 
 
-class EvalLoader(DataLoader):
+class EvalLoader(StoppableLoader):
     """A DataLoader over `EvalBatches` that chooses subset or full split when it is iterated, not when it is built.
 
     Lightning keeps the sanity check's validation loaders for the first task's evaluation, so a choice made when the

@@ -178,3 +178,53 @@ def test_timelit_fit_writes_its_checkpoints_through_atomic_io(tiny_benchmark, tm
     checkpoints = tmp_path / "run" / "checkpoints"
     assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 2
     assert hidden_leftovers(checkpoints) == []
+
+
+class SavesFailFrom(TorchCheckpointIO):
+    """A CheckpointIO whose saves fail, from global step `step` on, with `error`; counts every attempt."""
+
+    def __init__(self, step: int, error: BaseException):
+        self.step, self.error, self.attempts = step, error, []
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        self.attempts.append(checkpoint["global_step"])
+        if checkpoint["global_step"] >= self.step:
+            raise self.error
+        super().save_checkpoint(checkpoint, path, storage_options)
+
+
+def test_a_save_that_failed_is_not_attempted_again_on_the_exception(tmp_path):
+    """A full disk fails the periodic save; the save on exception would fail the same way (issue 20)."""
+    io = SavesFailFrom(step=4, error=RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos"))
+    stream = StreamCheckpoint(every_n_train_steps=2, dirpath=str(tmp_path))
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        _trainer(max_epochs=1, callbacks=[stream], plugins=[io]).fit(FailsAtStep(fail_at=1000))
+    assert io.attempts == [2, 4]
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
+def test_a_full_disk_anywhere_is_not_written_to_on_the_exception(tmp_path):
+    io = SavesFailFrom(step=1000, error=RuntimeError("never"))
+
+    class DiskFull(FailsAtStep):
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 3:
+                raise OSError(28, "No space left on device", "experts/expert_0000.safetensors")
+            return super().training_step(batch, batch_idx)
+
+    with pytest.raises(OSError, match="No space left"):
+        _trainer(max_epochs=1, callbacks=[StreamCheckpoint(every_n_train_steps=1000)], plugins=[io]).fit(
+            DiskFull(fail_at=1000)
+        )
+    assert io.attempts == []
+
+
+def test_a_failing_save_on_the_exception_leaves_the_run_its_own_error(tmp_path, caplog):
+    """An exception out of `on_exception` would replace the run's and cut Lightning's error path short (the data
+    module's `on_exception`, which stops loader workers, would not run)."""
+    io = SavesFailFrom(step=0, error=OSError(5, "Input/output error"))
+    stream = StreamCheckpoint(every_n_train_steps=1000, dirpath=str(tmp_path))
+    with pytest.raises(RuntimeError, match="a rank-local error"):
+        _trainer(max_epochs=1, callbacks=[stream], plugins=[io]).fit(FailsAtStep(fail_at=3))
+    assert io.attempts == [3]
+    assert "last.ckpt could not be saved after RuntimeError" in caplog.text

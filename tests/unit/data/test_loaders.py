@@ -1,4 +1,5 @@
-"""Evaluation batches reject a classification sample whose label cannot index the class list, naming the sample.
+"""Evaluation batches reject a classification sample whose label cannot index the class list, naming the sample;
+a loader's workers, which ignore SIGTERM, can be stopped by whoever built the loader.
 
 python -m pytest tests/unit/data/test_loaders.py -q
 """
@@ -14,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from timelit.data.loaders import EvalBatches
+from timelit.data.loaders import EvalBatches, StoppableLoader, loader_kwargs
 from timelit.data.shards import ShardIndex, ShardWriter
 
 
@@ -58,3 +59,31 @@ def test_labelled_classification_and_unlabelled_retrieval_samples_load(tmp_path)
     assert classification["label"].tolist() == [2, 0] and classification["position"].tolist() == [0, 1]
     retrieval = next(iter(eval_batches(tmp_path / "r", "retrieval", [{"captions": ["a", "b"]}, {}])))
     assert retrieval["label"].tolist() == [-1, -1] and retrieval["caption_owner"].tolist() == [0, 0, 1]
+
+
+class Numbers(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield from range(1000)
+
+
+def test_workers_left_running_by_an_unfinished_iteration_are_stopped_on_request():
+    """What `TimeDataModule.on_exception` relies on: after an error the iterator is never finished nor collected,
+    and Python's exit handler cannot end workers that ignore SIGTERM."""
+    loader = StoppableLoader(Numbers(), batch_size=None, **loader_kwargs(2))
+    iterator = iter(loader)
+    next(iterator)
+    workers = list(iterator._workers)
+    assert len(workers) == 2 and all(worker.is_alive() for worker in workers)
+    loader.shutdown_workers()
+    assert not any(worker.is_alive() for worker in workers)
+    loader.shutdown_workers()  # nothing left to stop: a no-op
+
+
+def test_a_loader_does_not_keep_an_unfinished_iteration_alive():
+    """Lightning stops evaluation loaders at their length; dropping the iterator must still stop its workers."""
+    loader = StoppableLoader(Numbers(), batch_size=None, **loader_kwargs(2))
+    iterator = iter(loader)
+    next(iterator)
+    workers = list(iterator._workers)
+    del iterator
+    assert not any(worker.is_alive() for worker in workers)
