@@ -109,17 +109,25 @@ def resolve(concepts: list[Concept], manifests: ManifestSet, source: str | Path)
 
 
 def by_dataset(concepts: list[Concept], num_tasks: int, source: str | Path) -> list[list[Concept]]:
-    """One task per run of consecutive concepts of one dataset: the pipeline's `dataset_incremental` tasks."""
-    tasks: list[list[Concept]] = []
+    """Tasks that start only where the dataset changes: the pipeline's `dataset_incremental` tasks.
+
+    With as many tasks as runs of consecutive concepts of one dataset, each task is one dataset; with a divisor of
+    that count, each task is that many consecutive datasets (12 datasets in 4 tasks: three per task), so one stream
+    serves both horizons of a study at the same total budget.
+    """
+    runs: list[list[Concept]] = []
     for concept in concepts:
-        if not tasks or tasks[-1][-1].dataset != concept.dataset:
-            tasks.append([])
-        tasks[-1].append(concept)
-    if len(tasks) != num_tasks:
+        if not runs or runs[-1][-1].dataset != concept.dataset:
+            runs.append([])
+        runs[-1].append(concept)
+    if num_tasks < 1 or len(runs) % num_tasks:
+        counts = [n for n in range(1, len(runs) + 1) if len(runs) % n == 0]
         raise ManifestError(
-            f"{source}: cutting the stream at dataset changes gives {len(tasks)} tasks, but num_tasks is {num_tasks}"
+            f"{source}: the stream holds {len(runs)} dataset(s) in a row, which cannot be cut at dataset changes "
+            f"into {num_tasks} tasks of equally many datasets: num_tasks must be one of {counts}"
         )
-    return tasks
+    per_task = len(runs) // num_tasks
+    return [[c for run in runs[t * per_task : (t + 1) * per_task] for c in run] for t in range(num_tasks)]
 
 
 def load_stream(

@@ -32,9 +32,9 @@ def test_malformed_and_duplicate_concepts_name_their_position():
 
 
 def test_stream_resolves_to_labels_per_task(tiny_benchmark):
-    stream = load_stream("dataset_incremental", tiny_benchmark, 2)
-    assert stream.sizes == [29, 28]  # 57 concepts of the 7 adaptation datasets
-    assert stream.labels[0]["DIGITS"] == frozenset(range(10))
+    stream = load_stream("random", tiny_benchmark, 3)
+    assert stream.sizes == [30, 30, 29]  # 89 concepts of the 12 adaptation datasets
+    assert frozenset().union(*(task.get("DIGITS", frozenset()) for task in stream.labels)) == frozenset(range(10))
     assert "SHAPES" not in stream.datasets  # held-out datasets never enter the stream
 
 
@@ -54,7 +54,10 @@ def test_stream_with_unknown_names_is_rejected(tiny_benchmark, tmp_path, entry, 
 
 
 def test_dataset_boundaries_make_one_task_per_dataset(tiny_benchmark):
-    stream = load_stream("dataset_incremental", tiny_benchmark, 7, boundaries="dataset")
+    stream = load_stream("dataset_incremental", tiny_benchmark, 12, boundaries="dataset")
     assert [sorted(task) for task in stream.labels] == [[name] for name in stream.datasets]
-    with pytest.raises(ManifestError, match="gives 7 tasks, but num_tasks is 4"):
-        load_stream("dataset_incremental", tiny_benchmark, 4, boundaries="dataset")
+    grouped = load_stream("dataset_incremental", tiny_benchmark, 4, boundaries="dataset")
+    names = stream.datasets
+    assert [sorted(task) for task in grouped.labels] == [sorted(names[i : i + 3]) for i in (0, 3, 6, 9)]
+    with pytest.raises(ManifestError, match=r"12 dataset\(s\).*into 5 tasks.*one of \[1, 2, 3, 4, 6, 12\]"):
+        load_stream("dataset_incremental", tiny_benchmark, 5, boundaries="dataset")
