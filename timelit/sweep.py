@@ -308,11 +308,20 @@ def check_sbatch_options(options: list[str], where: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- expanding
 
 
+def _is_grid(path: Path) -> bool:
+    try:
+        content = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(content, dict) and "axes" in content
+
+
 def _resolve_config(name: str, grid: Path) -> str:
-    """A config item as an absolute path: a file (as given, or beside the grid, never the grid itself), else a
-    shipped config, so the shipped grids' `quickstart.yaml` and `budget/tasks_20.yaml` are configs/'s."""
+    """A config item as an absolute path: a file (as given, or beside the grid, never a grid itself), else a
+    shipped config, so the shipped grids' `quickstart.yaml` and `budget/tasks_20.yaml` are configs/'s (configs/sweeps/
+    holds a grid named quickstart.yaml too, which a fit cannot read)."""
     for candidate in (Path(name).expanduser(), grid.parent / name):
-        if candidate.is_file() and candidate.resolve() != grid.resolve():
+        if candidate.is_file() and candidate.resolve() != grid.resolve() and not _is_grid(candidate):
             return str(candidate.resolve())
     try:
         return str(resolve_config(name).resolve())

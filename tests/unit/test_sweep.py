@@ -397,3 +397,17 @@ def test_the_model_size_grid_gives_every_model_a_shape_that_splits_the_batch():
     assert gpus["ViT-B-32"] == gpus["ViT-B-16"] == 1 and gpus["ViT-L-14"] >= 4
     assert gpus["ViT-H-14"] >= 8 and gpus["ViT-g-14"] >= 8
     assert spec.signal_seconds == 1800
+
+
+def test_a_config_named_like_a_grid_beside_the_grid_is_the_shipped_config(tmp_path):
+    """configs/sweeps/ holds a grid called quickstart.yaml: `configs: [quickstart.yaml]` in a grid there is a fit config."""
+    seeds = "axes: {seed: {key: seed_everything, values: [0, 1]}}\n"
+    (tmp_path / "quickstart.yaml").write_text("name: other\nconfigs: []\n" + seeds)
+    grid = tmp_path / "study.yaml"
+    grid.write_text("name: study\nconfigs: [quickstart.yaml]\n" + seeds)
+    (point, _) = expand(load_grid(grid), tmp_path / "runs")
+    assert point.argv[2] == str((configs_dir() / "quickstart.yaml").resolve())
+    assert [p.name for p in expand(load_grid(find_grid("science")), tmp_path / "runs")][:2] == [
+        "protocol=multitask,seed=0",
+        "protocol=multitask,seed=1",
+    ]
