@@ -400,7 +400,7 @@ def test_the_model_size_grid_gives_every_model_a_shape_that_splits_the_batch():
 
 
 def test_a_config_named_like_a_grid_beside_the_grid_is_the_shipped_config(tmp_path):
-    """configs/sweeps/ holds a grid called quickstart.yaml: `configs: [quickstart.yaml]` in a grid there is a fit config."""
+    """configs/sweeps/ holds a grid named quickstart.yaml; in a grid there, quickstart.yaml means the fit config."""
     seeds = "axes: {seed: {key: seed_everything, values: [0, 1]}}\n"
     (tmp_path / "quickstart.yaml").write_text("name: other\nconfigs: []\n" + seeds)
     grid = tmp_path / "study.yaml"
