@@ -14,8 +14,9 @@ def synth_command(
     seed: int = 0,
     scale: float = 1.0,
     base_model: str = "timelit-tiny-ViT",
-    base_steps: int = 300,
+    base_steps: int = 800,
     force: bool = False,
+    size: str = "quickstart",
 ) -> None:
     """Write the embedded quickstart benchmark (shards, manifests, stream, pool) and train its base model.
 
@@ -28,10 +29,12 @@ def synth_command(
         base_model: open_clip architecture of the base model (the config's model.model_name must match).
         base_steps: training steps of the base model on the pool (batch 128).
         force: write everything again even if OUT is complete.
+        size: `quickstart` (3 held-out and 4 adaptation datasets, the default run's) or `science` (the same and 8
+            more adaptation datasets: the study's 12-task streams, configs/science.yaml).
     """
     from timelit.data.synth import READY_FILE, synthesize
 
-    root = synthesize(out, seed=seed, scale=scale, base_model=base_model, base_steps=base_steps, force=force)
+    root = synthesize(out, seed=seed, scale=scale, base_model=base_model, base_steps=base_steps, force=force, size=size)
     report = json.loads((Path(root) / READY_FILE).read_text())
     print(f"quickstart benchmark in {root}")
     print(f"{'dataset':<12}{'role':<7}{'zero-shot':>10}{'chance':>8}")

@@ -88,6 +88,7 @@ class TimeDataModule(L.LightningDataModule):
         on_corrupt: a sample that does not decode is skipped and counted, or stops the run.
         seed: seeds every shuffle of the data (linked to `seed_everything` by the CLI).
         synthesize_if_missing: write the procedural quickstart benchmark into `data_root` if it is not there.
+        synthesize_size: which size of it: `quickstart` (4 adaptation datasets) or `science` (12; the study's).
     """
 
     def __init__(
@@ -109,6 +110,7 @@ class TimeDataModule(L.LightningDataModule):
         on_corrupt: OnCorrupt = "skip",
         seed: int = 0,
         synthesize_if_missing: bool = False,
+        synthesize_size: Literal["quickstart", "science"] = "quickstart",
     ):
         super().__init__()
         self.data_root = Path(data_root).expanduser()
@@ -128,6 +130,7 @@ class TimeDataModule(L.LightningDataModule):
         self.on_corrupt = on_corrupt
         self.seed = seed
         self.synthesize_if_missing = synthesize_if_missing
+        self.synthesize_size = synthesize_size
         if mixture.pretraining > 0 and not pretraining_pool:
             raise ValueError("data.mixture.pretraining > 0 needs data.pretraining_pool (a pool of the manifest set)")
         self.preprocessing: Preprocessing | None = None
@@ -140,7 +143,7 @@ class TimeDataModule(L.LightningDataModule):
         if self.synthesize_if_missing:
             from timelit.data.synth import synthesize
 
-            synthesize(self.data_root)
+            synthesize(self.data_root, size=self.synthesize_size)
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and isinstance(self.trainer, L.Trainer):

@@ -77,9 +77,9 @@ def zero_shot_report(root: Path, bundle, roles: tuple[str, ...] = ("eval", "adap
 def train_base(
     root: str | Path,
     model_name: str = "timelit-tiny-ViT",
-    steps: int = 300,
+    steps: int = 800,
     batch_size: int = 128,
-    lr: float = 1e-3,
+    lr: float = 2e-3,
     weight_decay: float = 0.1,
     seed: int = 0,
 ) -> dict:
