@@ -111,7 +111,7 @@ def benchmark(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     # Shared with tests/unit/callbacks/test_budget.py through the session's base folder (synthesize is idempotent).
     root = tmp_path_factory.getbasetemp() / "budget_benchmark"
-    return synthesize(root, scale=0.05, base_model=MODEL, base_steps=5)
+    return synthesize(root, scale=0.05, base_model=MODEL, base_steps=5, size="science")
 
 
 def _free_port() -> int:

@@ -34,7 +34,7 @@ BATCH = 16
 def benchmark(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # Shared with tests/integration/test_budget_ddp.py through the session's base folder (synthesize is idempotent).
     root = tmp_path_factory.getbasetemp() / "budget_benchmark"
-    return synthesize(root, scale=0.05, base_model=MODEL, base_steps=5)
+    return synthesize(root, scale=0.05, base_model=MODEL, base_steps=5, size="science")
 
 
 @pytest.fixture(scope="module")

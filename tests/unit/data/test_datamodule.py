@@ -121,7 +121,7 @@ def test_steps_per_task_must_come_from_somewhere(tiny_benchmark, preprocessing):
 
 def test_evaluation_splits_every_sample_once_across_ranks(tiny_benchmark, preprocessing):
     specs = make(tiny_benchmark, preprocessing).eval_specs
-    assert {s.role for s in specs} == {"adapt", "eval"} and len(specs) == 11
+    assert {s.role for s in specs} == {"adapt", "eval"} and len(specs) == 15
     for spec in specs:
         seen = []
         for rank in range(3):
@@ -138,12 +138,12 @@ def test_evaluation_loaders_fork_no_worker_that_would_get_no_batch_or_the_only_o
 
 
 def test_evaluation_loaders_take_their_workers_from_the_larger_scope(tiny_benchmark, preprocessing):
-    dm = make(tiny_benchmark, preprocessing, num_workers=3, eval_batch_size=8)
+    dm = make(tiny_benchmark, preprocessing, num_workers=3, eval_batch_size=12)  # 20-25 samples: 2 or 3 batches
     dm.trainer.state = SimpleNamespace(fn=None)  # no fit under way: the full split is evaluated
     loaders = dm.val_dataloader()
     for spec, loader in zip(dm.eval_specs, loaders, strict=True):
         batches = loader.dataset
-        full, subset = (-(-len(batches.scoped_positions[s]) // 8) for s in ("full", "subset"))
+        full, subset = (-(-len(batches.scoped_positions[s]) // 12) for s in ("full", "subset"))
         assert batches.most_batches == max(full, subset) >= subset
         assert loader.num_workers == eval_workers(3, max(full, subset)), spec.name
     assert len({loader.num_workers for loader in loaders}) > 1, "the fixture should hold sets of different sizes"
