@@ -81,7 +81,7 @@ def _ink(rng: random.Random, base: tuple[int, int, int]) -> tuple[tuple[int, int
 
 
 def scene(rng: random.Random) -> tuple[Image.Image, dict[str, str]]:
-    """One coloured shape on a background texture: the pool's main kind of image, and the SCENES held-out set."""
+    """One coloured shape on a background texture: the pool's main kind of image."""
     image, base, texture = _background(rng, textured=0.6)
     ink, colour = _ink(rng, base)
     shape = rng.choice(draw.SHAPES)
