@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 
 def synth_command(
@@ -16,11 +17,11 @@ def synth_command(
     base_model: str = "timelit-tiny-ViT",
     base_steps: int = 800,
     force: bool = False,
-    size: str = "quickstart",
+    size: Literal["quickstart", "science"] = "quickstart",
 ) -> None:
     """Write the embedded quickstart benchmark (shards, manifests, stream, pool) and train its base model.
 
-    Takes about two minutes on two CPU cores; does nothing when OUT already holds a complete benchmark.
+    Takes about three minutes on two CPU cores; does nothing when OUT already holds a complete benchmark.
 
     Args:
         out: folder to write into (the quickstart config reads ~/.cache/timelit/quickstart).
@@ -30,7 +31,7 @@ def synth_command(
         base_steps: training steps of the base model on the pool (batch 128).
         force: write everything again even if OUT is complete.
         size: `quickstart` (3 held-out and 4 adaptation datasets, the default run's) or `science` (the same and 8
-            more adaptation datasets: the study's 12-task streams, configs/science.yaml).
+            more adaptation datasets: the 12-dataset horizons of configs/sweeps/scaling.yaml).
     """
     from timelit.data.synth import READY_FILE, synthesize
 
