@@ -48,10 +48,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from timelit.sweep import Point
+from timelit.sweep_points import Point, is_complete
 
 LOCK_FILE = "local-run.lock"
 _KINDS = ("done", "failed", "stopped", "skipped")
@@ -194,8 +192,6 @@ class Outcome:
 
 def start(point: Point, command: list[str], env: dict[str, str], added: dict[str, str], logs: Path) -> Running | str:
     """Start one point's fit, or say why not (finished meanwhile, or held by another launcher)."""
-    from timelit.sweep import is_complete
-
     if is_complete(point.run_dir):
         return "complete (finished meanwhile)"
     lock = RunLock.take(point.run_dir)
@@ -236,8 +232,6 @@ def start(point: Point, command: list[str], env: dict[str, str], added: dict[str
 
 
 def finish(run: Running, code: int) -> Outcome:
-    from timelit.sweep import is_complete
-
     seconds = time.monotonic() - run.started
     run.lock.release()
     with open(run.log, "a") as out:
@@ -259,8 +253,6 @@ def finish(run: Running, code: int) -> Outcome:
 
 def status(point: Point) -> str:
     """What the launcher will do with a point: complete, run, resume, or leave it to whoever runs it already."""
-    from timelit.sweep import is_complete
-
     if is_complete(point.run_dir):
         return "complete"
     holder = lock_holder(point.run_dir)

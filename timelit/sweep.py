@@ -67,11 +67,11 @@ import yaml
 
 from timelit.atomic import write_text
 from timelit.resources import PACKAGE_DIR, configs_dir, resolve_config
+from timelit.sweep_points import Point, is_complete
 
 log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.jsonl"
-RESULTS_FILE = "results.json"
 GRID_KEYS = ("name", "description", "configs", "overrides", "axes", "exclude", "sbatch", "resources", "signal_seconds")
 DEFAULT_SIGNAL_SECONDS = 300
 
@@ -151,30 +151,6 @@ def merge_sbatch_options(options: list[str]) -> list[str]:
         key = option.split("=", 1)[0] if option.startswith("--") and "=" in option else option
         merged[key] = option
     return list(merged.values())
-
-
-@dataclass
-class Point:
-    """One run of the sweep: line `index` of the manifest, array task `index`."""
-
-    index: int
-    name: str
-    axes: dict[str, str]
-    configs: list[str]
-    overrides: list[str]
-    run_dir: str
-    argv: list[str]
-
-    def record(self) -> dict[str, Any]:
-        return {
-            "index": self.index,
-            "name": self.name,
-            "axes": self.axes,
-            "configs": self.configs,
-            "overrides": self.overrides,
-            "run_dir": self.run_dir,
-            "argv": self.argv,
-        }
 
 
 # ---------------------------------------------------------------------------------------------------- reading grids
@@ -377,15 +353,6 @@ def manifest_text(points: list[Point]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- state
-
-
-def is_complete(run_dir: str | Path) -> bool:
-    """True when the run's results.json says the whole stream was trained and evaluated."""
-    path = Path(run_dir) / RESULTS_FILE
-    try:
-        return bool(json.loads(path.read_text()).get("complete"))
-    except (OSError, ValueError):
-        return False
 
 
 def job_name(sweep_dir: Path) -> str:
