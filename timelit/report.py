@@ -34,16 +34,14 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from timelit.evaluation.forgetting import NUMBERS, ForgettingMatrix, from_results
+from timelit.evaluation.forgetting import NUMBERS, from_results
+from timelit.report_runs import SUMMARY_KEYS, UNKNOWN, RunResult
 from timelit.report_stats import group_runs, group_table, paired_table, reference_group, statistics_rows
 
 RESULTS_FILE = "results.json"
-UNKNOWN = "unknown"
-SUMMARY_KEYS = ("A_KA", "A_ZS", "GM")
 # Keys of `run.budget` read as the run's total budget in GFLOPs, in this order; a per-task budget times the number of
 # tasks is the fallback (the ComputeBudget callback accepts either, ../shared issue 4).
 TOTAL_BUDGET_KEYS = ("total_gflops", "gflops_total", "budget_gflops", "total")
@@ -53,59 +51,6 @@ PER_TASK_BUDGET_KEYS = ("gflops_per_task", "per_task_gflops")
 def _number(value: Any) -> float:
     """A JSON number, or NaN for null / missing (results.json writes NaN as null)."""
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
-
-
-@dataclass
-class RunResult:
-    """What the report needs of one run's results.json."""
-
-    name: str
-    path: Path
-    init: str = UNKNOWN
-    deploy: str = UNKNOWN
-    technique: str = UNKNOWN
-    model: str = UNKNOWN
-    budget_gflops: float | None = None
-    num_tasks: int | None = None
-    seed: int | None = None
-    stream: str = UNKNOWN
-    mixture: str = UNKNOWN
-    complete: bool = False
-    tasks: list[int] = field(default_factory=list)
-    curves: dict[str, list[float]] = field(default_factory=dict)
-    full_end: dict[str, float] = field(default_factory=dict)
-    gflops_spent: float = math.nan
-    zero_shot_step: int = 0
-    forgetting: ForgettingMatrix | None = None
-
-    @property
-    def protocol(self) -> str:
-        return f"{self.init}/{self.deploy}"
-
-    @property
-    def has_protocol(self) -> bool:
-        return UNKNOWN not in (self.init, self.deploy)
-
-    @property
-    def tasks_done(self) -> int:
-        return self.tasks[-1] if self.tasks else 0
-
-    def final(self, key: str) -> float:
-        return self.curves[key][-1] if self.tasks else math.nan
-
-    def mean(self, key: str) -> float:
-        """Mean over the evaluations after each task; the zero-shot point (task 0) is not a task."""
-        values = [v for t, v in zip(self.tasks, self.curves.get(key, [])) if t > 0]
-        return sum(values) / len(values) if values else math.nan
-
-    def zero_shot(self, key: str) -> float:
-        return self.curves[key][0] if self.tasks and self.tasks[0] == 0 else math.nan
-
-    @property
-    def status(self) -> str:
-        if self.complete:
-            return "yes"
-        return f"no ({self.tasks_done}/{self.num_tasks if self.num_tasks is not None else '?'} tasks)"
 
 
 def _budget_gflops(budget: Any, num_tasks: int | None) -> float | None:

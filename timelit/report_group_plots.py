@@ -17,10 +17,9 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
-from matplotlib.ticker import MaxNLocator
 
-from timelit.report import SUMMARY_KEYS
-from timelit.report_plots import TASK_AXIS, TITLES, _legend_below, colours
+from timelit.report_plots import TASK_AXIS, colours, finish_summary_curves
+from timelit.report_runs import SUMMARY_KEYS
 from timelit.report_stats import RunGroup
 
 
@@ -46,16 +45,8 @@ def plot_group_curves(groups: list[RunGroup], path: Path) -> Path | None:
             ax.plot(xs, mean, "-", color=colour, marker="o" if len(xs) <= 30 else None, markersize=3,
                     label=f"{group.label} (n={len(group.counted)}{star})")  # fmt: skip
             ax.fill_between(xs, mean - std, mean + std, color=colour, alpha=0.18, linewidth=0)
-    for ax, key in zip(axes, SUMMARY_KEYS):
-        ax.set_title(TITLES[key], fontsize=10)
-        ax.set_xlabel(TASK_AXIS)
-        ax.set_ylabel(f"{key} (%)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-    _legend_below(fig, axes[0])
-    fig.suptitle("Mean over seeds per group, band = ± sample std (* = unfinished runs' last points)")
-    fig.savefig(path, dpi=110)
-    return path
+    title = "Mean over seeds per group, band = ± sample std (* = unfinished runs' last points)"
+    return finish_summary_curves(fig, axes, title, path)
 
 
 def mean_forgetting(group: RunGroup) -> tuple[list[int], list[str], np.ndarray, dict[str, int | None]] | None:

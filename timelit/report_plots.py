@@ -21,7 +21,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from timelit.report import SUMMARY_KEYS, UNKNOWN, RunResult
+from timelit.report_runs import SUMMARY_KEYS, UNKNOWN, RunResult
 
 INITS = ("zs", "ft", "ema", "all")
 DEPLOYS = ("ft", "ema", "all")
@@ -68,6 +68,12 @@ def plot_curves(runs: list[RunResult], path: Path) -> Path:
                 run.tasks, run.curves[key], "-" if run.complete else "--",
                 color=colour, marker=marker, markersize=3.5, label=_label(run),
             )  # fmt: skip
+    return finish_summary_curves(fig, axes, "Accuracy over the stream, evaluated after every task", path)
+
+
+def finish_summary_curves(fig: Figure, axes: Any, title: str, path: Path) -> Path:
+    """Titles, labels and legend of a row of A_KA / A_ZS / GM-per-task panels, then the file: the per-run curves and
+    the per-group ones (`report_group_plots`) read alike."""
     for ax, key in zip(axes, SUMMARY_KEYS):
         ax.set_title(TITLES[key], fontsize=10)
         ax.set_xlabel(TASK_AXIS)
@@ -75,7 +81,7 @@ def plot_curves(runs: list[RunResult], path: Path) -> Path:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     _legend_below(fig, axes[0])
-    fig.suptitle("Accuracy over the stream, evaluated after every task")
+    fig.suptitle(title)
     fig.savefig(path, dpi=110)
     return path
 

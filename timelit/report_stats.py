@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from timelit.report import RunResult
+    from timelit.report_runs import RunResult
 
 STAT_KEYS = ("A_KA", "A_ZS", "GM")
 FORGETTING_KEYS = ("bwt", "avg_forgetting", "first_half_drop")
