@@ -1,0 +1,85 @@
+"""docs/science/check_criteria.py judges the criteria of docs/science.md section 1 from a report's runs.csv."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "docs" / "science" / "check_criteria.py"
+COLUMNS = ["run", "zs_A_KA", "zs_A_ZS", "final_A_KA", "final_A_ZS", "final_GM", "first_half_drop"]
+
+
+@pytest.fixture(scope="module")
+def criteria():
+    spec = importlib.util.spec_from_file_location("check_criteria", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write(folder: Path, rows: list[list[object]]) -> Path:
+    with (folder / "runs.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(COLUMNS)
+        writer.writerows(rows)
+    return folder
+
+
+def _study(ft_zs: tuple[float, float], spread_protocol_gm: tuple[float, float]) -> list[list[object]]:
+    """Two seeds; zero-shot A_KA 10, A_ZS 80; ema/ema GM 50 and 54 (std 2.83)."""
+    rows: list[list[object]] = []
+    for seed in (0, 1):
+        rows.append([f"protocol=multitask,seed={seed}", 10, 80, 60, 75, 67, "—"])
+        rows.append([f"protocol=ft_ft,seed={seed}", 10, 80, 70, ft_zs[seed], 60, 1.0])
+        rows.append([f"protocol=ft_ft_no_replay,seed={seed}", 10, 80, 30, 20, 25, 12.0 + seed])
+        rows.append([f"protocol=ema_ema_interpolation,seed={seed}", 10, 80, 60, 78, (50, 54)[seed], -1.0])
+        rows.append([f"protocol=zs_all_average,seed={seed}", 10, 80, 40, 78, spread_protocol_gm[seed], 0.0])
+    return rows
+
+
+def test_worked_example_passes_every_criterion(criteria, tmp_path):
+    # ft/ft A_ZS 69 and 70: mean 69.5, change -10.5; stream GM means 60 (ft/ft), 52 (ema/ema), 30 (zs/all):
+    # spread 30 >= 3 x 2.83 = 8.49; no-replay drop 12.5.
+    result = criteria.judge(criteria.read_runs(_write(tmp_path, _study((69, 70), (30, 30)))))
+    assert result["a_multitask_gain"] == pytest.approx(50)
+    assert result["b1_ft_ft_zs_change"] == pytest.approx(-10.5)
+    assert result["b2_first_half_drop"] == pytest.approx(12.5)
+    assert result["c_spread"] == pytest.approx(30)
+    assert result["c_largest_std"] == pytest.approx(2 * 2**0.5)
+    assert result["verdicts"] == {"a": True, "b1": True, "b2": True, "c": True}
+    assert "multitask" not in result["c_stream_gm"] and "ft_ft_no_replay" not in result["c_stream_gm"]
+
+
+def test_failing_criteria_are_reported_as_failures(criteria, tmp_path):
+    # ft/ft keeps its zero-shot skill (-9.5) and the stream protocols sit within 3 seed stds (spread 8 < 8.49).
+    rows = _study((70, 71), (56, 56))
+    rows = [r if not r[0].startswith("protocol=ft_ft,") else [*r[:5], 55, r[6]] for r in rows]
+    result = criteria.judge(criteria.read_runs(_write(tmp_path, rows)))
+    assert result["verdicts"]["b1"] is False
+    assert result["c_spread"] == pytest.approx(4)
+    assert result["verdicts"]["c"] is False
+
+
+def test_one_seed_is_judged_on_that_seed_only_and_leaves_c_open(criteria, tmp_path):
+    result = criteria.judge(criteria.read_runs(_write(tmp_path, _study((69, 75), (30, 30)))), seed=0)
+    assert result["n_runs"] == 5
+    assert result["b1_ft_ft_zs_change"] == pytest.approx(-11)
+    assert result["verdicts"]["c"] is None
+
+
+def test_main_writes_criteria_json(criteria, tmp_path, capsys):
+    folder = _write(tmp_path, _study((69, 70), (30, 30)))
+    assert criteria.main([str(folder)]) == 0
+    written = json.loads((folder / "criteria.json").read_text())
+    assert written["all_seeds"]["verdicts"]["b1"] is True
+    assert "(b1) ft/ft A_ZS change -10.50" in capsys.readouterr().out
+
+
+def test_a_report_without_science_points_is_an_error_naming_the_file(criteria, tmp_path):
+    _write(tmp_path, [["some_run", 1, 2, 3, 4, 5, 6]])
+    with pytest.raises(SystemExit, match=r"runs\.csv: no run of the science sweep"):
+        criteria.read_runs(tmp_path)
