@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from timelit.merging.technique import Scope
+from timelit.merging.technique import Elected, Scope
 
 if TYPE_CHECKING:
     from timelit.merging.chunks import Chunk
@@ -33,25 +32,6 @@ def sum_in_order(tensors: Iterable[torch.Tensor], out: torch.Tensor) -> torch.Te
     if empty:
         raise ValueError("nothing to sum: no experts")
     return out
-
-
-@dataclass(frozen=True)
-class Elected:
-    """TIES' merged task vector for one chunk, before the scope's majority sign is known.
-
-    ``tau`` holds the disjoint mean wherever the elected sign is +1 or -1 and 0 where the trimmed values sum to exactly
-    0. Where such a zero-sum position still holds nonzero entries (they cancel), TIES gives it the scope's majority
-    sign, known only after the whole scope is seen: those ``undecided`` positions (chunk offsets) carry both
-    candidate values, ``pos_mean`` and ``neg_mean``, and the engine patches them at the end of the scope: with
-    ``pos_mean`` when the scope's sum of elected signs is positive, ``neg_mean`` when negative, and 0 when that sum is
-    0 as well (symmetric; the reference code takes ``neg_mean`` there, see ``ties``).
-    """
-
-    tau: torch.Tensor
-    sign_sum: int
-    undecided: torch.Tensor
-    pos_mean: torch.Tensor
-    neg_mean: torch.Tensor
 
 
 def keep_magnitudes(chunk: Chunk, bounds: Iterable[tuple[float, float]]) -> Iterator[torch.Tensor]:

@@ -20,13 +20,31 @@ import torch
 
 if TYPE_CHECKING:
     from timelit.merging.chunks import Chunk, TensorJob
-    from timelit.merging.task_vectors import Elected
 
 Scope = Literal["model", "tower", "tensor"]
 """Over which entries a global statistic (a trim threshold, the majority sign, LiNeS' auto alpha) is taken:
 ``model`` = every merged entry (the TIES paper), ``tower`` = the visual tower (keys ``visual.*``) and the text tower
 (every other key, ``logit_scale`` included) separately, as the FoMo-in-Flux pipeline merges them, ``tensor`` = each
 tensor on its own (mergekit)."""
+
+
+@dataclass(frozen=True)
+class Elected:
+    """TIES' merged task vector for one chunk, before the scope's majority sign is known.
+
+    ``tau`` holds the disjoint mean wherever the elected sign is +1 or -1 and 0 where the trimmed values sum to exactly
+    0. Where such a zero-sum position still holds nonzero entries (they cancel), TIES gives it the scope's majority
+    sign, known only after the whole scope is seen: those ``undecided`` positions (chunk offsets) carry both
+    candidate values, ``pos_mean`` and ``neg_mean``, and the engine patches them at the end of the scope: with
+    ``pos_mean`` when the scope's sum of elected signs is positive, ``neg_mean`` when negative, and 0 when that sum is
+    0 as well (symmetric; the reference code takes ``neg_mean`` there, see ``ties``).
+    """
+
+    tau: torch.Tensor
+    sign_sum: int
+    undecided: torch.Tensor
+    pos_mean: torch.Tensor
+    neg_mean: torch.Tensor
 
 
 def check_choice(name: str, value: object, choices: Sequence[str]) -> None:
