@@ -37,10 +37,25 @@ class Sample:
         return captions[0] if len(captions) == 1 else rng.choice(captions)
 
 
+def source_of(raw: dict[str, Any]) -> str | None:
+    """The source file a sample was prepared from, as its JSON records it (`source_path`; `url` in img2dataset
+    pools), or None when the JSON lacks it or does not parse."""
+    try:
+        meta = json.loads(raw["json"]) if "json" in raw else {}
+    except (ValueError, UnicodeDecodeError):
+        return None
+    source = meta.get("source_path") or meta.get("url") if isinstance(meta, dict) else None
+    return str(source) if source else None
+
+
 def decode(raw: dict[str, Any]) -> Sample:
-    """Decode a raw sample from `ShardIndex.read`; anything unreadable raises `CorruptSampleError` with the key."""
+    """Decode a raw sample from `ShardIndex.read`; anything unreadable raises `CorruptSampleError` naming the source
+    file (when the sample's JSON records it), the key and the shard."""
     key = raw.get("__key__", "?")
     where = f"sample '{key}' ({raw.get('__shard__', 'unknown shard')})"
+    source = source_of(raw)
+    if source:  # the file the user prepared, which they can find; the shard key is timelit's
+        where = f"source '{source}', {where}"
     image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
     if image_ext is None:
         raise CorruptSampleError(f"{where} has no image member ({'/'.join(IMAGE_EXTENSIONS)})")

@@ -67,6 +67,18 @@ def test_a_corrupt_image_names_the_sample_and_shard(tmp_path):
         decode(index_shards(tmp_path, "train").read(0))
 
 
+def test_a_corrupt_image_names_the_source_file_it_was_prepared_from(tmp_path):
+    # `timelit data prepare` records the source path in the JSON; an img2dataset pool records the URL
+    with TarWriter(str(tmp_path / "train-000000.tar")) as sink:
+        sink.write({"__key__": "DS/train/00000000", "png": b"cut", "txt": "x", "json": {"source_path": "7/img3.png"}})
+        sink.write({"__key__": "000000001", "jpg": b"cut", "txt": "x", "json": {"url": "https://host/a.jpg"}})
+    index = index_shards(tmp_path, "train")
+    with pytest.raises(CorruptSampleError, match=r"^source '7/img3.png', sample 'DS/train/00000000' \(.*does not"):
+        decode(index.read(0))
+    with pytest.raises(CorruptSampleError, match=r"^source 'https://host/a.jpg', sample '000000001'"):
+        decode(index.read(1))
+
+
 def test_truncated_shard_is_reported(tmp_path):
     with ShardWriter(tmp_path, "train") as writer:
         writer.add("DS/train/00000000", _png((1, 2, 3)), "png", "x", {"label": 0})
