@@ -514,7 +514,7 @@ def synthesize(
     _write_streams(root, specs, seed)
     from timelit.data.synth_base import train_base
 
-    report = train_base(root, model_name=base_model, steps=base_steps, seed=seed)
+    report = train_base(root, POOL_NAME, BASE_MODEL_FILE, model_name=base_model, steps=base_steps, seed=seed)
     write_text(  # atomic: a kill mid-write must not leave a READY.json that is_ready cannot parse
         root / READY_FILE,
         json.dumps(
