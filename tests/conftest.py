@@ -66,7 +66,7 @@ def fit_args(benchmark: Path, run_dir: Path, *extra: str, tasks: int = 2, steps:
     ]
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def quick_fit_args():
     """`fit_args` for tests (test modules cannot import conftest under pytest's importlib mode)."""
     return fit_args

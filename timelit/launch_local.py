@@ -27,7 +27,8 @@ Why each piece is there:
   descriptor, so the lock is held while the launcher or its fit lives and is released by the kernel when both have
   died. A lock file left by a dead holder is therefore taken over without any pid check (which could not see other
   hosts). The Slurm launcher's lock (`slurm-job.lock`, slurm/array.sbatch) is a different file: do not run one
-  sweep under both launchers at the same time.
+  sweep under both launchers at the same time. Each fit also locks its folder itself (`fit.lock`,
+  timelit/folder_lock.py), which keeps out a fit started there by hand.
 - Threads. With N fits sharing the machine, each gets `OMP_NUM_THREADS = max(1, cores // N)` (torch's intra-op
   threads follow it) unless the environment sets it; and `PYTHONUNBUFFERED=1` unless set, so logs follow the run.
 """
@@ -36,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import fcntl
 import os
 import shlex
 import shutil
@@ -49,6 +49,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from timelit.folder_lock import FolderLock
+from timelit.folder_lock import lock_holder as folder_lock_holder
 from timelit.sweep_points import Point, is_complete
 
 LOCK_FILE = "local-run.lock"
@@ -59,68 +61,31 @@ POLL_SECONDS = 0.1
 # ---------------------------------------------------------------------------------------------------- run lock
 
 
-class RunLock:
-    """An flock(2) on `<run dir>/local-run.lock`, held by this process (and the fit it starts) until `release`."""
-
-    def __init__(self, path: Path, fd: int) -> None:
-        self.path, self.fd = path, fd
+class RunLock(FolderLock):
+    """The flock on `<run dir>/local-run.lock`, held by this process (and the fit it starts) until `release`."""
 
     @classmethod
-    def take(cls, run_dir: str | Path) -> RunLock | str:
+    def take(cls, run_dir: str | Path) -> RunLock | str:  # type: ignore[override]
         """The lock, or the text of its holder when another live process holds it."""
         path = Path(run_dir) / LOCK_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.read(fd, 4096).decode(errors="replace").strip()
-                os.close(fd)
-                return holder or "another process (it has not written its name yet)"
-            try:
-                same = os.stat(path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)  # its holder released it (unlinked the file) between our open and flock: open the new one
-        left = os.read(fd, 4096).decode(errors="replace").strip()
-        if left:
-            print(f"  taking over {path}, left by {left} (no longer running)", flush=True)
-        lock = cls(path, fd)
-        lock.write()
-        return lock
+        lock = super().take(path, _holder())
+        if isinstance(lock, RunLock) and lock.previous:
+            print(f"  taking over {path}, left by {lock.previous} (no longer running)", flush=True)
+        return lock  # type: ignore[return-value]
 
     def write(self, fit_pid: int | None = None) -> None:
-        since = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-        fit = f", fit pid {fit_pid}" if fit_pid else ""
-        text = f"host {socket.gethostname()}, launcher pid {os.getpid()}{fit}, since {since}\n"
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, text.encode(), 0)
+        self.write_text(_holder(fit_pid))
 
-    def release(self) -> None:
-        # Unlinked while still locked: whoever opened this file meanwhile sees, once it gets the lock, that the path
-        # no longer names it, and opens a new one (take's inode check), so no two processes ever both hold it.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        os.close(self.fd)
+
+def _holder(fit_pid: int | None = None) -> str:
+    since = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    fit = f", fit pid {fit_pid}" if fit_pid else ""
+    return f"host {socket.gethostname()}, launcher pid {os.getpid()}{fit}, since {since}"
 
 
 def lock_holder(run_dir: str | Path) -> str | None:
     """Who holds a run folder's lock now, or None; takes nothing and creates nothing."""
-    path = Path(run_dir) / LOCK_FILE
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return os.read(fd, 4096).decode(errors="replace").strip() or "another process"
-    finally:
-        os.close(fd)
-    return None
+    return folder_lock_holder(Path(run_dir) / LOCK_FILE)
 
 
 # ---------------------------------------------------------------------------------------------------- one point

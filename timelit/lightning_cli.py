@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from timelit import early_signals
 from timelit.resources import PACKAGE_DIR
@@ -62,12 +62,27 @@ class TimeLightningCLI(LightningCLI):
         )
 
     def before_fit(self) -> None:
-        """Refuse to resume a run directory whose checkpoint was made under a different experiment config. Without
-        a Preemption callback, give the requeue signals held since start-up back (timelit.early_signals)."""
+        """Without a Preemption callback, give the requeue signals held since start-up back (timelit.early_signals)."""
         from timelit.callbacks.preemption import Preemption
 
         if not any(isinstance(callback, Preemption) for callback in self.trainer.callbacks):
             early_signals.release()
+
+    def fit(self, **kwargs: Any) -> None:
+        """`trainer.fit` with the run folder locked and cleaned of killed writes' leftovers (timelit.run_folder),
+        refusing to resume a folder whose checkpoint was made under a different experiment config. The lock comes
+        first, so that a second fit into a busy folder stops before it reads or writes anything there."""
+        from timelit.run_folder import claim_run_folder
+
+        lock = claim_run_folder(self.trainer)
+        try:
+            self._check_resumed_config()
+            self.trainer.fit(**kwargs)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _check_resumed_config(self) -> None:
         if self.config.fit.get("ckpt_path") != "last":
             return
         run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
@@ -99,6 +114,22 @@ class TimeLightningCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         install_atomic_checkpoint_io(trainer)
         return trainer
+
+
+class AtomicSaveConfig(SaveConfigCallback):
+    """SaveConfigCallback whose `config.yaml` is written atomically (timelit.atomic): a resume compares the new
+    config with it, and a file cut short by a kill would fail that check with a YAML error instead."""
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        from timelit.atomic import write_text
+
+        if self.already_saved:
+            return
+        log_dir = trainer.log_dir  # a broadcast: every rank asks
+        if trainer.is_global_zero:
+            write_text(Path(log_dir) / self.config_filename, self.parser.dump(self.config, skip_none=False))
+            self.already_saved = True
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)
 
 
 def install_atomic_checkpoint_io(trainer: Any) -> bool:
@@ -173,6 +204,7 @@ def run_lightning(args: list[str], run: bool = True) -> TimeLightningCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         seed_everything_default=0,
+        save_config_callback=AtomicSaveConfig,
         save_config_kwargs={"overwrite": True},
         # `fit` resumes from the run's last.ckpt by default (a requeued Slurm job must); see cli_defaults/fit.yaml.
         parser_kwargs={"fit": {"default_config_files": [str(DEFAULTS_DIR / "fit.yaml")]}},

@@ -7,6 +7,7 @@ import errno
 import hashlib
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -94,3 +95,56 @@ class DiskFullAtSave(Callback):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
         io.save_checkpoint = save_or_fail
+
+
+class KillMidWrite(Callback):
+    """SIGKILLs the fit in the middle of its `nth` atomic write of the file named `name` (issue 20): the bytes are in
+    the hidden temporary file, which is neither synced nor renamed yet, so the kill leaves it behind as a crash
+    would. Installed when the callback is built, before the run writes anything (config.yaml is written in setup).
+    Linux: the file of an fsync'd descriptor is read from /proc."""
+
+    def __init__(self, name: str, nth: int = 1) -> None:
+        self.name, self.nth, self.seen = name, nth, 0
+        real_fsync = os.fsync
+
+        def fsync(fd):
+            try:
+                written = Path(os.readlink(f"/proc/self/fd/{fd}")).name
+            except OSError:
+                written = ""
+            if written.startswith(f".{self.name}.") and written.endswith(".tmp"):
+                self.seen += 1
+                if self.seen == self.nth:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return real_fsync(fd)
+
+        os.fsync = fsync
+
+
+class PauseAtStep(Callback):
+    """At the end of global step `step`, writes `<marker_dir>/paused` and waits (up to `timeout` s) for
+    `<marker_dir>/go`: a fit that is surely running while a test starts a second one into its folder."""
+
+    def __init__(self, marker_dir: str, step: int = 1, timeout: float = 120.0) -> None:
+        self.marker_dir, self.step, self.timeout = Path(marker_dir), step, timeout
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step != self.step:
+            return
+        self.marker_dir.mkdir(parents=True, exist_ok=True)
+        (self.marker_dir / "paused").touch()
+        deadline = time.monotonic() + self.timeout
+        while not (self.marker_dir / "go").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+class RemoveAtTaskEnd(Callback):
+    """Deletes the file `path` at the end of task `task`: a shard that vanishes while a run is in progress (the fit
+    checks every shard when it starts)."""
+
+    def __init__(self, path: str, task: int = 0) -> None:
+        self.path, self.task = Path(path), task
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == self.task:
+            self.path.unlink()

@@ -15,9 +15,7 @@ nothing to resume from.
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,8 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 from typing_extensions import override
 
-from timelit.atomic import replace_with, temporary_path
+from timelit.atomic import remove_temporaries, replace_with, temporary_path
+from timelit.disk_space import is_disk_full, write_error
 
 log = logging.getLogger(__name__)
 
@@ -59,32 +58,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         target = Path(fs._strip_protocol(str(path)))
-        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = temporary_path(target)
         try:
-            torch.save(checkpoint, tmp)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # A Python file rather than a path: torch's own file writer turns a full disk into
+            # "basic_ios::clear: iostream error"; through Python's write() the OSError and its errno survive (as the
+            # context of torch's RuntimeError), so the error can name the file and the cause.
+            with open(tmp, "wb") as file:
+                torch.save(checkpoint, file)
             replace_with(tmp, target)
+        except Exception as error:
+            cause = next((e for e in _chain(error) if isinstance(e, OSError)), None)
+            if cause is None:
+                raise
+            raise write_error(target, cause) from error
         finally:
             tmp.unlink(missing_ok=True)
-        _remove_leftovers(target)
-
-
-def _remove_leftovers(target: Path) -> None:
-    """Delete `.<name>.<this host>.<pid>.tmp` files of earlier writers on this host whose process is gone (a save
-    killed midway leaves a checkpoint-sized one). Other hosts' leftovers are kept: their pids mean nothing here."""
-    mine = temporary_path(target)
-    prefix, pid_here = mine.name.rsplit(".", 2)[0] + ".", os.getpid()
-    for leftover in target.parent.glob(f"{prefix}*.tmp"):
-        pid = leftover.name[len(prefix) : -len(".tmp")]
-        if not pid.isdigit() or int(pid) == pid_here:
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            leftover.unlink(missing_ok=True)
-            log.info("removed %s, left by a save that was killed midway", leftover)
-        except OSError:
-            pass  # alive under another user: not ours to judge
+        # Leftovers of saves killed midway on this host (a checkpoint-sized file each); other hosts' pids mean
+        # nothing here. A run also removes every leftover of its folders when it starts (timelit.atomic).
+        remove_temporaries([target.parent], only_gone_writers=True)
 
 
 class StreamCheckpoint(ModelCheckpoint):
@@ -156,7 +148,7 @@ class StreamCheckpoint(ModelCheckpoint):
                 trainer.world_size,
             )
             return
-        if any(error is failed_save or _disk_full(error) for error in _chain(exception)):
+        if any(error is failed_save or is_disk_full(error) for error in _chain(exception)):
             log.error("last.ckpt is not saved again after %s: a resume starts from the previous one", exception)
             return
         in_training = trainer.training and not trainer.validating and not trainer.sanity_checking
@@ -182,7 +174,3 @@ def _chain(exception: BaseException) -> Iterator[BaseException]:
         seen.add(id(current))
         yield current
         current = current.__cause__ or current.__context__
-
-
-def _disk_full(error: BaseException) -> bool:
-    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)

@@ -39,6 +39,7 @@ from typing_extensions import override
 
 from timelit.atomic import atomic_file
 from timelit.callbacks.results import run_directory
+from timelit.disk_space import DiskSpaceError, space_shortfalls
 from timelit.merging import ExpertStore, MergeMethod, load_weights, save_weights
 from timelit.merging.safetensors_io import file_sha256
 from timelit.protocol import WEIGHTED_ALL, Deploy, EmaStart, Init, Weighting, check_technique, merge_all, pairwise
@@ -224,6 +225,11 @@ class TimeMerge(Callback):
     def finish_task(self, trainer: L.Trainer, pl_module: L.LightningModule, task: int) -> None:
         """Store θ_task and write the merged weights the protocol needs; rank 0 writes, every rank waits."""
         started = time.perf_counter()
+        # Checked on rank 0, raised on every rank: one rank stopping alone would leave the others in the barrier.
+        short = self._space_shortfall(trainer, pl_module, task) if trainer.is_global_zero else None
+        short = trainer.strategy.broadcast(short, src=0)
+        if short:
+            raise DiskSpaceError(short)
         if trainer.is_global_zero:
             self._write_boundary(trainer, pl_module, task)
         trainer.strategy.barrier("timelit-boundary")
@@ -232,6 +238,33 @@ class TimeMerge(Callback):
             self._restore(state, verify=False)
         self.finished_task = task
         self.boundary_seconds[task] = time.perf_counter() - started
+
+    def _space_shortfall(self, trainer: L.Trainer, pl_module: L.LightningModule, task: int) -> str | None:
+        """Why the disk cannot take this boundary's files, or None: the expert and the merged files (each the size of
+        θ0), the final model after the last task, and the task-end last.ckpt (the size of the previous one, or three
+        times the weights before the first: weights and AdamW's two moments). Checked before anything is written,
+        so a short disk stops the run here with the previous last.ckpt and the files it lists intact, instead of
+        failing halfway through the boundary."""
+        weights = sum(t.numel() * t.element_size() for t in self._base(pl_module).values())
+        names = [self.store.path(task).name, *(self.artefact(trainer, kind, task).name for kind in sorted(self.kinds))]
+        needs: dict[Path, int] = {self.directory(trainer): len(names) * weights}
+        if task == getattr(trainer.datamodule, "num_tasks", trainer.max_epochs) - 1:  # type: ignore[union-attr]
+            run_dir = run_directory(trainer)
+            needs[run_dir] = needs.get(run_dir, 0) + weights
+            names.append(FINAL_FILE)
+        dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
+        if dirpath:
+            last = Path(dirpath) / "last.ckpt"
+            needs[Path(dirpath)] = needs.get(Path(dirpath), 0) + (last.stat().st_size if last.exists() else 3 * weights)
+            names.append("last.ckpt")
+        short = space_shortfalls(needs)
+        if not short:
+            return None
+        return (
+            f"not enough disk space for the files of task {task}'s boundary ({', '.join(names)}): {'; '.join(short)}. "
+            "Nothing of it was written and the previous last.ckpt is intact: free space, then run the same command "
+            "to resume"
+        )
 
     def _expert_weights(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
         for callback in trainer.callbacks:  # type: ignore[attr-defined]
