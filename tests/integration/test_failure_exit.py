@@ -66,16 +66,17 @@ def first_line(lines: list[tuple[float, str]], text: str) -> float:
 
 
 def test_a_shard_missing_mid_run_ends_the_run_at_once(tiny_benchmark, tmp_path, quick_fit_args):
-    # A dataset that the second task reads and the first does not, so the shard is missed mid-run, with workers up.
+    # A dataset that the second task reads and the first does not, its shard removed at the end of the first task
+    # (the fit checks every shard when it starts), so it is missed mid-run, with workers up.
     stream = load_stream("dataset_incremental", load_manifests(str(tiny_benchmark)), 2, "equal")
     dataset = sorted(set(stream.labels[1]) - set(stream.labels[0]))[0]
     data = tmp_path / "data"
     shutil.copytree(tiny_benchmark, data)
     shard = data / dataset / "train-000000.tar"
-    shard.unlink()
 
     args = quick_fit_args(data, tmp_path, tasks=2, steps=2)
-    status, lines, ended = run_fit([*args, *TWO_WORKERS, *STREAM, "dataset_incremental"])
+    remove = ["--trainer.callbacks+=probes.RemoveAtTaskEnd", f"--trainer.callbacks.path={shard}"]
+    status, lines, ended = run_fit([*args, *TWO_WORKERS, *STREAM, "dataset_incremental", *remove])
 
     output = "".join(line for _, line in lines)
     assert status is not None, f"the run hung after its error:\n{output[-3000:]}"
@@ -83,6 +84,19 @@ def test_a_shard_missing_mid_run_ends_the_run_at_once(tiny_benchmark, tmp_path, 
     assert f"shard {shard} is listed in" in output and "but missing" in output
     # The second task's loader starts its workers, whose first batch reads the missing shard.
     assert ended - first_line(lines, "task 1:") < EXIT_WITHIN_S, output[-3000:]
+
+
+def test_a_shard_missing_at_the_start_stops_the_fit_before_training(tiny_benchmark, tmp_path, quick_fit_args):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_benchmark, data)
+    shard = data / "SHAPES" / "test-000000.tar"  # a held-out set, first read by the zero-shot evaluation
+    shard.unlink()
+    status, lines, _ = run_fit(quick_fit_args(data, tmp_path, tasks=2, steps=2))
+    output = "".join(line for _, line in lines)
+    assert status not in (None, 0), output[-3000:]
+    assert "1 shard(s) that this run reads are missing or shorter than their index says:" in output
+    assert f"\n  shard {shard} is missing (" in output
+    assert "Sanity Checking" not in output and not (tmp_path / "run" / "experts").exists()
 
 
 def test_a_full_disk_at_a_checkpoint_is_not_written_twice_and_ends_the_run(tiny_benchmark, tmp_path, quick_fit_args):

@@ -35,6 +35,7 @@ from timelit.data.loaders import (
 )
 from timelit.data.manifest import DatasetManifest, ManifestSet, load_manifests
 from timelit.data.mixture import Mixture, SourceSequence, pool_offsets, rank_slices, source_counts
+from timelit.data.shard_sizes import shard_size_problems
 from timelit.data.shards import ShardIndex
 from timelit.data.streams import Stream, load_stream
 from timelit.evaluation.subsets import SubsetRule
@@ -162,12 +163,7 @@ class TimeDataModule(L.LightningDataModule):
             self._load_index(manifest.name, "test", self._eval_indexes, missing)
         if self.mixture.pretraining > 0:
             self._load_index(self.manifest_set.pool(self.pretraining_pool).name, "train", self._train_indexes, missing)
-        if missing:
-            raise FileNotFoundError(
-                f"data_root {self.data_root} lacks {len(missing)} prepared split(s):\n  "
-                + "\n  ".join(missing)
-                + "\nPrepare them with `timelit data prepare` (or `timelit data synth` for the quickstart)."
-            )
+        self._check_shards(missing)
         for manifest in self._eval_manifests():
             index = self._eval_indexes[manifest.name]
             classes = manifest.num_classes if manifest.classnames else None
@@ -184,6 +180,38 @@ class TimeDataModule(L.LightningDataModule):
             )
         self._train_names = list(self._train_indexes)
         self._ready = True
+
+    def _check_shards(self, missing_splits: list[str]) -> None:
+        """Fail before training, in one error, when a split is not prepared or a shard that the run reads is missing
+        (or short, with `on_corrupt: raise`): from the indexes and one `stat` per shard, nothing decoded
+        (timelit.data.shard_sizes). Reading finds such a shard only at the first task that draws from it, hours in.
+        With `on_corrupt: skip` a short shard is a warning: the samples it lost are skipped and counted."""
+        missing, short = shard_size_problems([*self._train_indexes.values(), *self._eval_indexes.values()])
+        fatal = missing + (short if self.on_corrupt == "raise" else [])
+        if missing_splits or fatal:
+            parts = []
+            if missing_splits:
+                parts.append(
+                    f"data_root {self.data_root} lacks {len(missing_splits)} prepared split(s):\n  "
+                    + "\n  ".join(missing_splits)
+                )
+            if fatal:
+                parts.append(
+                    f"{len(fatal)} shard(s) that this run reads are missing or shorter than their index says:\n  "
+                    + "\n  ".join(size.describe() for size in fatal)
+                )
+            raise FileNotFoundError(
+                "\n".join(parts)
+                + "\nPrepare them with `timelit data prepare` (or `timelit data synth` for the quickstart); "
+                "`timelit data verify` checks a data root."
+            )
+        if short and self._world()[0] == 0:
+            log.warning(
+                "%d shard(s) are shorter than their index says; the samples they lost will be skipped and counted "
+                "(data.on_corrupt: skip):\n  %s",
+                len(short),
+                "\n  ".join(size.describe() for size in short),
+            )
 
     def _check_world_size(self) -> None:
         """Fail at the start of a Trainer's `fit`, not at the first task's loader after the whole zero-shot

@@ -45,7 +45,15 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
 class CorruptSampleError(ValueError):
-    """A sample could not be read or decoded; the message names the key and the shard."""
+    """A sample could not be read or decoded; the message names the key and the shard.
+
+    `shard_problem` is set when the whole shard is at fault (empty, or cut short before the sample): the same text
+    for every sample it loses, so that a reader can report it once per shard instead of once per sample.
+    """
+
+    def __init__(self, message: str, shard_problem: str | None = None):
+        super().__init__(message)
+        self.shard_problem = shard_problem
 
 
 def shard_name(split: str, number: int) -> str:
@@ -106,6 +114,19 @@ class ShardIndex:
     def __post_init__(self) -> None:
         self._handles: dict[int, int] = {}
         self._pid = os.getpid()
+        self._ends: np.ndarray | None = None
+
+    def shard_ends(self) -> np.ndarray:
+        """Per shard, the byte where its last sample ends: the least size the shard file can have."""
+        if self._ends is None:
+            ends = np.zeros(len(self.shards), dtype=np.int64)
+            np.maximum.at(ends, self.shard, self.offset + self.length)
+            self._ends = ends
+        return self._ends
+
+    def shard_counts(self) -> np.ndarray:
+        """Per shard, how many samples the index places in it."""
+        return np.bincount(self.shard, minlength=len(self.shards))
 
     def __len__(self) -> int:
         return len(self.shard)
@@ -170,7 +191,7 @@ class ShardIndex:
         data = os.pread(self._handle(shard), length, int(self.offset[position]))
         where = f"{self.directory / self.shards[shard]} at byte {int(self.offset[position])}"
         if len(data) != length:
-            raise CorruptSampleError(f"sample {position} of {where}: file ends early (truncated shard?)")
+            raise CorruptSampleError(f"sample {position} of {where}: the file ends early", self._shard_problem(shard))
         members = tar_members(data)  # the fast path; None sends anything unusual to tarfile
         if members is None:
             members = _members_with_tarfile(data, f"sample {position} of {where}")
@@ -181,10 +202,25 @@ class ShardIndex:
             sample[extension.lower()] = body
         return sample
 
+    def _shard_problem(self, shard: int) -> str:
+        """What a short read says of the whole shard: `shard X is empty` or `shard X ends at byte N of M`."""
+        samples = int(np.count_nonzero(self.shard == shard))
+        size = os.fstat(self._handle(shard)).st_size
+        return describe_shard(self.directory / self.shards[shard], samples, int(self.shard_ends()[shard]), size)
+
     def close(self) -> None:
         for handle in self._handles.values():
             os.close(handle)
         self._handles = {}
+
+
+def describe_shard(path: Path, samples: int, needed: int, size: int | None) -> str:
+    """One line on a shard that cannot hold the `samples` its index places in its first `needed` bytes."""
+    if size is None:
+        return f"shard {path} is missing ({samples} samples)"
+    if size == 0:
+        return f"shard {path} is empty (its index places {samples} samples in {needed} bytes)"
+    return f"shard {path} ends at byte {size} of {needed} (its index places {samples} samples there)"
 
 
 def _members_with_tarfile(data: bytes, what: str) -> dict[str, bytes]:

@@ -24,10 +24,9 @@ import numpy as np
 
 from timelit.data.manifest import DatasetManifest, ManifestError, ManifestSet, PoolManifest, load_manifests
 from timelit.data.samples import decode as decode_sample
+from timelit.data.shard_sizes import shard_sizes
 from timelit.data.shards import CorruptSampleError, ShardIndex, index_path
 
-# A tar archive ends with two 512-byte zero blocks; a complete shard is at least that much longer than its last sample.
-END_OF_ARCHIVE = 1024
 SHOWN_ERRORS = 3
 
 
@@ -54,19 +53,11 @@ class SplitCheck:
 
 def _shard_problems(index: ShardIndex) -> tuple[list[str], list[str]]:
     problems, warnings = [], []
-    ends = index.offset + index.length
-    for number, name in enumerate(index.shards):
-        path = index.directory / name
-        members = np.flatnonzero(index.shard == number)
-        if not path.is_file():
-            problems.append(f"shard {path} is missing ({len(members)} samples)")
-            continue
-        size = path.stat().st_size
-        needed = int(ends[members].max()) if len(members) else 0
-        if size < needed:
-            problems.append(f"shard {path} is truncated: {size} bytes, its samples need {needed}")
-        elif len(members) and size < needed + END_OF_ARCHIVE:
-            problems.append(f"shard {path} lacks the end-of-archive blocks (truncated copy?): {size} bytes")
+    for size in shard_sizes(index):
+        if size.missing or size.short:
+            problems.append(size.describe())
+        elif size.missing_end_of_archive:
+            problems.append(f"shard {size.path} lacks the end-of-archive blocks (truncated copy?): {size.actual} bytes")
     listed = {Path(name).name for name in index.shards}
     stray = sorted(p.name for p in index.directory.glob(f"{index.split}-*.tar") if p.name not in listed)
     leftovers = sorted(p.name for p in index.directory.glob(f"{index.split}-*.tmp"))

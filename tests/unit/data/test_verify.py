@@ -114,7 +114,7 @@ def test_a_missing_and_a_truncated_shard_are_both_reported(prepared):
     checks = _by_split(verify(prepared["data"], prepared["manifests"]))
     assert checks["ADAPT/test"].problems == [f"shard {folder / 'test-000001.tar'} is missing (4 samples)"]
     (truncated,) = checks["ADAPT/train"].problems
-    assert truncated.startswith(f"shard {shard} is truncated: 1500 bytes")
+    assert truncated.startswith(f"shard {shard} ends at byte 1500 of ")
     text = format_checks(list(checks.values()))
     assert "2 problem(s) in 2 of 3 split(s)" in text
 
