@@ -120,8 +120,8 @@ def _timelit(*args: str) -> None:
         jsonargparse.CLI(commands, args=list(args), as_positional=False)
 
 
-def _prepare_everything(d: dict[str, Path], data: Path) -> None:
-    common = ["--data_root", str(data), "--manifests", str(d["manifests"])]
+def _prepare_everything(d: dict[str, Path], data: Path, *extra: str) -> None:
+    common = ["--data_root", str(data), "--manifests", str(d["manifests"]), *extra]
     _timelit("data", "prepare", "--source", str(d["release"]), *common, "--samples_per_shard", "3", "--workers", "2")
     for layout, source, name in (
         ("imagefolder", d["imagefolder"], "FOLDERSET"),
@@ -211,7 +211,7 @@ def test_the_data_module_streams_what_prepare_wrote(downloads):
         batches = dm.task_batches(task)
         assert len(batches) == 3
         for batch in batches:
-            assert batch["image"].shape == (6, 3, 4, 4) and batch["corrupt"] == 0
+            assert batch["image"].shape == (6, 3, 4, 4) and batch["skipped"] == []
             for key, source, tokens, image in zip(batch["keys"], batch["source"], batch["text"], batch["image"]):
                 if int(source) == 0:  # the pretraining pool keeps img2dataset's keys and captions
                     assert _text(tokens) == f"pool {key}"
@@ -252,13 +252,13 @@ def test_evaluation_reads_labels_and_captions_from_the_manifests(downloads):
 def test_a_corrupt_jpeg_is_skipped_and_counted_or_named(downloads):
     (downloads["release"] / "FAKECOCO" / "val" / "2.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
     data = downloads["root"] / "data"
-    _prepare_everything(downloads, data)
+    _prepare_everything(downloads, data, "--decode", "false")  # stored unchecked: a file damaged after prepare
     skipping = _datamodule(downloads, data, on_corrupt="skip")
     spec = next(s for s in skipping.eval_specs if s.name == "FAKECOCO")
     batches = list(skipping.eval_batches(spec, "full"))
-    assert sum(len(b["label"]) for b in batches) == 3 and sum(b["corrupt"] for b in batches) == 1  # per batch
+    assert sum(len(b["label"]) for b in batches) == 3 and sum(len(b["skipped"]) for b in batches) == 1  # per batch
     raising = _datamodule(downloads, data, on_corrupt="raise")
-    with pytest.raises(CorruptSampleError, match=r"FAKECOCO/test/00000002.*does not decode"):
+    with pytest.raises(CorruptSampleError, match=r"source 'val/2.jpg', sample 'FAKECOCO/test/00000002'.*not decode"):
         list(raising.eval_batches(spec, "full"))
 
 

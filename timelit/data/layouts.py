@@ -102,12 +102,13 @@ class ClassMapper:
         self.folder_index = {name.replace("/", "-"): label for name, label in self.index.items()}
         self.unknown: dict[str, int] = {}
 
-    def label(self, name: str, allow_folder_form: bool = False) -> int | None:
+    def label(self, name: str, allow_folder_form: bool = False, images: int = 1) -> int | None:
+        """The label of `name`, or None, counting `images` images (a class folder's count) under the unknown name."""
         if name in self.index:
             return self.index[name]
         if allow_folder_form and name in self.folder_index:
             return self.folder_index[name]
-        self.unknown[name] = self.unknown.get(name, 0) + 1
+        self.unknown[name] = self.unknown.get(name, 0) + images
         return None
 
     def check(self, where: str) -> None:
@@ -326,11 +327,12 @@ def imagefolder_records(
     mapper = ClassMapper(manifest)
     records = []
     for class_dir in sorted(p for p in base.iterdir() if p.is_dir()):
-        label = mapper.label(class_dir.name, allow_folder_form=True)
+        images = sorted(p for p in class_dir.rglob("*") if _is_image(p))
+        label = mapper.label(class_dir.name, allow_folder_form=True, images=len(images))
         if label is None:
             continue
         classname = manifest.classnames[label]
-        for path in sorted(p for p in class_dir.rglob("*") if _is_image(p)):
+        for path in images:
             ref = str(path.relative_to(base))
             records.append(Record(str(path), ref, label, classname, (template.format(classname),)))
     mapper.check(str(base))

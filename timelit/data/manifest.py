@@ -279,14 +279,19 @@ class ManifestSet:
     datasets: dict[str, DatasetManifest]
     pools: dict[str, PoolManifest]
 
+    @property
+    def shipped(self) -> bool:
+        """Whether this is the FoMo-in-Flux set shipped with timelit (data_manifests/)."""
+        return self.root.resolve() == manifests_dir().resolve()
+
     def dataset(self, name: str) -> DatasetManifest:
         if name not in self.datasets:
-            raise ManifestError(_unknown("dataset", name, self.datasets, self.root / "datasets"))
+            raise ManifestError(_unknown("dataset", name, self.datasets, self.root / "datasets", self.shipped))
         return self.datasets[name]
 
     def pool(self, name: str) -> PoolManifest:
         if name not in self.pools:
-            raise ManifestError(_unknown("pretraining pool", name, self.pools, self.root / "pools"))
+            raise ManifestError(_unknown("pretraining pool", name, self.pools, self.root / "pools", self.shipped))
         return self.pools[name]
 
     def by_role(self, role: Role) -> list[DatasetManifest]:
@@ -308,12 +313,27 @@ class ManifestSet:
         return f"{self.root}: {len(adapt)} adaptation + {len(held_out)} held-out datasets, {len(self.pools)} pools"
 
 
-def _unknown(kind: str, name: str, known: dict[str, Any], where: Path) -> str:
+def _unknown(kind: str, name: str, known: dict[str, Any], where: Path, shipped: bool = False) -> str:
+    """The error for a name the set lacks: the nearest names, and for the shipped set (where a forgotten
+    `--manifests` leads) how to point at one's own set."""
     import difflib
 
     close = difflib.get_close_matches(name, list(known), n=3)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    if shipped:
+        return (
+            f"unknown {kind} '{name}' in {where} (the shipped FoMo-in-Flux set).{hint} Pass --manifests DIR for "
+            f"your own manifest set (`timelit data new` writes one; docs/own_data.md)."
+        )
     return f"unknown {kind} '{name}' (not in {where}).{hint}"
+
+
+def names(value: list[str] | str | None) -> list[str] | None:
+    """Dataset, pool or split names as a command line gives them: a list (`[A,B]`), one name without brackets (`A`)
+    or names separated by commas (`A,B`)."""
+    if value is None or isinstance(value, list):
+        return value
+    return [part.strip() for part in value.strip().strip("[]").split(",") if part.strip()]
 
 
 def resolve_manifest_root(manifests: str | Path) -> Path:

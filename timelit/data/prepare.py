@@ -15,6 +15,16 @@ final file exists and writes the rest; the index is written last, from all shard
 "not prepared" rather than half there. The plan file holds a fingerprint of the records and settings; a rerun with a
 different source or settings refuses to mix old and new shards unless `--overwrite` is given.
 
+Every image is decoded once, in the worker that writes its shard (`--decode false` skips this): a file that does
+not decode stops the split with its source path and the reason, all such files listed at once, and no shard holding
+it is written; with `--skip_bad true` it is left out instead and listed in `<split>.skipped.tsv` (source, reason),
+in the summary and in the plan file, whose count `verify` then adds to the samples it finds. Found here, a bad file
+cannot stop a run hours later, and the loaders never skip data that the user did not see reported.
+
+Pools are indexed in key order, not in the order of their tar members: img2dataset writes each shard's members in
+the order its downloads finished, so two downloads of one URL list differ in order only, and an index in key order
+gives both the same samples in the same order (and a run the same figures). Their tar files are not rewritten.
+
 Images are stored as they are (jpg/png/webp bytes), not re-encoded, unless `--resize` asks for a smaller copy or
 the file is in a format webdataset readers do not expect (bmp, ppm, gif, tiff: stored as lossless PNG). Labels are
 the index in the manifest's class list. Pretraining pools from img2dataset are indexed in place (no copy); shard URLs
@@ -24,13 +34,13 @@ local shards first.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -39,7 +49,7 @@ from typing import Literal
 
 import numpy as np
 
-from timelit.atomic import replace_with
+from timelit.atomic import replace_with, write_text
 from timelit.data.layouts import (
     LayoutError,
     Record,
@@ -51,14 +61,26 @@ from timelit.data.layouts import (
     release_folder,
     release_records,
 )
-from timelit.data.manifest import DatasetManifest, ManifestError, ManifestSet, PoolManifest, load_manifests
-from timelit.data.shards import IMAGE_EXTENSIONS, ShardIndex, index_path, index_shards, sample_key, shard_name
+from timelit.data.manifest import DatasetManifest, ManifestSet, PoolManifest, load_manifests, names
+from timelit.data.samples import decode as decode_sample
+from timelit.data.samples import decode_image, describe, image_error, source_of
+from timelit.data.shards import (
+    IMAGE_EXTENSIONS,
+    CorruptSampleError,
+    ShardIndex,
+    TarEntry,
+    index_path,
+    sample_key,
+    scan_tar,
+    shard_name,
+)
 
 log = logging.getLogger(__name__)
 
 Layout = Literal["release", "imagefolder", "csv", "pool"]
 PLAN_FORMAT = "timelit-prepare/1"
 PLAN_SUFFIX = ".prepare.json"
+SKIPPED_SUFFIX = ".skipped.tsv"
 POOL_SPLIT = "train"
 
 
@@ -75,7 +97,11 @@ def plan_path(directory: Path, split: str) -> Path:
 
 @dataclass(frozen=True)
 class ShardJob:
-    """One shard: write it from records (datasets), copy it from a URL (pools), or only scan it (pools in place)."""
+    """One shard: write it from records (datasets), copy it from a URL (pools), or only scan it (pools in place).
+
+    `check` decodes every image once (the loaders would otherwise meet a broken file mid-run); a bad one fails the
+    shard, naming the source file, or with `skip_bad` is left out and reported.
+    """
 
     dataset: str
     split: str
@@ -85,6 +111,8 @@ class ShardJob:
     records: tuple[Record, ...] = ()
     url: str | None = None
     resize: int | None = None
+    check: bool = True
+    skip_bad: bool = False
 
     @property
     def path(self) -> Path:
@@ -93,18 +121,39 @@ class ShardJob:
 
 @dataclass
 class ShardScan:
+    """What a shard holds: one entry per sample in tar order, and the bad images left out of it (source, reason)."""
+
     number: int
     written: bool
     offset: np.ndarray
     length: np.ndarray
     label: np.ndarray
+    keys: list[str] = field(default_factory=list)
+    bad: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _image_bytes(record: Record, resize: int | None) -> tuple[bytes, str]:
-    """The stored image: the file's bytes, or a re-encoded copy when resizing or for formats outside jpg/png/webp."""
-    data = record.read_bytes()
-    extension = record.extension
+class BadImages(PrepareError):
+    """Images that do not decode, as (source file, reason): a shard is not written while it has any."""
+
+    def __init__(self, bad: list[tuple[str, str]]):
+        super().__init__(bad)
+        self.bad = bad
+
+    def __str__(self) -> str:
+        return "; ".join(f"{source}: {reason}" for source, reason in self.bad)
+
+
+def source_name(record: Record) -> str:
+    """The record's image as the user can find it: its file, or the member of a release archive."""
+    return record.path if record.offset < 0 else f"{record.name or record.ref} in {record.path}"
+
+
+def _encode(data: bytes, extension: str, resize: int | None, check: bool = True) -> tuple[bytes, str]:
+    """The stored image: the file's bytes, or a re-encoded copy when resizing or for formats outside jpg/png/webp.
+    With `check` the image is decoded in full even when its bytes are stored as they are."""
     if extension in IMAGE_EXTENSIONS and resize is None:
+        if check:
+            decode_image(data)
         return data, extension
     from PIL import Image
 
@@ -127,21 +176,36 @@ def _image_bytes(record: Record, resize: int | None) -> tuple[bytes, str]:
     return buffer.getvalue(), "png"
 
 
+def stored_image(record: Record, resize: int | None, check: bool = True) -> tuple[bytes, str] | str:
+    """The image bytes and extension to store for a record, or, when it cannot be read or decoded, why not."""
+    try:
+        data = record.read_bytes()
+    except OSError as error:
+        return f"cannot be read ({type(error).__name__}: {error})"
+    try:
+        return _encode(data, record.extension, resize, check)
+    except Exception as error:  # PIL raises many types for broken files
+        return image_error(error)
+
+
 def _temporary(path: Path) -> Path:
     """A name of this process's own: after a kill, an orphaned worker may still be finishing the same shard."""
     return path.with_name(f"{path.name}.{os.getpid()}.tmp")
 
 
-def _write_dataset_shard(job: ShardJob) -> None:
+def _write_dataset_shard(job: ShardJob) -> list[tuple[str, str]]:
+    """Write the shard of `job.records`, leaving out (with `skip_bad`) the images that do not decode; returns those."""
     from webdataset import TarWriter
 
     tmp = _temporary(job.path)
+    bad: list[tuple[str, str]] = []
     with TarWriter(str(tmp), mtime=0.0) as writer:  # mtime 0: the same records always give the same bytes
         for offset, record in enumerate(job.records):
-            try:
-                image, extension = _image_bytes(record, job.resize)
-            except Exception as error:  # unreadable file or (with --resize) undecodable image
-                raise PrepareError(f"{record.path}: {type(error).__name__}: {error}") from error
+            stored = stored_image(record, job.resize, job.check)
+            if isinstance(stored, str):
+                bad.append((source_name(record), stored))
+                continue
+            image, extension = stored
             meta = {"dataset": job.dataset, "split": job.split, "label": record.label, "source_path": record.ref}
             if record.classname is not None:
                 meta["classname"] = record.classname
@@ -149,7 +213,11 @@ def _write_dataset_shard(job: ShardJob) -> None:
                 meta["captions"] = list(record.captions)
             key = sample_key(job.dataset, job.split, job.first + offset)
             writer.write({"__key__": key, extension: image, "txt": record.captions[0], "json": meta})
+    if bad and not job.skip_bad:
+        tmp.unlink(missing_ok=True)
+        raise BadImages(bad)
     replace_with(tmp, job.path)
+    return bad
 
 
 def _copy_shard(job: ShardJob) -> None:
@@ -161,29 +229,91 @@ def _copy_shard(job: ShardJob) -> None:
     replace_with(tmp, job.path)
 
 
-def _scan(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Byte offset, length and label of every sample of one shard (read with `index_shards`)."""
-    with tempfile.TemporaryDirectory(prefix="timelit-scan-") as scratch:
-        index = index_shards(scratch, "scan", [str(path.resolve())])
-    return index.offset, index.length, index.label
+def _left_out(job: ShardJob, keys: list[str]) -> list[tuple[str, str]]:
+    """The records of a dataset shard written by an earlier prepare that it lacks (left out there with
+    `--skip_bad true`), with the reason they fail now; a record that now decodes means the shard is stale."""
+    present = set(keys)
+    bad, stale = [], []
+    for offset, record in enumerate(job.records):
+        if sample_key(job.dataset, job.split, job.first + offset) in present:
+            continue
+        stored = stored_image(record, job.resize, job.check)
+        if isinstance(stored, str):
+            bad.append((source_name(record), stored))
+        else:
+            stale.append(source_name(record))
+    if stale:
+        raise PrepareError(
+            f"{job.path} lacks {len(stale)} image(s) that decode now (e.g. {stale[0]}), left out by an earlier "
+            f"prepare: delete the shard and run prepare again"
+        )
+    return bad
+
+
+def _check_pool_samples(path: Path, entries: list[TarEntry]) -> tuple[list[bool], list[tuple[str, str]]]:
+    """Decode every sample of a pool shard as the loaders will; returns which are good and the bad ones."""
+    index = ShardIndex(
+        directory=path.parent,
+        split="check",
+        shards=[path.name],
+        shard=np.zeros(len(entries), dtype=np.int32),
+        offset=np.array([e.offset for e in entries], dtype=np.int64),
+        length=np.array([e.end - e.offset for e in entries], dtype=np.int64),
+        label=np.array([e.label for e in entries], dtype=np.int32),
+    )
+    good, bad = [], []
+    try:
+        for position, entry in enumerate(entries):
+            raw: dict = {}
+            try:
+                raw = index.read(position)
+                decode_sample(raw)
+                good.append(True)
+            except (CorruptSampleError, OSError) as error:
+                good.append(False)
+                source = source_of(raw) or f"sample '{entry.key}' in {path}"
+                bad.append((source, str(error).removeprefix(describe(raw)).lstrip(": ") if raw else str(error)))
+    finally:
+        index.close()
+    return good, bad
 
 
 def run_shard_job(number: int, job: ShardJob) -> ShardScan:
-    """Write (or copy) the shard unless it is complete already, then scan it; errors name the shard."""
+    """Write (or copy) the shard unless it is complete already, then scan it; errors name the shard, bad images
+    their source file."""
     written = False
+    bad: list[tuple[str, str]] = []
     try:
         if not job.path.is_file():
             if job.url is not None:
                 _copy_shard(job)
             elif job.records:
-                _write_dataset_shard(job)
+                bad = _write_dataset_shard(job)
             else:
                 raise FileNotFoundError(f"{job.path} does not exist")
             written = True
-        offset, length, label = _scan(job.path)
+        entries = scan_tar(job.path)
+        if job.records and not written:
+            bad = _left_out(job, [e.key for e in entries])
+        elif not job.records and job.check:
+            good, bad = _check_pool_samples(job.path, entries)
+            if job.skip_bad:  # a pool's tar files may be the user's own: its bad samples leave the index only
+                entries = [e for e, ok in zip(entries, good) if ok]
+    except BadImages:
+        raise
     except Exception as error:
         raise PrepareError(f"{job.dataset}/{job.split} shard {job.path}: {error}") from error
-    return ShardScan(number, written, offset, length, label)
+    if bad and not job.skip_bad:
+        raise BadImages(bad)
+    return ShardScan(
+        number,
+        written,
+        np.array([e.offset for e in entries], dtype=np.int64),
+        np.array([e.end - e.offset for e in entries], dtype=np.int64),
+        np.array([e.label for e in entries], dtype=np.int32),
+        [e.key for e in entries],
+        bad,
+    )
 
 
 # --------------------------------------------------------------------------- plans (main process)
@@ -238,6 +368,8 @@ class SplitResult:
     written: int
     status: str
     notes: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    report: Path | None = None
 
 
 def _fingerprint(payload: object) -> str:
@@ -312,7 +444,8 @@ def pool_plan(pool: PoolManifest, source: str, data_root: Path) -> SplitPlan:
     names = [p.name if same else str(p.resolve()) for p in shards]
     jobs = [ShardJob(pool.name, POOL_SPLIT, str(directory), name) for name in names]
     stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in shards]
-    fingerprint = _fingerprint({"format": PLAN_FORMAT, "pool": pool.name, "shards": stats})
+    # "order": the index lists samples by key (see _finish); an index made before that is remade.
+    fingerprint = _fingerprint({"format": PLAN_FORMAT, "pool": pool.name, "shards": stats, "order": "key"})
     notes = ["indexed in place" if same else f"indexed in place at {folder}"]
     return SplitPlan(
         pool.name, "pool", POOL_SPLIT, directory, jobs, pool.num_samples, fingerprint, str(folder), notes, False
@@ -356,25 +489,53 @@ def settle_state(plan: SplitPlan, overwrite: bool) -> tuple[list[Path], str | No
     return leftovers, None
 
 
-def _start(plan: SplitPlan) -> None:
-    plan.directory.mkdir(parents=True, exist_ok=True)
-    index_path(plan.directory, plan.split).unlink(missing_ok=True)  # the index is written last, from all shards
+def _write_plan(plan: SplitPlan, **extra: object) -> None:
     target = plan_path(plan.directory, plan.split)
     tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps(plan.plan_record(), indent=1, ensure_ascii=False))
+    tmp.write_text(json.dumps({**plan.plan_record(), **extra}, indent=1, ensure_ascii=False))
     replace_with(tmp, target)
 
 
-def _finish(plan: SplitPlan, scans: list[ShardScan]) -> tuple[int, list[str], list[str]]:
-    """Write the index from the shard scans; return the sample count, problems and warnings."""
+def _start(plan: SplitPlan) -> None:
+    plan.directory.mkdir(parents=True, exist_ok=True)
+    index_path(plan.directory, plan.split).unlink(missing_ok=True)  # the index is written last, from all shards
+    _write_plan(plan)
+
+
+def skipped_path(directory: Path, split: str) -> Path:
+    """The report of the bad images a prepare with `--skip_bad true` left out: one `source<TAB>reason` line each."""
+    return directory / f"{split}{SKIPPED_SUFFIX}"
+
+
+def read_plan(directory: Path, split: str) -> dict:
+    """The plan file of a prepared split, {} when there is none or it does not parse."""
+    try:
+        record = json.loads(plan_path(directory, split).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _key_order(scans: list[ShardScan]) -> np.ndarray:
+    """Positions of the samples sorted by key (ties: shard, then place in it). img2dataset writes each shard's
+    members in the order their downloads finished, so two downloads of one URL list hold the same samples in
+    different orders; an index in key order reads them identically, and the run's figures stay the same."""
+    keys = [key for scan in scans for key in scan.keys]
+    return np.array(sorted(range(len(keys)), key=keys.__getitem__), dtype=np.int64)
+
+
+def _finish(plan: SplitPlan, scans: list[ShardScan]) -> tuple[int, list[str], list[str], list[tuple[str, str]]]:
+    """Write the index from the shard scans and the report of skipped images; return the sample count, problems,
+    warnings and the skipped images."""
     scans = sorted(scans, key=lambda s: s.number)
     problems, warnings = [], []
+    skipped = [bad for scan in scans for bad in scan.bad]
     if plan.kind == "dataset":
         for scan, job in zip(scans, plan.jobs):
-            if len(scan.offset) != len(job.records):
+            if len(scan.offset) != len(job.records) - len(scan.bad):
                 problems.append(
                     f"{plan.dataset}/{plan.split}: shard {job.path} holds {len(scan.offset)} samples, expected "
-                    f"{len(job.records)}; delete it and run prepare again"
+                    f"{len(job.records) - len(scan.bad)}; delete it and run prepare again"
                 )
     index = ShardIndex(
         directory=plan.directory,
@@ -385,19 +546,30 @@ def _finish(plan: SplitPlan, scans: list[ShardScan]) -> tuple[int, list[str], li
         length=np.concatenate([s.length for s in scans]).astype(np.int64),
         label=np.concatenate([s.label for s in scans]).astype(np.int32),
     )
+    if plan.kind == "pool":
+        order = _key_order(scans)
+        index.shard, index.offset = index.shard[order], index.offset[order]
+        index.length, index.label = index.length[order], index.label[order]
     if not problems:
+        report = skipped_path(plan.directory, plan.split)
+        if skipped:
+            write_text(report, "".join(f"{source}\t{reason}\n" for source, reason in skipped))
+        else:
+            report.unlink(missing_ok=True)
+        _write_plan(plan, skipped=len(skipped))
         _readable_like_shards(index.save())
         if plan.owns_shards:
             for leftover in plan.directory.glob(f"{plan.split}-*.tmp"):  # of writers killed mid-shard
                 leftover.unlink(missing_ok=True)
     count = len(index)
-    if plan.expected is not None and count != plan.expected:
-        message = f"{plan.dataset}/{plan.split}: {count} samples, the manifest states {plan.expected}"
+    if plan.expected is not None and count + len(skipped) != plan.expected:
+        found = f"{count} samples" + (f" (+ {len(skipped)} bad ones skipped)" if skipped else "")
+        message = f"{plan.dataset}/{plan.split}: {found}, the manifest states {plan.expected}"
         if plan.kind == "pool":  # every img2dataset download loses a different set of dead links
             warnings.append(message)
         else:
             problems.append(message)
-    return count, problems, warnings
+    return count, problems, warnings, skipped
 
 
 def _readable_like_shards(path: Path) -> None:
@@ -408,28 +580,32 @@ def _readable_like_shards(path: Path) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
-def _execute(plans: list[SplitPlan], workers: int) -> Iterator[tuple[SplitPlan, ShardScan | Exception]]:
+def _execute(plans: list[SplitPlan], workers: int) -> Iterator[tuple[SplitPlan, ShardJob, ShardScan | Exception]]:
     """Run every shard job of every plan, yielding results as they finish."""
     jobs = [(plan, number, job) for plan in plans for number, job in enumerate(plan.jobs)]
     if workers <= 1:
         for plan, number, job in jobs:
             try:
-                yield plan, run_shard_job(number, job)
+                yield plan, job, run_shard_job(number, job)
             except Exception as error:
-                yield plan, error
+                yield plan, job, error
         return
     executor = ProcessPoolExecutor(max_workers=workers)
     try:
-        futures: dict[Future, SplitPlan] = {
-            executor.submit(run_shard_job, number, job): plan for plan, number, job in jobs
+        futures: dict[Future, tuple[SplitPlan, ShardJob]] = {
+            executor.submit(run_shard_job, number, job): (plan, job) for plan, number, job in jobs
         }
         for future in as_completed(futures):
             error = future.exception()
-            yield futures[future], (error if error is not None else future.result())
+            yield *futures[future], (error if error is not None else future.result())
     finally:
         # On Ctrl-C (or any error here) drop the queued shards instead of waiting for all of them; finished shards
         # are complete files and a rerun continues from them.
         executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _skipped_note(count: int, report: Path) -> str:
+    return f"{count} bad image(s) skipped, listed in {report}"
 
 
 def run_plans(plans: list[SplitPlan], workers: int, progress: bool = True) -> tuple[list[SplitResult], list[str]]:
@@ -442,31 +618,41 @@ def run_plans(plans: list[SplitPlan], workers: int, progress: bool = True) -> tu
     for plan in plans:
         if plan.state == "done":
             index = ShardIndex.load(plan.directory, plan.split)
+            skipped = int(read_plan(plan.directory, plan.split).get("skipped") or 0)
+            report = skipped_path(plan.directory, plan.split)
+            notes = [_skipped_note(skipped, report)] if skipped else []
             results.append(
-                SplitResult(plan.dataset, plan.split, len(index), plan.expected, len(plan.jobs), 0, "up to date", [])
+                SplitResult(plan.dataset, plan.split, len(index), plan.expected, len(plan.jobs), 0, "up to date", notes)
             )
     for plan in active:
         _start(plan)
     scans: dict[int, list[ShardScan]] = {id(plan): [] for plan in active}
     failures: dict[int, list[str]] = {id(plan): [] for plan in active}
-    total = sum(len(plan.jobs) for plan in active)
-    bar = tqdm(total=total, unit="shard", desc="prepare", disable=not progress or total == 0, dynamic_ncols=True)
-    written = 0
-    for plan, outcome in _execute(active, workers):
-        bar.update(1)
+    # Progress in images where their number is known (datasets), in shards for pools.
+    size = {id(job): len(job.records) or 1 for plan in active for job in plan.jobs}
+    unit = "image" if all(plan.kind == "dataset" for plan in active) else "shard"
+    total = sum(size.values())
+    bar = tqdm(total=total, unit=unit, desc="prepare", disable=not progress or total == 0, dynamic_ncols=True)
+    for plan, job, outcome in _execute(active, workers):
+        bar.update(size[id(job)])
+        if isinstance(outcome, BadImages):
+            where = f"{plan.dataset}/{plan.split}"
+            failures[id(plan)] += [f"{where}: bad image {source}: {reason}" for source, reason in outcome.bad]
+            continue
         if isinstance(outcome, Exception):
             failures[id(plan)].append(str(outcome))
             continue
         scans[id(plan)].append(outcome)
-        written += outcome.written
         bar.set_postfix_str(f"{plan.dataset}/{plan.split}", refresh=False)
-        if len(scans[id(plan)]) + len(failures[id(plan)]) < len(plan.jobs) or failures[id(plan)]:
+        if len(scans[id(plan)]) < len(plan.jobs) or failures[id(plan)]:
             continue
-        count, split_problems, warnings = _finish(plan, scans[id(plan)])
+        count, split_problems, warnings, skipped = _finish(plan, scans[id(plan)])
         problems += split_problems
         for message in warnings:
             log.warning(message)
         status = "failed" if split_problems else ("resumed" if plan.state == "resume" else "prepared")
+        report = skipped_path(plan.directory, plan.split) if skipped else None
+        notes = plan.notes + warnings + ([_skipped_note(len(skipped), report)] if report else [])
         shards_written = sum(s.written for s in scans[id(plan)])
         results.append(
             SplitResult(
@@ -477,7 +663,9 @@ def run_plans(plans: list[SplitPlan], workers: int, progress: bool = True) -> tu
                 len(plan.jobs),
                 shards_written,
                 status,
-                plan.notes + warnings,
+                notes,
+                skipped,
+                report,
             )
         )
     bar.close()
@@ -506,7 +694,7 @@ def _dataset_splits(manifest: DatasetManifest, splits: list[str] | None) -> list
 
 def _one(datasets: list[str] | None, layout: str) -> str:
     if not datasets or len(datasets) != 1:
-        raise LayoutError(f"--layout {layout} prepares one dataset: pass --datasets [NAME] (got {datasets})")
+        raise LayoutError(f"--layout {layout} prepares one dataset: pass --datasets NAME (got {datasets})")
     return datasets[0]
 
 
@@ -589,8 +777,8 @@ def prepare(
     source: str,
     data_root: str | Path,
     layout: Layout = "release",
-    datasets: list[str] | None = None,
-    splits: list[str] | None = None,
+    datasets: list[str] | str | None = None,
+    splits: list[str] | str | None = None,
     manifests: str | Path | ManifestSet = "fomo_in_flux",
     metadata_dir: str | None = None,
     variant: Variant = "auto",
@@ -601,6 +789,8 @@ def prepare(
     workers: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    skip_bad: bool = False,
+    decode: bool = True,
 ) -> list[SplitResult]:
     """Prepare shards (see `prepare_command`); raises `PrepareError` listing every problem."""
     if samples_per_shard < 1:
@@ -614,8 +804,8 @@ def prepare(
         source,
         root,
         layout,
-        datasets,
-        splits,
+        names(datasets),
+        names(splits),
         metadata_dir,
         variant,
         caption_template,
@@ -625,6 +815,8 @@ def prepare(
     )
     if problems:
         raise PrepareError(_listing("nothing was written", problems))
+    for plan in plans:
+        plan.jobs = [dataclasses.replace(job, check=decode, skip_bad=skip_bad) for job in plan.jobs]
     states = [settle_state(plan, overwrite) for plan in plans]
     conflicts = [conflict for _, conflict in states if conflict is not None]
     if conflicts:
@@ -636,7 +828,10 @@ def prepare(
         log.info("not in %s (skipped): %s", source, ", ".join(skipped))
     results, problems = run_plans(plans, workers if workers is not None else (os.cpu_count() or 1), progress)
     if problems:
-        raise PrepareError(_listing("finished shards are kept; fix these and run prepare again", problems, results))
+        headline = "finished shards are kept; fix these and run prepare again"
+        if any(": bad image " in problem for problem in problems):
+            headline += ", or pass --skip_bad true to leave the bad images out"
+        raise PrepareError(_listing(headline, problems, results))
     return results
 
 
@@ -664,8 +859,8 @@ def prepare_command(
     source: str,
     data_root: str,
     layout: Layout = "release",
-    datasets: list[str] | None = None,
-    splits: list[str] | None = None,
+    datasets: list[str] | str | None = None,
+    splits: list[str] | str | None = None,
     manifests: str = "fomo_in_flux",
     metadata_dir: str | None = None,
     variant: Variant = "auto",
@@ -675,12 +870,16 @@ def prepare_command(
     samples_per_shard: int = 1000,
     workers: int | None = None,
     overwrite: bool = False,
+    skip_bad: bool = False,
+    decode: bool = True,
 ) -> None:
     """Convert a downloaded dataset folder into timelit shards under DATA_ROOT/<NAME>/ (resumable, parallel).
 
-    Rerun the same command after an interruption: finished shards are kept, the rest are written. Every problem
-    (unknown class names, missing images, counts that differ from the manifest) is listed at once, and the command
-    exits with status 1.
+    Every image is decoded once, in the worker processes: a file that does not decode is an error naming it (or,
+    with --skip_bad true, is left out and listed in DATA_ROOT/<NAME>/<split>.skipped.tsv). Rerun the same command
+    after an interruption: finished shards are kept, the rest are written. Every problem (unknown class names, missing
+    or bad images, counts that differ from the manifest) is listed at once, and the command exits with status 1; an
+    unknown dataset or a source that does not exist ends it with one line and status 2.
 
     Args:
         source: the downloaded data: the FoMo-in-Flux release folder, with <FOLDER>/ image folders or <FOLDER>.tar
@@ -689,10 +888,10 @@ def prepare_command(
             webdataset (pool).
         data_root: where timelit's shards go (the data module's data_root).
         layout: how SOURCE is organised.
-        datasets: manifest names to prepare (release: default every dataset whose folder SOURCE holds; other
-            layouts: exactly one, for pool a pool name such as LAION400M).
-        splits: splits to prepare (default: every split of the manifest that SOURCE holds).
-        manifests: the manifest set: fomo_in_flux (shipped) or a folder.
+        datasets: manifest names to prepare, as NAME or [NAME,...] (release: default every dataset whose folder
+            SOURCE holds; other layouts: exactly one, for pool a pool name such as LAION400M).
+        splits: splits to prepare, as SPLIT or [SPLIT,...] (default: every split of the manifest that SOURCE holds).
+        manifests: the manifest set: fomo_in_flux (shipped) or a folder (`timelit data new` writes one).
         metadata_dir: folder of the release's metadata JSONs (the pipeline's data_lib/00_info); default: SOURCE's
             00_info/, data_lib/00_info/ or SOURCE itself.
         variant: release images to read: the resized 224-pixel copy when present (auto), or force one.
@@ -702,6 +901,9 @@ def prepare_command(
         samples_per_shard: images per shard.
         workers: parallel processes, one shard each at a time (default: every CPU core; 0 or 1: in-process).
         overwrite: replace shards prepared earlier from a different source or with other settings.
+        skip_bad: leave images that do not decode out (listed in <split>.skipped.tsv and the summary) instead of
+            stopping on them.
+        decode: decode every image to check it (false: store the bytes unchecked, e.g. for a pool you trust).
     """
     try:
         results = prepare(
@@ -719,8 +921,18 @@ def prepare_command(
             samples_per_shard=samples_per_shard,
             workers=workers,
             overwrite=overwrite,
+            skip_bad=skip_bad,
+            decode=decode,
         )
-    except (PrepareError, LayoutError, ManifestError) as error:
+    except PrepareError as error:  # problems found in the data, listed in full; what was asked is wrong: exit 2
         print(f"timelit data prepare: {error}", flush=True)
         raise SystemExit(1) from None
     print(format_results(results))
+    for result in results:
+        if result.skipped:
+            shown = ", ".join(source for source, _ in result.skipped[:5])
+            more = f" and {len(result.skipped) - 5} more" if len(result.skipped) > 5 else ""
+            print(
+                f"{result.dataset}/{result.split}: skipped {len(result.skipped)} bad image(s): {shown}{more} "
+                f"(reasons in {result.report})"
+            )

@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from timelit.data.shards import IMAGE_EXTENSIONS, CorruptSampleError
 
@@ -37,6 +37,21 @@ class Sample:
         return captions[0] if len(captions) == 1 else rng.choice(captions)
 
 
+def decode_image(data: bytes) -> Image.Image:
+    """An image file's bytes as an RGB image, every pixel decoded: PIL reads lazily, and a truncated file fails only
+    at `load`. `timelit data prepare` checks every image with this, the loaders decode with it."""
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image.convert("RGB")
+
+
+def image_error(error: Exception) -> str:
+    """Why an image did not decode, in words (PIL's message for a non-image names a BytesIO object)."""
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image file PIL can read"
+    return f"{type(error).__name__}: {error}"
+
+
 def source_of(raw: dict[str, Any]) -> str | None:
     """The source file a sample was prepared from, as its JSON records it (`source_path`; `url` in img2dataset
     pools), or None when the JSON lacks it or does not parse."""
@@ -48,23 +63,26 @@ def source_of(raw: dict[str, Any]) -> str | None:
     return str(source) if source else None
 
 
+def describe(raw: dict[str, Any]) -> str:
+    """How errors name a sample: its source file first (the one the user prepared, which they can find), then the
+    shard key and where it lies."""
+    where = f"sample '{raw.get('__key__', '?')}' ({raw.get('__shard__', 'unknown shard')})"
+    source = source_of(raw)
+    return f"source '{source}', {where}" if source else where
+
+
 def decode(raw: dict[str, Any]) -> Sample:
     """Decode a raw sample from `ShardIndex.read`; anything unreadable raises `CorruptSampleError` naming the source
     file (when the sample's JSON records it), the key and the shard."""
     key = raw.get("__key__", "?")
-    where = f"sample '{key}' ({raw.get('__shard__', 'unknown shard')})"
-    source = source_of(raw)
-    if source:  # the file the user prepared, which they can find; the shard key is timelit's
-        where = f"source '{source}', {where}"
+    where = describe(raw)
     image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
     if image_ext is None:
         raise CorruptSampleError(f"{where} has no image member ({'/'.join(IMAGE_EXTENSIONS)})")
     try:
-        image = Image.open(io.BytesIO(raw[image_ext]))
-        image.load()
-        image = image.convert("RGB")
+        image = decode_image(raw[image_ext])
     except Exception as error:  # PIL raises many types for broken files
-        raise CorruptSampleError(f"{where}: image does not decode ({type(error).__name__}: {error})") from error
+        raise CorruptSampleError(f"{where}: image does not decode ({image_error(error)})") from error
     try:
         meta = json.loads(raw["json"]) if "json" in raw else {}
         caption = raw["txt"].decode("utf-8").strip() if "txt" in raw else ""

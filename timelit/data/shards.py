@@ -69,16 +69,16 @@ def sample_key(dataset: str, split: str, index: int) -> str:
 
 
 @dataclass
-class _Entry:
+class TarEntry:
     key: str
     offset: int
     end: int
     label: int
 
 
-def _scan_tar(path: Path) -> list[_Entry]:
+def scan_tar(path: Path) -> list[TarEntry]:
     """One entry per sample (members grouped by webdataset's key rule), reading headers and the small JSON only."""
-    entries: list[_Entry] = []
+    entries: list[TarEntry] = []
     with tarfile.open(path, "r:") as archive:
         for member in archive:
             if not member.isfile():
@@ -88,7 +88,7 @@ def _scan_tar(path: Path) -> list[_Entry]:
                 continue
             end = member.offset_data + ((member.size + 511) // 512) * 512
             if not entries or entries[-1].key != key:
-                entries.append(_Entry(key=key, offset=member.offset, end=end, label=-1))
+                entries.append(TarEntry(key=key, offset=member.offset, end=end, label=-1))
             entries[-1].end = end
             if extension == "json":
                 try:
@@ -246,7 +246,7 @@ def index_shards(directory: str | Path, split: str, shards: list[str] | None = N
         raise FileNotFoundError(f"{directory}: no .tar shards to index for split '{split}'")
     columns: dict[str, list[int]] = {"shard": [], "offset": [], "length": [], "label": []}
     for number, name in enumerate(shards):
-        for entry in _scan_tar(directory / name):
+        for entry in scan_tar(directory / name):
             columns["shard"].append(number)
             columns["offset"].append(entry.offset)
             columns["length"].append(entry.end - entry.offset)

@@ -11,7 +11,10 @@ image decodes. It prints one table (dataset, role, split, samples, expected, sha
 and exits with status 1 when anything is missing or broken.
 
 A pool's count may differ from its manifest (every img2dataset download loses a different set of dead links): that
-is a warning. So are leftovers of an interrupted prepare beside complete shards.
+is a warning. So are leftovers of an interrupted prepare beside complete shards, and images that `prepare
+--skip_bad true` left out (their count is added to the samples found before comparing with the manifest). `prepare`
+decodes every image already, so `--decode` looks for damage done since; a sample that fails is named by its source
+file. A data root that holds none of the manifest set's datasets is one error (a forgotten `--manifests`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
-from timelit.data.manifest import DatasetManifest, ManifestError, ManifestSet, PoolManifest, load_manifests
+from timelit.data.manifest import (
+    DatasetManifest,
+    ManifestError,
+    ManifestSet,
+    PoolManifest,
+    load_manifests,
+    names,
+)
+from timelit.data.prepare import read_plan, skipped_path
 from timelit.data.samples import decode as decode_sample
 from timelit.data.shard_sizes import shard_sizes
 from timelit.data.shards import CorruptSampleError, ShardIndex, index_path
@@ -139,8 +150,12 @@ def check_split(
     problems, warnings = _shard_problems(index)
     check.problems += problems
     check.warnings += warnings
-    if expected is not None and check.samples != expected:
-        message = f"{check.samples} samples, the manifest states {expected}"
+    skipped = int(read_plan(directory, split).get("skipped") or 0)  # bad images `prepare --skip_bad` left out
+    if skipped:
+        check.warnings.append(f"{skipped} bad image(s) left out at prepare, listed in {skipped_path(directory, split)}")
+    if expected is not None and check.samples + skipped != expected:
+        found = f"{check.samples} samples" + (f" (+ {skipped} left out)" if skipped else "")
+        message = f"{found}, the manifest states {expected}"
         (check.warnings if manifest is None else check.problems).append(message)
     if manifest is not None:
         check.problems += _label_problems(index, manifest)
@@ -150,11 +165,26 @@ def check_split(
     return check
 
 
+def _check_some_present(root: Path, manifest_set: ManifestSet) -> None:
+    """A data root that holds none of the set's datasets is checked against the wrong set (a forgotten --manifests),
+    which would otherwise print a "not prepared" line for every split of it."""
+    names = [*manifest_set.datasets, *manifest_set.pools]
+    if any((root / name).is_dir() for name in names):
+        return
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    holds = f"it holds {', '.join(found[:6])}{', ...' if len(found) > 6 else ''}" if found else "it is empty"
+    where = "the shipped FoMo-in-Flux set" if manifest_set.shipped else str(manifest_set.root)
+    raise ManifestError(
+        f"data_root {root} holds none of the {len(manifest_set.datasets)} datasets of {where} ({holds}); pass "
+        f"--manifests DIR for your own manifest set, or --datasets NAME"
+    )
+
+
 def verify(
     data_root: str | Path,
     manifests: str | Path | ManifestSet = "fomo_in_flux",
-    datasets: list[str] | None = None,
-    pools: list[str] | None = None,
+    datasets: list[str] | str | None = None,
+    pools: list[str] | str | None = None,
     decode: bool | float = False,
     seed: int = 0,
 ) -> list[SplitCheck]:
@@ -162,8 +192,13 @@ def verify(
     fraction = 1.0 if decode is True else float(decode or 0.0)
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"decode must be true/false or a fraction in [0, 1], got {decode}")
+    datasets, pools = names(datasets), names(pools)
     manifest_set = manifests if isinstance(manifests, ManifestSet) else load_manifests(manifests)
     root = Path(data_root).expanduser()
+    if not root.is_dir():
+        raise ManifestError(f"data_root {root} is not a folder; pass the --data_root that `timelit data prepare` wrote")
+    if datasets is None and pools is None:
+        _check_some_present(root, manifest_set)
     chosen = [manifest_set.dataset(n) for n in datasets] if datasets is not None else manifest_set.datasets.values()
     checks = [
         check_split(root, m.name, m.role, split, info.num_samples, m, fraction, seed)
@@ -206,8 +241,8 @@ def format_checks(checks: list[SplitCheck]) -> str:
 def verify_command(
     data_root: str,
     manifests: str = "fomo_in_flux",
-    datasets: list[str] | None = None,
-    pools: list[str] | None = None,
+    datasets: list[str] | str | None = None,
+    pools: list[str] | str | None = None,
     decode: bool | float = False,
     seed: int = 0,
 ) -> None:
@@ -216,16 +251,13 @@ def verify_command(
     Args:
         data_root: the folder of prepared shards (the data module's data_root).
         manifests: the manifest set: fomo_in_flux (shipped) or a folder.
-        datasets: datasets to check (default: every dataset of the manifest set).
-        pools: pretraining pools to check (default: those present under DATA_ROOT; absent ones are optional).
+        datasets: datasets to check, as NAME or [NAME,...] (default: every dataset of the manifest set).
+        pools: pretraining pools to check, as NAME or [NAME,...] (default: those present under DATA_ROOT; absent
+            ones are optional).
         decode: also decode images: true for every image, or a fraction (0.05) for a seeded random sample.
         seed: seed of the decoded sample.
     """
-    try:
-        checks = verify(data_root, manifests, datasets, pools, decode, seed)
-    except ManifestError as error:
-        print(f"timelit data verify: {error}", flush=True)
-        raise SystemExit(1) from None
+    checks = verify(data_root, manifests, datasets, pools, decode, seed)
     print(format_checks(checks), flush=True)
     if any(c.problems for c in checks):
         raise SystemExit(1)

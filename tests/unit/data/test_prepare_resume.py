@@ -90,7 +90,7 @@ def test_an_interrupted_prepare_resumes_without_rewriting_finished_shards(releas
             # a kill in the middle of a shard: a partial temporary file is all that remains of it
             Path(str(job.path) + ".tmp").write_bytes(b"partial tar bytes")
             raise KeyboardInterrupt("killed")
-        write(job)
+        return write(job)
 
     monkeypatch.setattr(prepare_module, "_write_dataset_shard", dies_on_the_fourth_shard)
     with pytest.raises(KeyboardInterrupt):

@@ -27,7 +27,8 @@ def _png(colour: tuple[int, int, int]) -> bytes:
 @pytest.fixture
 def prepared(tmp_path: Path) -> dict[str, Path]:
     """Two prepared datasets (an adaptation set with train/test, a held-out one) from an ImageFolder source; the
-    image `train/bee/1.png` holds bytes that are no image."""
+    image `train/bee/1.png` holds bytes that are no image, stored unchecked (`decode=False`) as if damaged after
+    prepare, for `verify --decode` to find."""
     manifests, source, data = tmp_path / "manifests", tmp_path / "source", tmp_path / "data"
     (manifests / "datasets").mkdir(parents=True)
     (manifests / "classnames").mkdir()
@@ -55,7 +56,7 @@ def prepared(tmp_path: Path) -> dict[str, Path]:
     for name in ("ADAPT", "HELD"):
         prepare(
             str(source / name), data, layout="imagefolder", datasets=[name], manifests=manifests,
-            samples_per_shard=4, workers=0, progress=False,
+            samples_per_shard=4, workers=0, progress=False, decode=False,
         )  # fmt: skip
     return {"manifests": manifests, "data": data, "root": tmp_path}
 
@@ -85,6 +86,7 @@ def test_a_corrupt_image_is_found_only_when_decoding(prepared):
     checks = _by_split(verify(prepared["data"], prepared["manifests"], decode=True))
     (problem,) = checks["ADAPT/train"].problems
     assert problem.startswith("1 of 9 decoded samples are corrupt") and "ADAPT/train/" in problem
+    assert "source 'bee/1.png'" in problem  # the file the user prepared, not only timelit's shard key
     assert checks["ADAPT/train"].status == "BROKEN" and checks["HELD/test"].status == "ok"
 
 
