@@ -103,7 +103,13 @@ def test_every_shipped_config_parses(config, capsys):
     assert yaml.safe_load(capsys.readouterr().out)["model"]["class_path"] == "timelit.model.CLIPFineTuner"
 
 
-@pytest.mark.parametrize("fragment", ["protocols/offline_merge.yaml", "data/multitask.yaml", "data/no_replay.yaml"])
+FRAGMENTS = ["protocols/offline_merge.yaml", "data/multitask.yaml", "data/no_replay.yaml"]
+# The merge techniques of issue 16 that need more than the element-wise engine: whole-matrix SVDs and OPCM's state.
+FRAGMENTS += [f"protocols/{name}.yaml" for name in ("ema_ema_tsv", "ema_ema_opcm", "offline_merge_iso_c")]
+FRAGMENTS += ["protocols/offline_merge_iso_cts.yaml"]
+
+
+@pytest.mark.parametrize("fragment", FRAGMENTS)
 @pytest.mark.slow
 def test_fragments_have_quickstart_twins_that_run(tiny_benchmark, tmp_path, quick_fit_args, fragment):
     run_lightning([*quick_fit_args(tiny_benchmark, tmp_path, tasks=2, steps=2), "--config", fragment])

@@ -41,8 +41,16 @@ class CrashAt(Callback):
             raise Crash(f"killed while evaluating task {self.during_eval_of}")
 
 
-def fit(fit_stream, benchmark: Path, run_dir: Path, crash: Callback | None = None, step_ema: bool = False) -> None:
-    callbacks = [TimeMerge(init="ema", deploy="ema"), TaskResults(), StreamCheckpoint(every_n_train_steps=2)]
+def fit(
+    fit_stream,
+    benchmark: Path,
+    run_dir: Path,
+    crash: Callback | None = None,
+    step_ema: bool = False,
+    technique: str = "interpolation",
+) -> None:
+    merge = TimeMerge(init="ema", deploy="ema", technique=technique)
+    callbacks = [merge, TaskResults(), StreamCheckpoint(every_n_train_steps=2)]
     if step_ema:
         callbacks.insert(0, StepEMA(decay=0.9))
     fit_stream(benchmark, run_dir, [*callbacks, crash] if crash else callbacks, tasks=TASKS, steps=STEPS)
@@ -117,3 +125,25 @@ def test_step_ema_state_survives_a_kill(tiny_benchmark, tmp_path, stream_fit):
     a, b = outcome(tmp_path / "a" / "run"), outcome(tmp_path / "b" / "run")
     assert all(identical(x, y) for x, y in zip(a["experts"], b["experts"]))
     assert identical(a["final"], b["final"]) and a["points"] == b["points"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_opcm(tiny_benchmark, tmp_path_factory, stream_fit) -> dict:
+    run_dir = tmp_path_factory.mktemp("uninterrupted_opcm")
+    fit(stream_fit, tiny_benchmark, run_dir, technique="opcm")
+    return {**outcome(run_dir / "run"), "ema": load_file(str(run_dir / "run" / "experts" / "ema_0002.safetensors"))}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", [6, 8, 12], ids=["mid-task-1", "last-step-of-task-1", "last-step-of-task-2"])
+def test_opcm_state_survives_a_kill(tiny_benchmark, tmp_path, stream_fit, uninterrupted_opcm, step):
+    """OPCM carries its scale, norm sum and count in TimeMerge's checkpoint state: a run killed in a task, or on its
+    last step (after the boundary wrote the merged file, before a checkpoint recorded the new state), folds the
+    next experts exactly as an uninterrupted run."""
+    with pytest.raises(Crash):
+        fit(stream_fit, tiny_benchmark, tmp_path, CrashAt(step=step), technique="opcm")
+    fit(stream_fit, tiny_benchmark, tmp_path, technique="opcm")
+    resumed, uninterrupted = outcome(tmp_path / "run"), uninterrupted_opcm
+    assert resumed["complete"] and all(identical(x, y) for x, y in zip(resumed["experts"], uninterrupted["experts"]))
+    assert identical(resumed["final"], uninterrupted["final"]) and resumed["points"] == uninterrupted["points"]
+    assert identical(load_file(str(tmp_path / "run" / "experts" / "ema_0002.safetensors")), uninterrupted["ema"])

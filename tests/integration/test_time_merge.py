@@ -3,6 +3,7 @@ experts with merges computed here independently of timelit.merging."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,28 @@ def test_other_techniques_reach_the_merge_engine(tiny_benchmark, tmp_path, strea
     for task in range(TASKS):
         reference = merge(base, experts[: task + 1], "ties", k=0.3) if task else load_file(experts[0])
         assert close(probe.evaluated[task], reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("init", "deploy"), [("ema", "ema"), ("all", "ema"), ("ema", "all")])
+def test_opcm_folds_each_new_expert_into_the_carried_merge(tiny_benchmark, tmp_path, stream_fit, init, deploy):
+    """OPCM in `ema` and `all`: each boundary folds the newest expert into the previous merged file with the state
+    carried in TimeMerge's checkpoint state, the same bits as OPCM over every expert so far (and `ema` = `all`)."""
+    from timelit.merging import merge, read_metadata
+
+    probe, run = run_protocol(stream_fit, tiny_benchmark, tmp_path, init=init, deploy=deploy, technique="opcm")
+    base = str(run / "experts" / "base.safetensors")
+    experts = [str(run / "experts" / f"expert_{t:04d}.safetensors") for t in range(TASKS)]
+    for task in range(TASKS):
+        reference = merge(base, experts[: task + 1], "opcm")
+        assert torch_equal(probe.evaluated[task], reference), f"deployed after task {task}"
+        if task:
+            assert torch_equal(probe.start[task], merge(base, experts[:task], "opcm")), f"init of task {task}"
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")["callbacks"]
+    (merge_state,) = (value["merge_state"] for key, value in state.items() if key.startswith("TimeMerge"))
+    assert merge_state["count"] == TASKS and merge_state["scale"] > 1
+    last = run / "experts" / f"{deploy}_{TASKS - 1:04d}.safetensors"
+    assert json.loads(read_metadata(last)["timelit.merge_state"]) == merge_state
 
 
 @pytest.mark.slow

@@ -17,14 +17,22 @@ Files, in `<run dir>/experts/` (or `store_dir`):
                                  are kept, older ones removed unless `keep_merged`)
     <run dir>/final_model.safetensors   the deployed weights after the last task
 
+A sequential technique (`opcm`) is not re-run over the experts at each boundary: the newest expert is folded into
+the previous task's merged file (`ema_*`, or `all_*`, which then hold the same weights), and the few numbers the
+technique carries (OPCM's scale, norm sum and count) are kept in this callback's state and in the merged file's
+metadata (`timelit.merge_state`).
+
 Checkpoint layout: the LightningModule's `state_dict` holds the live training weights (the expert being trained);
-this callback's state holds the expert store's index (file names and sha256), the last finished task and the
-sha256 of every merged file it may still read, all verified on restore. `timelit validate|test --ckpt_path CKPT`
-evaluates the weights deployed after CKPT's last finished task (read from the files above), not the live ones.
+this callback's state holds the expert store's index (file names and sha256), the last finished task, the
+sha256 of every merged file it may still read, all verified on restore, and a sequential technique's state after
+the last finished task, so a resumed run folds the next expert exactly as an uninterrupted one.
+`timelit validate|test --ckpt_path CKPT` evaluates the weights deployed after CKPT's last finished task (read from
+the files above), not the live ones.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -40,7 +48,16 @@ from typing_extensions import override
 from timelit.atomic import atomic_file
 from timelit.callbacks.results import run_directory
 from timelit.disk_space import DiskSpaceError, space_shortfalls
-from timelit.merging import ExpertStore, MergeMethod, load_weights, save_weights
+from timelit.merging import (
+    TECHNIQUES,
+    ExpertStore,
+    MergeMethod,
+    MergeState,
+    SequentialTechnique,
+    load_weights,
+    merge_step,
+    save_weights,
+)
 from timelit.merging.safetensors_io import file_sha256
 from timelit.protocol import WEIGHTED_ALL, Deploy, EmaStart, Init, Weighting, check_technique, merge_all, pairwise
 
@@ -79,7 +96,9 @@ class TimeMerge(Callback):
         init: weights the next task starts from: `zs` (θ0), `ft` (last expert), `ema` (task EMA), `all` (merge of
             all experts so far), `ft_zs` (last expert merged with θ0, the pipeline's FT-Merge).
         deploy: weights evaluated and shipped after each task: `ft`, `ema`, `all` or `ft_zs`.
-        technique: the merge technique f of the EMA step, of `all` and of `ft_zs` (timelit.merging).
+        technique: the merge technique f of the EMA step, of `all` and of `ft_zs` (timelit.merging). A sequential
+            one (`opcm`) folds each new expert into its running merge once per boundary, which is then both the
+            EMA and `all`.
         hparams: its hyperparameters, named as in the papers (e.g. `{"k": 0.3, "scope": "tower"}` for TIES).
         ema_weight: weight of the newest expert in the pairwise step, m_t = (1 - w) m_{t-1} + w θ_t (reference:
             0.5); also the expert's weight in `ft_zs`. Used by interpolation, average and SLERP.
@@ -130,6 +149,8 @@ class TimeMerge(Callback):
         self.ema_weight, self.ema_start = ema_weight, ema_start
         self.all_weighting, self.all_include_base = all_weighting, all_include_base
         self.store_dir, self.keep_merged = store_dir, keep_merged
+        self.sequential = issubclass(TECHNIQUES[technique], SequentialTechnique)
+        self.merge_state: MergeState | None = None  # a sequential technique's state after `finished_task`
         self.started_task = -1  # the last task whose init weights were loaded
         self.finished_task = -1  # the last task whose expert and merged weights are on disk
         self.merged_hashes: dict[str, str] = {}
@@ -279,7 +300,10 @@ class TimeMerge(Callback):
         self.store.add(task, expert, metadata)
         experts = [str(self.store.path(t)) for t in self.store.tasks if t <= task]
         merged: dict[str, dict[str, torch.Tensor]] = {}
-        if "ema" in self.kinds:
+        carried = {"ema", "all"} & self.kinds if self.sequential else set()
+        if carried:
+            merged.update(dict.fromkeys(carried, self._fold_newest(trainer, base, expert, task, carried)))
+        if "ema" in self.kinds - carried:
             if task == 0:
                 merged["ema"] = (
                     expert
@@ -289,7 +313,7 @@ class TimeMerge(Callback):
             else:
                 previous = str(self.artefact(trainer, "ema", task - 1))
                 merged["ema"] = pairwise(base, previous, expert, self.technique, self.hparams, self.ema_weight)
-        if "all" in self.kinds:
+        if "all" in self.kinds - carried:
             merged["all"] = merge_all(
                 base, experts, self.technique, self.hparams, self.all_weighting, self.all_include_base
             )
@@ -297,8 +321,25 @@ class TimeMerge(Callback):
             merged["ft_zs"] = pairwise(base, base, expert, self.technique, self.hparams, self.ema_weight)
         for kind, weights in merged.items():
             path = self.artefact(trainer, kind, task)
-            self.merged_hashes[path.name] = save_weights(path, weights, {**metadata, "timelit.kind": kind})
+            extra = {"timelit.merge_state": json.dumps(self.merge_state)} if kind in carried else {}
+            self.merged_hashes[path.name] = save_weights(path, weights, {**metadata, **extra, "timelit.kind": kind})
         self._forget_old(trainer, task)
+
+    def _fold_newest(
+        self,
+        trainer: L.Trainer,
+        base: dict[str, torch.Tensor],
+        expert: dict[str, torch.Tensor],
+        task: int,
+        kinds: set[str],
+    ) -> dict[str, torch.Tensor]:
+        """A sequential technique's running merge with θ_task folded in; `ema` and `all` are that same merge.
+
+        It reads the previous task's merged file and the state of the last finished task (restored from the
+        checkpoint on resume), and moves the state on to this task's."""
+        previous = None if task == 0 else str(self.artefact(trainer, "ema" if "ema" in kinds else "all", task - 1))
+        weights, self.merge_state = merge_step(base, previous, expert, self.technique, self.merge_state, **self.hparams)
+        return weights
 
     def _forget_old(self, trainer: L.Trainer, task: int) -> None:
         """Remove merged files two or more tasks old: the newest checkpoint can only refer to the last two."""
@@ -406,6 +447,7 @@ class TimeMerge(Callback):
             "started_task": self.started_task,
             "finished_task": self.finished_task,
             "merged": dict(self.merged_hashes),
+            "merge_state": self.merge_state,
         }
 
     @override
@@ -424,6 +466,7 @@ class TimeMerge(Callback):
         self.finished_task = int(state["finished_task"])
         self.started_task = int(state.get("started_task", self.finished_task))
         self.merged_hashes = dict(state.get("merged", {}))
+        self.merge_state = state.get("merge_state")
         if verify:
             self._verify_merged()
         self._pending_state = None

@@ -4,9 +4,12 @@
     ema = merge(base, [ema_prev, expert], "interpolation", w=0.5)      # the task-level EMA
     deployed = merge("base.safetensors", ExpertStore("experts"), "ties", k=0.3, scope="tower")   # "all"
 
+    merged, state = merge_step(base, ema_prev, expert, "opcm", state)  # a sequential technique, one expert
+
 Formulas, conventions and defaults: shared/MERGING.md. Each technique is one module holding one frozen dataclass
-whose fields are its hyperparameters and whose kernel is element-wise over a chunk; ``engine`` runs any of them over
-state dicts or files in bounded memory. ``TECHNIQUES`` is the only registry.
+whose fields are its hyperparameters and whose kernel is element-wise over a chunk, whole-matrix (the SVD methods,
+``spectral``) or sequential (OPCM); ``engine`` runs any of them over state dicts or files in bounded memory.
+``TECHNIQUES`` is the only registry.
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ from timelit.merging.average import Average
 from timelit.merging.breadcrumbs import Breadcrumbs, BreadcrumbsTies
 from timelit.merging.consensus_ties import ConsensusTies
 from timelit.merging.dare import Dare, DareTies
-from timelit.merging.engine import DEFAULT_CHUNK_SIZE, DEFAULT_THREADS, run
+from timelit.merging.engine import DEFAULT_CHUNK_SIZE, DEFAULT_THREADS, run, step
 from timelit.merging.interpolation import Interpolation
+from timelit.merging.iso import IsoC, IsoCts
 from timelit.merging.lines import Lines
 from timelit.merging.magmax import MagMax
 from timelit.merging.model_stock import ModelStock
+from timelit.merging.opcm import Opcm
 from timelit.merging.random_merge import RandomMerge
 from timelit.merging.safetensors_io import load_weights, read_metadata, save_weights
 from timelit.merging.slerp import Slerp
@@ -34,17 +39,21 @@ from timelit.merging.sources import WeightsLike
 from timelit.merging.store import ExpertStore
 from timelit.merging.tall_masks import TallMasks
 from timelit.merging.task_arithmetic import TaskArithmetic
-from timelit.merging.technique import Scope, Technique
+from timelit.merging.technique import MergeState, Scope, SequentialTechnique, Technique
 from timelit.merging.ties import Ties
+from timelit.merging.tsv import Tsv
 
 __all__ = [
     "TECHNIQUES",
     "ExpertStore",
     "MergeMethod",
+    "MergeState",
     "Scope",
+    "SequentialTechnique",
     "Technique",
     "load_weights",
     "merge",
+    "merge_step",
     "read_metadata",
     "save_weights",
     "validate",
@@ -66,6 +75,10 @@ MergeMethod = Literal[
     "tall_masks",
     "consensus_ties",
     "random",
+    "tsv",
+    "iso_c",
+    "iso_cts",
+    "opcm",
 ]
 """The merge methods, for typed configs (``method: MergeMethod``); the keys of ``TECHNIQUES``."""
 
@@ -87,6 +100,10 @@ TECHNIQUES: dict[str, type[Technique]] = {
         TallMasks,
         ConsensusTies,
         RandomMerge,
+        Tsv,
+        IsoC,
+        IsoCts,
+        Opcm,
     )
 }
 
@@ -166,3 +183,43 @@ def merge(
         technique = validate(method, hparams)
     paths = experts.paths if isinstance(experts, ExpertStore) else experts
     return run(technique, base, paths, chunk_size=chunk_size, threads=threads, progress=progress)
+
+
+def merge_step(
+    base: WeightsLike,
+    previous: WeightsLike | None,
+    expert: WeightsLike,
+    method: MergeMethod | SequentialTechnique,
+    state: MergeState | None = None,
+    *,
+    threads: int | None = DEFAULT_THREADS,
+    **hparams: Any,
+) -> tuple[dict[str, torch.Tensor], MergeState | None]:
+    """Fold one more expert into the running merge of a sequential technique (``opcm``).
+
+    ``merge(base, experts, method)`` equals these steps taken over ``experts`` in order from ``previous=None,
+    state=None``, each fed the previous step's weights and state, bit for bit; a TIME protocol carries the state in
+    its checkpoint and the weights in its merged file, so a resumed run merges exactly as an uninterrupted one.
+
+    Args:
+        base: theta_0, a state dict or safetensors path.
+        previous: the merge so far (a state dict or path), or ``None`` before the first expert.
+        expert: the newest expert.
+        method: a sequential technique's name or instance.
+        state: what the previous step returned (plain numbers), ``None`` before the first expert.
+        threads: torch intra-op threads during the step, as for :func:`merge`.
+        **hparams: the technique's hyperparameters (``alpha`` for OPCM).
+
+    Returns:
+        The merged state dict and the state to pass to the next step.
+    """
+    technique = method if isinstance(method, Technique) else validate(method, hparams)
+    if isinstance(method, Technique) and hparams:
+        raise ValueError("pass hyperparameters either in the technique or as keywords, not both")
+    if not isinstance(technique, SequentialTechnique):
+        sequential = [name for name, kind in TECHNIQUES.items() if issubclass(kind, SequentialTechnique)]
+        raise ValueError(
+            f"{technique.name} merges all experts at once; merge_step needs a sequential technique "
+            f"({', '.join(sequential)}); use merge() for the others"
+        )
+    return step(technique, base, previous, expert, state, threads=threads)

@@ -14,6 +14,7 @@ from functools import cached_property
 import torch
 
 from timelit.merging.sources import Source
+from timelit.merging.whole import WholeTensor
 
 
 class Workspace:
@@ -95,3 +96,7 @@ class TensorJob:
     def chunks(self) -> Iterator[Chunk]:
         for start in range(0, self.numel, self.chunk_size):
             yield Chunk(self, start, min(start + self.chunk_size, self.numel))
+
+    def whole(self) -> WholeTensor:
+        """The tensor read whole, for kernels that need a whole matrix (an SVD)."""
+        return WholeTensor(self.key, self.base, self.experts)

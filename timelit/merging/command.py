@@ -59,8 +59,9 @@ def merge_command(
             state_dict loads into the timelit module; it holds no optimizer or loop state to resume from).
         hparams: the method's hyperparameters as a JSON object, e.g. ``'{"k": 0.3, "scope": "tower"}'`` for ties;
             names as in the papers (k, lam, p, seed, w, t, weights, top_drop or beta, bottom_drop or gamma, alpha,
-            beta, mask_lambda, min_agree, scope, skip, lines, lines_alpha, lines_beta). An unknown name is an error
-            that lists the valid ones. The output records the values used, defaults resolved (e.g. lam 1.0).
+            beta, mask_lambda, min_agree, common_space_fraction, scope, skip, lines, lines_alpha, lines_beta). An
+            unknown name is an error that lists the valid ones. The output records the values used, defaults
+            resolved (e.g. lam 1.0). A sequential method (opcm) folds the experts in the order given.
         chunk_size: elements of one tensor read per expert at a time.
         threads: torch threads for the merge (default 1: robust when the machine is busy; null keeps torch's).
         progress: show a progress bar over tensors.

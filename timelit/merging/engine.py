@@ -6,7 +6,10 @@ Memory is bounded by the output (one model in the base's dtype) plus a few chunk
 for the sums of weighted averages and SLERP), whatever the number of experts: every kernel folds experts one at a time,
 safetensors inputs are read by byte range (no memory maps), and no tensor is ever stacked across experts
 (ARCHITECTURE.md property 3). A merge over state dicts in memory goes through the same code with the same chunking,
-so the two agree bitwise.
+so the two agree bitwise. Two kinds of technique go beyond that bound, each by a stated amount: the per-matrix SVD
+methods (``spectral``) read one matrix of every expert whole, at most the largest matrix times the number of
+experts; a sequential technique (OPCM) is folded over the experts one step at a time (:func:`step`), holding the
+running merge and one float32 model of its update.
 
 Per scope group (the whole model, each tower, or each tensor, see ``Scope``):
 1. order statistics, if the technique trims by magnitude: two streamed passes (``order_stats``);
@@ -19,6 +22,7 @@ Per scope group (the whole model, each tower, or each tensor, see ``Scope``):
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from tqdm.auto import tqdm
@@ -26,9 +30,9 @@ from tqdm.auto import tqdm
 from timelit.merging import order_stats
 from timelit.merging.chunks import Chunk, TensorJob, Workspace
 from timelit.merging.lines import auto_alpha, depth_ratios
-from timelit.merging.sources import Source, WeightsLike, merged_keys, open_sources
+from timelit.merging.sources import MemorySource, Source, WeightsLike, merged_keys, open_sources
 from timelit.merging.task_vectors import Elected, scope_groups, sum_in_order
-from timelit.merging.technique import Technique
+from timelit.merging.technique import MergeState, SequentialTechnique, Technique
 
 DEFAULT_CHUNK_SIZE = 1 << 22
 """4,194,304 elements (16 MB in float32) per chunk: ViT-B/16's 25.3M-entry token embedding is read in 7 slices."""
@@ -56,18 +60,78 @@ def run(
     with the base's keys, order, shapes and dtypes; the inputs are never modified. ``threads`` sets torch's intra-op
     threads for the merge (restored afterwards); ``None`` keeps the current setting.
     """
-    for name, value in (("chunk_size", chunk_size), ("threads", 1 if threads is None else threads)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    _check_positive("chunk_size", chunk_size)
+    with _threads(threads), open_sources(base, experts) as (base_source, expert_sources):
+        technique.check_experts(len(expert_sources))
+        keys = merged_keys(base_source, technique.skip)
+        if isinstance(technique, SequentialTechnique):
+            return _fold(technique, base_source, expert_sources, keys, progress)
+        return _Merge(technique, base_source, expert_sources, chunk_size).run(keys, progress)
+
+
+def step(
+    technique: SequentialTechnique,
+    base: WeightsLike,
+    previous: WeightsLike | None,
+    expert: WeightsLike,
+    state: MergeState | None,
+    *,
+    threads: int | None = DEFAULT_THREADS,
+) -> tuple[dict[str, torch.Tensor], MergeState | None]:
+    """One step of a sequential technique: fold ``expert`` into ``previous`` (the merge so far, carrying ``state``;
+    both ``None`` before the first expert). Returns the merged state dict and the state to carry on."""
+    inputs = [expert] if previous is None else [expert, previous]
+    with _threads(threads), open_sources(base, inputs) as (base_source, sources):
+        keys = merged_keys(base_source, technique.skip)
+        return _step(technique, base_source, sources[1] if previous is not None else None, sources[0], keys, state)
+
+
+def _check_positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+@contextmanager
+def _threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``threads`` for the merge and restored afterwards (``None``: unchanged)."""
+    _check_positive("threads", 1 if threads is None else threads)
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(threads or previous)
-        with open_sources(base, experts) as (base_source, expert_sources):
-            technique.check_experts(len(expert_sources))
-            keys = merged_keys(base_source, technique.skip)
-            return _Merge(technique, base_source, expert_sources, chunk_size).run(keys, progress)
+        yield
     finally:
         torch.set_num_threads(previous)
+
+
+def _base_copy(base: Source, key: str) -> torch.Tensor:
+    entry = base.entries[key]
+    return base.read(key, 0, entry.numel).clone().reshape(entry.shape)
+
+
+def _step(
+    technique: SequentialTechnique,
+    base: Source,
+    previous: Source | None,
+    expert: Source,
+    keys: list[str],
+    state: MergeState | None,
+) -> tuple[dict[str, torch.Tensor], MergeState | None]:
+    merged, state = technique.step(base, previous, expert, keys, state)
+    return {key: merged[key] if key in merged else _base_copy(base, key) for key in base.entries}, state
+
+
+def _fold(
+    technique: SequentialTechnique, base: Source, experts: Sequence[Source], keys: list[str], progress: bool
+) -> dict[str, torch.Tensor]:
+    """The sequential technique over every expert in store order, from an empty merge: each step reads the
+    previous step's output (held in the base's dtypes, as a run's merged file holds it), so the fold equals a run
+    that carries the state from task to task, bit for bit."""
+    merged: dict[str, torch.Tensor] = {}
+    state: MergeState | None = None
+    for i, expert in enumerate(tqdm(experts, disable=not progress, unit="expert", desc=technique.name)):
+        previous = MemorySource(merged, "the merge so far") if i else None
+        merged, state = _step(technique, base, previous, expert, keys, state)
+    return merged
 
 
 class _Merge:
@@ -80,9 +144,9 @@ class _Merge:
 
     def run(self, keys: list[str], progress: bool) -> dict[str, torch.Tensor]:
         merged = set(keys)
-        for key, entry in self.base.entries.items():
+        for key in self.base.entries:
             if key not in merged:  # non-floating or skipped: the base's own values
-                self.out[key] = self.base.read(key, 0, entry.numel).clone().reshape(entry.shape)
+                self.out[key] = _base_copy(self.base, key)
         passes = 3 if self.technique.order_statistics else 1
         with tqdm(total=passes * len(keys), disable=not progress, unit="tensor", desc=self.technique.name) as bar:
             self.bar = bar

@@ -1,10 +1,18 @@
 """The contract between a merge technique and the streaming engine, and the checks its hyperparameters share.
 
 A technique is a frozen dataclass: its fields are its hyperparameters (so ``dataclasses.fields`` is the schema that
-``validate`` and ``--help`` show) and its one kernel, :meth:`Technique.merge_chunk`, maps a ``chunks.Chunk`` (a slice
-of one tensor across the base and every expert, read in float32) to the merged slice. Kernels are element-wise and
-reduce over experts in store order, one expert at a time, so the engine needs memory for a few chunks whatever the
-number of experts, and a merge gives the same bits whether its inputs were files or state dicts.
+``validate`` and ``--help`` show). The engine runs three kinds of kernel:
+
+- element-wise, :meth:`Technique.merge_chunk`: maps a ``chunks.Chunk`` (a slice of one tensor across the base and
+  every expert, read in float32) to the merged slice, reducing over experts in store order, one expert at a time, so
+  the engine needs memory for a few chunks whatever the number of experts (task arithmetic, TIES, ...);
+- whole-matrix, ``spectral.SpectralTechnique.merge_matrix``: receives one matrix of every expert at a time (read
+  whole on demand), for methods built on per-matrix SVDs (TSV, Iso-C, Iso-CTS); memory is bounded by the largest
+  matrix times the number of experts, not by the model;
+- sequential, :meth:`SequentialTechnique.step`: folds one expert into a running merge and returns the state to carry
+  to the next step (OPCM), so a TIME run merges each new expert once instead of re-merging all of them.
+
+Every kind gives the same bits whether its inputs were files or state dicts.
 """
 
 from __future__ import annotations
@@ -12,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args
 
@@ -20,6 +28,7 @@ import torch
 
 if TYPE_CHECKING:
     from timelit.merging.chunks import Chunk, TensorJob
+    from timelit.merging.sources import Source
 
 Scope = Literal["model", "tower", "tensor"]
 """Over which entries a global statistic (a trim threshold, the majority sign, LiNeS' auto alpha) is taken:
@@ -219,3 +228,32 @@ class TaskVectorTechnique(Technique):
             del values["lines_alpha"], values["lines_beta"]
             values["lam"] = scaling.alpha
         return values
+
+
+MergeState = dict[str, Any]
+"""What a sequential technique carries from one step to the next: plain numbers (JSON and checkpoint safe)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SequentialTechnique(Technique):
+    """A technique that folds experts into a running merge one at a time, carrying a small state between steps.
+
+    ``merge(base, experts, method)`` folds every expert in store order from an empty merge (state ``None``);
+    ``merging.merge_step`` runs one step, which is how a TIME protocol merges the newest expert into the previous
+    task's merged weights. Both run :meth:`step` on the same numbers, so a run that carries the state gives the
+    same bits as a fold over all its experts.
+    """
+
+    space: ClassVar = "weights"
+
+    def step(
+        self,
+        base: Source,
+        previous: Source | None,
+        expert: Source,
+        keys: Sequence[str],
+        state: Mapping[str, Any] | None,
+    ) -> tuple[dict[str, torch.Tensor], MergeState | None]:
+        """Fold ``expert`` into ``previous`` (the merge so far, whose state is ``state``; both ``None`` before the
+        first expert). Returns the merged tensors of ``keys`` in the base's dtypes and the state after the step."""
+        raise NotImplementedError

@@ -97,6 +97,7 @@ def test_help_shows_every_option_with_its_documentation(capsys):
         assert option in text
     assert "the base weights theta_0" in text and "breadcrumbs_ties" in text
     assert all(method in text for method in ("model_stock", "tall_masks", "consensus_ties", "random"))
+    assert all(method in text for method in ("tsv", "iso_c", "iso_cts", "opcm"))
 
 
 def test_experts_given_as_several_paths_or_a_directory(tmp_path, clip_base, perturbed, write, monkeypatch):

@@ -66,6 +66,9 @@ def test_names_from_the_pipeline_and_mergekit_are_translated(method, name, expla
         ("dare", {"scope": "tower"}, r"scope='tower' has no effect on dare: it merges entry by entry"),
         ("task_arithmetic", {"scope": "tensor", "lines": True}, "where lines_alpha='auto' is computed"),
         ("lines", {"scope": "tower", "alpha": 0.5}, "scope='tower' has no effect on lines"),
+        ("tsv", {"scope": "tower"}, "scope='tower' has no effect on tsv"),
+        ("iso_cts", {"common_space_fraction": -0.1}, r"common_space_fraction=-0.1 is outside \[0.0, 1.0\]"),
+        ("opcm", {"alpha": -0.5}, r"alpha=-0.5 is outside \[0.0, 1.0\)"),
     ],
 )
 def test_bad_values_are_rejected_at_validation(method, hparams, message):
@@ -145,6 +148,10 @@ def test_provenance_records_the_fields_an_alias_set():
         ("tall_masks", {}, 3, {"lam": 1.0, "mask_lambda": 0.4, "min_agree": 2}, {"lines_alpha"}),
         ("consensus_ties", {"k": 0.3}, 3, {"lam": 1.0, "k": 0.3, "mask_lambda": 0.4, "min_agree": 2}, {"lines_beta"}),
         ("random", {"seed": 4}, 3, {"lam": 1.0, "seed": 4}, set()),
+        ("tsv", {}, 3, {"lam": 1.0, "scope": "model", "lines": False}, {"lines_alpha", "lines_beta"}),
+        ("iso_c", {"lam": 1.5}, 3, {"lam": 1.5}, {"lines_alpha"}),
+        ("iso_cts", {"lines": True}, 3, {"common_space_fraction": 0.8, "lines_alpha": 0.5}, {"lam"}),
+        ("opcm", {}, 3, {"alpha": 0.5, "skip": []}, set()),
     ],
 )
 def test_provenance_records_resolved_defaults_and_rebuilds_the_same_merge(
