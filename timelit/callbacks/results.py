@@ -42,6 +42,7 @@ from timelit.evaluation.forgetting import NUMBERS, ForgettingMatrix, forgetting_
 from timelit.evaluation.metrics import summarize
 
 log = logging.getLogger(__name__)
+SUMMARY = ("A_KA", "A_ZS", "GM")
 
 
 def _clean(value: Any) -> Any:
@@ -95,6 +96,15 @@ class TaskResults(Callback):
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         run_directory(trainer)  # resolve on every rank now; the writers below run on rank 0 only
+        specs = getattr(getattr(trainer, "datamodule", None), "eval_specs", None)  # set up before the callbacks
+        if specs and not any(spec.role == "eval" for spec in specs) and trainer.is_global_zero:
+            manifests = getattr(trainer.datamodule, "manifests_spec", "the manifest set")  # type: ignore[union-attr]
+            log.warning(
+                "no held-out datasets (role eval) among the evaluation sets of %s: A_ZS and GM are not measured, and "
+                "results report A_KA alone. `timelit data new --held_out quickstart` adds held-out sets "
+                "(docs/own_data.md).",
+                manifests,
+            )
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -138,9 +148,8 @@ class TaskResults(Callback):
             }
         self._log_tensorboard(trainer, point, evaluation, self._forgetting(trainer))
         self._write(trainer)
-        log.info(
-            "after %d task(s): A_KA %.2f  A_ZS %.2f  GM %.2f", tasks_done, point["A_KA"], point["A_ZS"], point["GM"]
-        )
+        figures = "  ".join(f"{key} {point[key]:.2f}" for key in SUMMARY if key in point)
+        log.info("after %d task(s): %s", tasks_done, figures)
 
     @override
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -251,8 +260,9 @@ class TaskResults(Callback):
         writers = [lg.experiment for lg in trainer.loggers if hasattr(lg.experiment, "add_scalar")]
         step = point["tasks_done"]
         for writer in writers:
-            for key in ("A_KA", "A_ZS", "GM"):
-                writer.add_scalar(f"summary/{key}", point[key], global_step=step)
+            for key in SUMMARY:
+                if key in point:  # A_ZS and GM only where there are held-out sets
+                    writer.add_scalar(f"summary/{key}", point[key], global_step=step)
             if forgetting is not None and step > 0:
                 for number in NUMBERS:
                     if not math.isnan(getattr(forgetting, number)):

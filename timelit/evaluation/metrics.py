@@ -15,9 +15,13 @@ from timelit.evaluation.evaluator import Scope, summary_figure
 
 
 def summarize(per_dataset: dict[str, dict[str, Any]], scope: Scope = "subset") -> dict[str, float]:
-    """{"A_KA", "A_ZS", "GM"} from per-dataset results; a missing role gives NaN for its mean and for GM."""
+    """{"A_KA", "A_ZS", "GM"} from per-dataset results; without held-out datasets (a stream of one's own data with
+    none beside it) only {"A_KA"}, since there is no zero-shot retention to measure; without adaptation datasets
+    A_KA and GM are NaN."""
     adapt = [summary_figure(e, scope) for e in per_dataset.values() if e["role"] == "adapt" and scope in e]
     held_out = [summary_figure(e, scope) for e in per_dataset.values() if e["role"] == "eval" and scope in e]
+    if adapt and not held_out:
+        return {"A_KA": sum(adapt) / len(adapt)}
     a_ka = sum(adapt) / len(adapt) if adapt else float("nan")
     a_zs = sum(held_out) / len(held_out) if held_out else float("nan")
     gm = math.sqrt(a_ka * a_zs) if adapt and held_out and a_ka >= 0 and a_zs >= 0 else float("nan")
