@@ -32,6 +32,7 @@ LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
 _FUNCTION_COMMANDS: dict[str, Any] = {
     "data": {
         "synth": ("timelit.commands", "synth_command"),
+        "new": ("timelit.data.new", "new_command"),
         "prepare": ("timelit.data.prepare", "prepare_command"),
         "verify": ("timelit.data.verify", "verify_command"),
         "stream": ("timelit.data.stream_tools", "stream_command"),

@@ -31,7 +31,7 @@ def test_help_and_the_light_tools_start_without_torch(argv):
 
 def test_only_the_named_tool_is_loaded():
     assert list(cli.function_commands("sweep")) == ["sweep"]
-    assert list(cli.function_commands("data")["data"]) == ["synth", "prepare", "verify", "stream"]
+    assert list(cli.function_commands("data")["data"]) == ["synth", "new", "prepare", "verify", "stream"]
     assert set(cli.function_commands("no-such-tool")) == set(cli.function_commands())  # jsonargparse names the error
 
 
