@@ -22,7 +22,11 @@ from timelit.folder_lock import FolderLock, lock_run_folder
 
 def run_folders(trainer: Any) -> list[Path]:
     """The folders the fit writes into: the run folder, its checkpoint folder and its experts folder (each
-    callback's `directory(trainer)`, e.g. TimeMerge's)."""
+    callback's `store_directory(run_dir)`, e.g. TimeMerge's).
+
+    Resolved here without `timelit.callbacks.results.run_directory`, which caches the run folder on the trainer:
+    cached on rank 0 alone, it would spare rank 0 a broadcast that the other ranks make in `setup`, and DDP would
+    hang there."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     run_dir = Path(trainer.log_dir or trainer.default_root_dir)
@@ -30,8 +34,8 @@ def run_folders(trainer: Any) -> list[Path]:
     for callback in trainer.callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.dirpath:
             folders.append(Path(callback.dirpath))
-        elif hasattr(callback, "directory") and callable(callback.directory):
-            folders.append(Path(callback.directory(trainer)))
+        elif callable(getattr(callback, "store_directory", None)):
+            folders.append(Path(callback.store_directory(run_dir)))
     return list(dict.fromkeys(folders))
 
 

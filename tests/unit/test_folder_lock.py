@@ -64,7 +64,7 @@ class FakeTrainer:
 
     def __init__(self, run_dir: Path, experts: Path, rank: int = 0):
         self.log_dir, self.default_root_dir, self.is_global_zero = str(run_dir), str(run_dir), rank == 0
-        experts_callback = type("Merge", (), {"directory": lambda self, trainer: experts})()
+        experts_callback = type("Merge", (), {"store_directory": lambda self, run_dir: experts})()
         self.callbacks = [experts_callback]
 
 

@@ -167,7 +167,13 @@ class TimeMerge(Callback):
         return {self.init, self.deploy} & {"ema", "all", "ft_zs"}
 
     def directory(self, trainer: L.Trainer) -> Path:
-        return Path(self.store_dir).expanduser() if self.store_dir else run_directory(trainer) / "experts"
+        return self.store_directory(run_directory(trainer))
+
+    def store_directory(self, run_dir: Path) -> Path:
+        """Where experts and merged weights go for a run folder: `store_dir`, or `<run dir>/experts`. Apart from
+        `directory` so that code running on rank 0 alone before fit (timelit.run_folder) can ask without caching
+        the run folder on that rank only, which would skip a broadcast the other ranks then wait in."""
+        return Path(self.store_dir).expanduser() if self.store_dir else run_dir / "experts"
 
     def artefact(self, trainer: L.Trainer, kind: str, task: int) -> Path:
         """The file holding `kind` (ft = the expert, ema, all, ft_zs) after `task`."""
