@@ -118,3 +118,24 @@ def stream_fit():
 def stream_parts():
     """`stream_modules` for tests."""
     return stream_modules
+
+
+def damage_image(index, position: int) -> None:
+    """Overwrite the image bytes of sample `position` of a ShardIndex in its shard, in place (a bad sector, a bad
+    copy): the sample still parses as tar records, and its image no longer decodes."""
+    import io
+    import tarfile
+
+    offset, length = int(index.offset[position]), int(index.length[position])
+    with open(index.directory / index.shards[int(index.shard[position])], "r+b") as shard:
+        shard.seek(offset)
+        with tarfile.open(fileobj=io.BytesIO(shard.read(length)), mode="r:") as sample:
+            image = next(m for m in sample if m.name.rsplit(".", 1)[-1] in ("png", "jpg", "jpeg", "webp"))
+        shard.seek(offset + image.offset_data)
+        shard.write(b"\xff" * image.size)
+
+
+@pytest.fixture(scope="session")
+def damage_sample():
+    """`damage_image` for tests."""
+    return damage_image

@@ -24,9 +24,10 @@ class TimeLightningCLI(LightningCLI):
 
     Config sections beyond LightningCLI's own, one callback each: `protocol` (TimeMerge: init/deploy/merge
     technique), `budget` (ComputeBudget: steps per task from a GFLOP budget, or metering only), `results`
-    (TaskResults: results.json and per-task TensorBoard scalars), `checkpoint` (StreamCheckpoint: last.ckpt every N
-    steps and at every task end) and `preemption` (Preemption: save, requeue and stop on SIGUSR1/SIGTERM). The trainer's
-    `max_epochs` follows `data.num_tasks` and the seeds of model and data follow `seed_everything`.
+    (TaskResults: results.json and per-task TensorBoard scalars), `skipped` (SkippedSamples: samples that do not
+    decode, counted and reported), `checkpoint` (StreamCheckpoint: last.ckpt every N steps and at every task end)
+    and `preemption` (Preemption: save, requeue and stop on SIGUSR1/SIGTERM). The trainer's `max_epochs` follows
+    `data.num_tasks` and the seeds of model and data follow `seed_everything`.
     """
 
     def add_arguments_to_parser(self, parser: Any) -> None:
@@ -34,11 +35,13 @@ class TimeLightningCLI(LightningCLI):
         from timelit.callbacks.checkpoint import StreamCheckpoint
         from timelit.callbacks.preemption import Preemption
         from timelit.callbacks.results import TaskResults
+        from timelit.callbacks.skipped import SkippedSamples
         from timelit.callbacks.time_merge import TimeMerge
 
         parser.add_lightning_class_args(TimeMerge, "protocol")
         parser.add_lightning_class_args(ComputeBudget, "budget")
         parser.add_lightning_class_args(TaskResults, "results")
+        parser.add_lightning_class_args(SkippedSamples, "skipped")
         parser.add_lightning_class_args(StreamCheckpoint, "checkpoint")
         # After `checkpoint`, so that trainer.checkpoint_callback stays StreamCheckpoint (Preemption saves through it).
         parser.add_lightning_class_args(Preemption, "preemption")

@@ -77,7 +77,6 @@ class CLIPFineTuner(L.LightningModule):
         self.zero_shot_weights: dict[str, torch.Tensor] | None = None
         self.last_evaluation: dict[str, Any] | None = None
         self.optimizer_task = -1
-        self.corrupt_skipped = 0  # corrupt training samples this rank skipped (and replaced) so far in the run
         self.loss_fn: ClipLoss | None = None
 
     # ------------------------------------------------------------------ set-up
@@ -141,7 +140,6 @@ class CLIPFineTuner(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         image_features, text_features, logit_scale = self.model(batch["image"], batch["text"])
         loss = self.loss_fn(image_features, text_features, logit_scale)
-        self.corrupt_skipped += int(batch.get("corrupt", 0))
         # Only at the steps that reach the logger, the loss included: the progress bar shows the last logged value.
         # A value logged with prog_bar is read back to the host at every step it is logged (a GPU sync), and each
         # `log` call costs ~0.5 ms of bookkeeping (bench/README.md, section 1).
@@ -149,17 +147,13 @@ class CLIPFineTuner(L.LightningModule):
             self.log("train/loss", loss, prog_bar=True)
             self.log("train/logit_scale", logit_scale.detach())
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
-            if self.corrupt_skipped:
-                self.log("train/corrupt_samples", float(self.corrupt_skipped))
         return loss
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["timelit_optimizer_task"] = self.optimizer_task
-        checkpoint["timelit_corrupt_skipped"] = self.corrupt_skipped
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.optimizer_task = int(checkpoint.get("timelit_optimizer_task", -1))
-        self.corrupt_skipped = int(checkpoint.get("timelit_corrupt_skipped", 0))
 
     # ------------------------------------------------------------------ evaluation
 

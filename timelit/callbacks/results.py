@@ -17,8 +17,9 @@ figure of every adaptation dataset after every task, labelled by `rows` = tasks 
 dataset's `own_task`, backward transfer, average forgetting and the first-half drop, and their `history` per task).
 It needs `run.data.task_datasets`, the datasets each task trains, read from the data module's stream.
 
-A callback contributes fields to a point by defining `task_record(trainer) -> dict`, and to the run header by
-defining `run_record(trainer) -> dict`.
+A callback contributes fields to a point by defining `task_record(trainer) -> dict`, to the run header by defining
+`run_record(trainer) -> dict`, and top-level sections by defining `results_record(trainer) -> dict` (SkippedSamples'
+`skipped`).
 """
 
 from __future__ import annotations
@@ -226,16 +227,17 @@ class TaskResults(Callback):
         run_dir = run_directory(trainer)
         run_dir.mkdir(parents=True, exist_ok=True)
         forgetting = self._forgetting(trainer)
-        write_json_atomic(
-            run_dir / self.filename,
-            {
-                "run": self._run_header(trainer),
-                "complete": self.complete,
-                "points": self.points,
-                "full": self.full,
-                "forgetting": None if forgetting is None else forgetting.to_dict(),
-            },
-        )
+        record = {
+            "run": self._run_header(trainer),
+            "complete": self.complete,
+            "points": self.points,
+            "full": self.full,
+            "forgetting": None if forgetting is None else forgetting.to_dict(),
+        }
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
+            if hasattr(callback, "results_record"):
+                record.update(callback.results_record(trainer))
+        write_json_atomic(run_dir / self.filename, record)
 
     @rank_zero_only
     def _write_single(self, trainer: L.Trainer, evaluation: dict[str, Any]) -> None:
@@ -247,6 +249,9 @@ class TaskResults(Callback):
             **summarize(evaluation["datasets"], scope),
             "datasets": self._figures(evaluation["datasets"], scope),
         }
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
+            if hasattr(callback, "results_record"):
+                record.update(callback.results_record(trainer))
         write_json_atomic(run_dir / f"{trainer.state.fn.value}_{self.filename}", record)
 
     @rank_zero_only
@@ -269,7 +274,7 @@ class TaskResults(Callback):
                         writer.add_scalar(f"forgetting/{number}", getattr(forgetting, number), global_step=step)
             for name, entry in evaluation["datasets"].items():
                 for metric, value in entry["subset"].items():
-                    if metric != "n":
+                    if metric not in ("n", "skipped"):  # counts, not figures (SkippedSamples logs the skips)
                         writer.add_scalar(f"eval/{name}/{metric}", value, global_step=step)
             if evaluation["scope"] == "full":
                 for key, value in summarize(evaluation["datasets"], "full").items():

@@ -86,7 +86,8 @@ class TimeDataModule(L.LightningDataModule):
         eval_subset: the rule for the fixed evaluation subsets used during the stream.
         full_eval: where to evaluate on the full test splits as well: before the stream, after it, or both.
         num_workers: loader worker processes per rank.
-        on_corrupt: a sample that does not decode is skipped and counted, or stops the run.
+        on_corrupt: a sample that does not decode is skipped (replaced in training batches; counted and reported by
+            the `skipped` section, SkippedSamples), or stops the run.
         seed: seeds every shuffle of the data (linked to `seed_everything` by the CLI).
         synthesize_if_missing: write the procedural quickstart benchmark into `data_root` if it is not there.
         synthesize_size: which size of it: `quickstart` (4 adaptation datasets) or `science` (12; the study's).

@@ -10,7 +10,6 @@ changes where the workers start. Random crops and caption choices are seeded per
 
 from __future__ import annotations
 
-import logging
 import math
 import random
 import signal
@@ -28,9 +27,8 @@ from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 from timelit.data.mixture import _SOURCE_CODES, SourceSequence
 from timelit.data.samples import Sample, decode
 from timelit.data.shards import CorruptSampleError, ShardIndex
+from timelit.data.skips import Skip
 from timelit.seeding import mix_seed, seed_torch_cpu
-
-log = logging.getLogger(__name__)
 
 # Each worker of these IterableDatasets builds a disjoint set of whole batches, so their `__len__` is exact.
 warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
@@ -73,23 +71,33 @@ class SourcePart:
 
 
 class SampleReader:
-    """Reads and decodes samples by id; a corrupt sample is skipped (counted, logged) or fatal."""
+    """Reads and decodes samples by id; a sample that does not decode is fatal, or skipped and listed in `skipped`.
+
+    Nothing is logged here: a reader lives in every loader worker, and the main process reports each damaged sample
+    or shard once for the whole run (timelit.data.skips, timelit.callbacks.skipped).
+    """
 
     def __init__(self, indexes: list[ShardIndex], on_corrupt: OnCorrupt):
         self.indexes = indexes
         self.on_corrupt = on_corrupt
-        self.corrupt = 0
+        self.skipped: list[Skip] = []
 
     def read(self, sample_id: int) -> Sample | None:
         number, position = decode_id(sample_id)
+        index = self.indexes[number]
         try:
-            return decode(self.indexes[number].read(position))
+            return decode(index.read(position))
         except CorruptSampleError as error:
             if self.on_corrupt == "raise":
                 raise
-            self.corrupt += 1
-            log.warning("skipping corrupt sample: %s", error)
+            shard, dataset = index.shards[int(index.shard[position])], index.directory.name
+            self.skipped.append(Skip(dataset, index.split, shard, position, str(error), error.shard_problem))
             return None
+
+    def take_skipped(self) -> list[Skip]:
+        """The samples skipped since the last call (one batch's, as each worker builds whole batches)."""
+        skipped, self.skipped = self.skipped, []
+        return skipped
 
 
 class TaskBatches(IterableDataset):
@@ -130,7 +138,7 @@ class TaskBatches(IterableDataset):
 
     def batch(self, batch_index: int) -> dict[str, Any]:
         images, captions, sources, keys = [], [], [], []
-        corrupt_before = self.reader.corrupt  # per batch: each loader worker has its own reader and count
+        self.reader.take_skipped()  # a batch lists its own skips only
         with torch.random.fork_rng(devices=[]):
             for part in self.parts:
                 first = part.start + batch_index * part.per_batch + part.rank_offset
@@ -149,7 +157,7 @@ class TaskBatches(IterableDataset):
             "text": self.tokenizer(captions),
             "source": torch.tensor(sources, dtype=torch.int8),
             "keys": keys,
-            "corrupt": self.reader.corrupt - corrupt_before,
+            "skipped": self.reader.take_skipped(),
         }
 
 
@@ -255,7 +263,7 @@ class EvalBatches(IterableDataset):
 
     def batch(self, chunk: np.ndarray) -> dict[str, Any]:
         images, labels, kept, captions, owners = [], [], [], [], []
-        corrupt_before = self.reader.corrupt
+        self.reader.take_skipped()
         for position in chunk:
             sample = self.reader.read(int(position))  # one shard index: the id is the position
             if sample is None:
@@ -274,7 +282,7 @@ class EvalBatches(IterableDataset):
             "image": torch.stack(images) if images else torch.empty(0),
             "label": torch.tensor(labels, dtype=torch.long),
             "position": torch.tensor(kept, dtype=torch.long),
-            "corrupt": self.reader.corrupt - corrupt_before,
+            "skipped": self.reader.take_skipped(),
         }
         if self.task_type == "retrieval":
             batch["caption_tokens"] = self.tokenizer(captions) if captions else torch.empty(0, dtype=torch.long)

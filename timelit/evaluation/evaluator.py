@@ -5,6 +5,10 @@ figures need: the rank of the true class for classification, the image and capti
 records are torchmetrics states reduced by concatenation, so `compute()` sees every sample on every rank. Figures are
 computed on the fixed subset and, when the loaders served the full test split, on all of it as well (the subset is
 part of the full split, so one pass gives both).
+
+Samples that did not decode (`data.on_corrupt: skip`) are recorded by position as well, so every figure comes with
+`skipped`, the samples of its scope left out of it, beside `n`, the samples in it: an accuracy over 80 of 100 images
+is not the accuracy over 100.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ class ZeroShotEvaluator(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.records = nn.ModuleList()
+        self.skipped = nn.ModuleList()  # per dataset: positions of the samples that did not decode
         self.specs: list[Any] = []
         self._heads: dict[str, torch.Tensor] = {}
         self._fingerprint: str | None = None
@@ -75,6 +80,7 @@ class ZeroShotEvaluator(nn.Module):
             else _Records(("position", "image", "caption_owner", "caption"))
             for spec in self.specs
         )
+        self.skipped = nn.ModuleList(_Records(("position",)) for _ in self.specs)
 
     @torch.no_grad()
     def prepare(self, model: nn.Module, tokenizer, device: torch.device) -> None:
@@ -93,6 +99,10 @@ class ZeroShotEvaluator(nn.Module):
     @torch.no_grad()
     def update(self, dataloader_idx: int, model: nn.Module, batch: dict[str, Any]) -> None:
         spec, records = self.specs[dataloader_idx], self.records[dataloader_idx]
+        skipped = batch.get("skipped") or []
+        if skipped:
+            lost = torch.tensor([skip.position for skip in skipped], dtype=torch.long, device=batch["position"].device)
+            self.skipped[dataloader_idx].update(position=lost)
         if batch["position"].numel() == 0:
             return
         images = F.normalize(model.encode_image(batch["image"]).float(), dim=-1)
@@ -110,6 +120,8 @@ class ZeroShotEvaluator(nn.Module):
         """Give every record set a correctly shaped entry, so ranks that saw no sample of a dataset still gather."""
         empty_long = torch.empty(0, dtype=torch.long, device=device)
         empty_feat = torch.empty(0, embed_dim, device=device)
+        for skipped in self.skipped:
+            skipped.update(position=empty_long)
         for spec, records in zip(self.specs, self.records):
             if spec.task == "classification":
                 records.update(position=empty_long, rank=empty_long)
@@ -120,14 +132,15 @@ class ZeroShotEvaluator(nn.Module):
         """Figures per dataset: `{"subset": {...}}`, plus `"full"` when the loaders served full test splits."""
         self._touch(device, embed_dim)
         results = {}
-        for spec, records in zip(self.specs, self.records):
+        for spec, records, skipped in zip(self.specs, self.records, self.skipped):
             gathered = records.compute()
+            lost = torch.unique(skipped.compute()["position"])
             entry: dict[str, Any] = {"role": spec.role, "task": spec.task}
             subset = torch.as_tensor(np.asarray(spec.subset), device=device)
             keep = torch.isin(gathered["position"], subset)
-            entry["subset"] = self._figures(spec, gathered, keep)
+            entry["subset"] = {**self._figures(spec, gathered, keep), "skipped": int(torch.isin(lost, subset).sum())}
             if scope == "full":
-                entry["full"] = self._figures(spec, gathered, torch.ones_like(keep))
+                entry["full"] = {**self._figures(spec, gathered, torch.ones_like(keep)), "skipped": len(lost)}
             results[spec.name] = entry
         self.reset()
         return results
@@ -156,7 +169,7 @@ class ZeroShotEvaluator(nn.Module):
         return figures
 
     def reset(self) -> None:
-        for records in self.records:
+        for records in [*self.records, *self.skipped]:
             records.reset()
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from timelit.clip import build_clip
+from timelit.data.skips import Skip
 from timelit.evaluation.evaluator import ZeroShotEvaluator
 from timelit.evaluation.metrics import summarize
 
@@ -99,7 +100,7 @@ def evaluate(scope: str) -> dict:
 def test_subset_scope_evaluates_only_the_fixed_subset():
     results = evaluate("subset")
     assert "full" not in results["CLS"] and "full" not in results["RET"]
-    assert results["CLS"]["subset"] == pytest.approx({"top1": 200 / 3, "top5": 100.0, "n": 3})
+    assert results["CLS"]["subset"] == pytest.approx({"top1": 200 / 3, "top5": 100.0, "n": 3, "skipped": 0})
     # Subset images 0 and 2 with captions a, b, d, e. i2t: image 0's best own caption (0.6) is beaten by d (0.8),
     # image 2's (1.0) by nothing. t2i: a and e find their image first; b (0 < 0.6) and d (0.6 < 0.8) second.
     retrieval = results["RET"]["subset"]
@@ -110,14 +111,31 @@ def test_subset_scope_evaluates_only_the_fixed_subset():
 
 def test_full_scope_gives_full_and_subset_figures_from_one_pass():
     results = evaluate("full")
-    assert results["CLS"]["full"] == pytest.approx({"top1": 40.0, "top5": 80.0, "n": 5})
-    assert results["CLS"]["subset"] == pytest.approx({"top1": 200 / 3, "top5": 100.0, "n": 3})
+    assert results["CLS"]["full"] == pytest.approx({"top1": 40.0, "top5": 80.0, "n": 5, "skipped": 0})
+    assert results["CLS"]["subset"] == pytest.approx({"top1": 200 / 3, "top5": 100.0, "n": 3, "skipped": 0})
     # All three images and five captions: i2t ranks 2, 2, 0; t2i ranks 1, 2, 1, 1, 0.
     full = results["RET"]["full"]
     assert (full["i2t_R@1"], full["t2i_R@1"], full["n"]) == pytest.approx((100 / 3, 20.0, 3))
     assert full["i2t_R@5"] == full["t2i_R@5"] == full["R@5"] == 100.0
     assert results["RET"]["subset"]["n"] == 2
     assert (results["CLS"]["role"], results["RET"]["role"]) == ("adapt", "eval")
+
+
+def test_samples_that_did_not_decode_are_counted_in_the_scope_they_belong_to():
+    """Positions 1 and 3 of CLS do not decode (3 is in the subset); a batch of RET loses its only sample."""
+    evaluator, model = new_evaluator(), Identity()
+    lost = [Skip("CLS", "test", "test-000000.tar", p, "image does not decode", None) for p in (1, 3)]
+    kept = torch.tensor([0, 2, 4])
+    batch = {"image": CLS_IMAGES[kept], "label": CLS_LABELS[kept], "position": kept, "skipped": lost}
+    evaluator.update(0, model, batch)
+    empty = {"image": torch.empty(0), "position": torch.empty(0, dtype=torch.long), "caption_tokens": torch.empty(0),
+             "caption_owner": torch.empty(0, dtype=torch.long)}  # fmt: skip
+    evaluator.update(1, model, {**empty, "skipped": [Skip("RET", "test", "test-000000.tar", 1, "ends early", None)]})
+    results = evaluator.compute("full", CPU, DIM)
+    assert (results["CLS"]["full"]["n"], results["CLS"]["full"]["skipped"]) == (3, 2)
+    assert (results["CLS"]["subset"]["n"], results["CLS"]["subset"]["skipped"]) == (2, 1)  # ranks 0, 1 of 0, 2
+    assert results["CLS"]["subset"]["top1"] == pytest.approx(50.0)
+    assert results["RET"]["full"]["skipped"] == 1 and results["RET"]["subset"]["skipped"] == 0  # 1 is not in it
 
 
 def test_results_feed_the_summary():
