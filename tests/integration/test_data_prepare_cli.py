@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -262,18 +263,21 @@ def test_a_corrupt_jpeg_is_skipped_and_counted_or_named(downloads):
         list(raising.eval_batches(spec, "full"))
 
 
-def test_a_truncated_shard_is_named_by_verify_and_the_loader(downloads, capsys):
+def test_a_truncated_shard_is_named_by_verify_the_data_module_and_the_loader(downloads, capsys):
     data = downloads["root"] / "data"
     _prepare_everything(downloads, data)
     shard = data / "FOLDERSET" / "test-000000.tar"
     shard.write_bytes(shard.read_bytes()[:4000])
     with pytest.raises(SystemExit):
         _timelit("data", "verify", "--data_root", str(data), "--manifests", str(downloads["manifests"]))
-    assert f"FOLDERSET/test: shard {shard} is truncated" in capsys.readouterr().out
-    dm = _datamodule(downloads, data, on_corrupt="raise")
+    assert f"FOLDERSET/test: shard {shard} ends at byte 4000 of " in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match=rf"\n  shard {re.escape(str(shard))} ends at byte 4000 of "):
+        _datamodule(downloads, data, on_corrupt="raise")  # at set-up, from the index: before anything is read
+    dm = _datamodule(downloads, data, on_corrupt="skip")
     spec = next(s for s in dm.eval_specs if s.name == "FOLDERSET")
-    with pytest.raises(CorruptSampleError, match=r"file ends early \(truncated shard\?\)"):
-        list(dm.eval_batches(spec, "full"))
+    skipped = [skip for batch in dm.eval_batches(spec, "full") for skip in batch["skipped"]]
+    assert skipped and all(s.shard_problem.startswith(f"shard {shard} ends at byte 4000 of ") for s in skipped)
+    assert all("the file ends early" in s.reason for s in skipped)
 
 
 def test_a_missing_dataset_stops_the_data_module_with_its_name(downloads):
