@@ -9,6 +9,9 @@ dotted overrides). The other subcommands are plain typed functions dispatched by
 subcommands must be Trainer methods, so they cannot live inside it. A `--config` that is not a file is looked up
 among the configs shipped with timelit, so the commands above work from any directory.
 
+A mistake in what was asked (a missing file or config, an unknown option, method or dataset, an empty folder) ends in
+one line naming it and exit status 2, the traceback only under `--debug` or TIMELIT_DEBUG=1 (timelit/errors.py).
+
 This module imports nothing heavy: the LightningCLI subclass lives in timelit/lightning_cli.py and each tool's
 module is imported only when that tool runs, so `timelit --help`, `timelit sweep` and `timelit report` start in a
 fraction of a second instead of the ~7 s that importing torch and Lightning takes.
@@ -23,7 +26,7 @@ import os
 import sys
 from typing import Any
 
-from timelit import early_signals
+from timelit import early_signals, errors
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
 
@@ -101,16 +104,30 @@ def _print_overview() -> None:
 
 def configure_logging() -> None:
     """timelit's own messages at INFO (TIMELIT_LOG_LEVEL overrides); other libraries' (open_clip logs to the root
-    logger) at WARNING."""
+    logger) at WARNING. Lightning's, which it logs at INFO, pass through the same handler once
+    (`timelit.lightning_cli.quiet_lightning` removes Lightning's own handler when Lightning is imported)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("timelit").setLevel(os.environ.get("TIMELIT_LOG_LEVEL", "INFO"))
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = list(sys.argv[1:] if argv is None else argv)
+    """`timelit ...`: a user error (see timelit.errors) ends in one line and exit status 2; anything else, or any
+    error under `--debug` / TIMELIT_DEBUG=1, in its traceback."""
+    debug, args = errors.debug_requested(list(sys.argv[1:] if argv is None else argv))
     if args and args[0] == "fit":
         early_signals.hold()  # a requeue signal during the seconds of imports and set-up must not end the job
     configure_logging()
+    try:
+        _run(args)
+    except Exception as error:
+        if debug or not errors.is_user_error(error):
+            raise
+        command = " ".join(args[:2] if args[:1] == ["data"] else args[:1])
+        print(f"timelit {command}: error: {errors.describe(error)}", file=sys.stderr, flush=True)
+        raise SystemExit(errors.EXIT_CODE) from None
+
+
+def _run(args: list[str]) -> None:
     if args and args[0] in LIGHTNING_SUBCOMMANDS:
         try:
             run_lightning(args)
@@ -122,8 +139,16 @@ def main(argv: list[str] | None = None) -> None:
     if not args or args[0] in ("-h", "--help"):
         _print_overview()
         return
+    if args[0] not in _FUNCTION_COMMANDS:
+        raise errors.UsageError(
+            f"no command {args[0]!r}{errors.did_you_mean(args[0], [*LIGHTNING_SUBCOMMANDS, *_FUNCTION_COMMANDS])}; "
+            "`timelit --help` lists them"
+        )
     commands = function_commands(args[0])
-    from jsonargparse import CLI
+    from jsonargparse import CLI, ArgumentParser
+
+    class Parser(errors.OneLineParserErrors, ArgumentParser):
+        pass
 
     if args[0] == "report":  # `timelit report RUN... --out DIR`: run folders as positional arguments
         from timelit.report import report_argv
@@ -133,4 +158,4 @@ def main(argv: list[str] | None = None) -> None:
         from timelit.merging.command import merge_argv
 
         args = ["merge", *merge_argv(args[1:])]
-    CLI(commands, args=args, as_positional=False)
+    CLI(commands, args=args, as_positional=False, parser_class=Parser)

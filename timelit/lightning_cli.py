@@ -6,17 +6,25 @@ machine, and `timelit sweep`, `timelit report` or `timelit --help` should not wa
 
 from __future__ import annotations
 
+import logging
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 import yaml
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from timelit import early_signals
+from timelit.errors import OneLineParserErrors
 from timelit.resources import PACKAGE_DIR
 
 DEFAULTS_DIR = PACKAGE_DIR / "cli_defaults"
+
+
+class TimeArgumentParser(OneLineParserErrors, LightningArgumentParser):
+    """LightningArgumentParser whose errors (an unknown option, a value that is not one of a Literal's choices) are one
+    line naming the key, with the nearest valid name, instead of the whole usage (timelit.errors)."""
 
 
 class TimeLightningCLI(LightningCLI):
@@ -116,7 +124,21 @@ class TimeLightningCLI(LightningCLI):
             kwargs["plugins"] = [*configured, SLURMEnvironment(auto_requeue=False)]
         trainer = super().instantiate_trainer(**kwargs)
         install_atomic_checkpoint_io(trainer)
+        configured = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+        install_step_cost_summary(trainer, configured if isinstance(configured, list) else [configured])
         return trainer
+
+    def after_fit(self) -> None:
+        """The run in a few lines on stdout: A_KA / A_ZS / GM from zero-shot to the last task done, the run folder
+        and the command that shows its curves."""
+        from timelit.callbacks.results import TaskResults, run_directory
+
+        trainer = self.trainer
+        results = next((c for c in trainer.callbacks if isinstance(c, TaskResults)), None)  # type: ignore[attr-defined]
+        if results is None or not trainer.is_global_zero:
+            return
+        summary = fit_summary(results.points, self.datamodule.num_tasks, run_directory(trainer), trainer.logger)
+        print(summary, flush=True)
 
 
 class AtomicSaveConfig(SaveConfigCallback):
@@ -150,6 +172,83 @@ def install_atomic_checkpoint_io(trainer: Any) -> bool:
         return False
     trainer.strategy.checkpoint_io = AtomicCheckpointIO()
     return True
+
+
+def install_step_cost_summary(trainer: Any, configured: list[Any]) -> bool:
+    """Put timelit's StepCostSummary in place of the ModelSummary that Lightning adds by default (one whose FLOPs
+    read 0, timelit.callbacks.summary); a ModelSummary the config asked for stays. Returns whether it replaced."""
+    from lightning.pytorch.callbacks import ModelSummary
+
+    from timelit.callbacks.summary import StepCostSummary
+
+    for position, callback in enumerate(trainer.callbacks):
+        if type(callback) is ModelSummary and not any(callback is c for c in configured):
+            trainer.callbacks[position] = StepCostSummary()
+            return True
+    return False
+
+
+def fit_summary(points: list[dict[str, Any]], num_tasks: int, run_dir: Path, logger: Any) -> str:
+    """What `timelit fit` prints at its end: tasks done, A_KA / A_ZS / GM from the zero-shot point to the last task,
+    the run folder with the files a user opens first, and the TensorBoard command."""
+    done = points[-1]["tasks_done"] if points else 0
+    lines = [f"timelit fit: {done} of {num_tasks} task(s) done"]
+    if done < num_tasks:
+        lines[0] += f"; the same command resumes from {run_dir / 'checkpoints'}"
+    if points:
+        first, last = points[0], points[-1]
+        figures = "   ".join(
+            f"{key} {first[key]:.2f} -> {last[key]:.2f}" if first is not last else f"{key} {last[key]:.2f}"
+            for key in ("A_KA", "A_ZS", "GM")
+            if key in last  # A_ZS and GM only where there are held-out sets
+        )
+        start = "zero-shot" if first["tasks_done"] == 0 else f"after task {first['tasks_done']}"
+        lines.append(f"  {figures}   ({start} -> after task {last['tasks_done']})")
+    files = [f for f in ("results.json", "final_model.safetensors", "checkpoints/last.ckpt") if (run_dir / f).exists()]
+    lines.append(f"  run folder: {run_dir}" + (f"  ({', '.join(files)})" if files else ""))
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    if isinstance(logger, TensorBoardLogger):
+        lines.append(f"  curves:     tensorboard --logdir {logger.save_dir}")
+    return "\n".join(lines)
+
+
+# Lightning's messages that a timelit run cannot act on: an advert for its cloud logger (logged at every start), a
+# deprecation inside Lightning's own use of torch, and the missing `last` checkpoint of every first run, whose hint
+# (`ModelCheckpoint(save_last=True)`) is wrong for timelit (StreamCheckpoint writes last.ckpt).
+_LIGHTNING_TIPS = ("💡 Tip:",)
+_LIGHTNING_WARNINGS = (
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+    (r"\.fit\(ckpt_path=\"last\"\) is set, but there is no last checkpoint available", UserWarning),
+    # `args` is the command line itself here, not a second one beside sys.argv.
+    (r"LightningCLI's args parameter is intended to run from within Python", UserWarning),
+)
+
+
+class _NoTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name.startswith("lightning") and str(record.msg).startswith(_LIGHTNING_TIPS))
+
+
+_NO_TIPS = _NoTips()
+
+
+def quiet_lightning() -> None:
+    """Each of Lightning's log lines once, and none of the tips and warnings above (issue 19, item 7).
+
+    `import lightning` gives its `lightning` logger a console handler of its own while leaving it to propagate to
+    the root logger; where `timelit.cli.configure_logging` set up a root handler, every INFO line of Lightning's
+    was printed twice. That handler is removed, so Lightning's lines pass through timelit's alone."""
+    root = logging.getLogger()
+    if root.handlers:
+        lightning_logger = logging.getLogger("lightning")
+        for handler in list(lightning_logger.handlers):
+            if type(handler) is logging.StreamHandler and handler.stream in (sys.stderr, sys.stdout):
+                lightning_logger.removeHandler(handler)
+        for handler in root.handlers:
+            handler.addFilter(_NO_TIPS)
+    for message, category in _LIGHTNING_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
 
 
 # Settings that change what an experiment computes; loader workers and evaluation batch sizes do not (the data
@@ -199,8 +298,7 @@ def run_lightning(args: list[str], run: bool = True) -> TimeLightningCLI:
     from timelit.data.datamodule import TimeDataModule
     from timelit.model import CLIPFineTuner
 
-    # `args` is the command line itself here, not a second one beside sys.argv.
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
+    quiet_lightning()
     return TimeLightningCLI(
         CLIPFineTuner,
         TimeDataModule,
@@ -211,6 +309,7 @@ def run_lightning(args: list[str], run: bool = True) -> TimeLightningCLI:
         save_config_kwargs={"overwrite": True},
         # `fit` resumes from the run's last.ckpt by default (a requeued Slurm job must); see cli_defaults/fit.yaml.
         parser_kwargs={"fit": {"default_config_files": [str(DEFAULTS_DIR / "fit.yaml")]}},
+        parser_class=TimeArgumentParser,
         args=_resolve_config_args(args),
         run=run,
     )

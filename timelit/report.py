@@ -37,6 +37,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from timelit.errors import UserError
 from timelit.evaluation.forgetting import NUMBERS, from_results
 from timelit.report_runs import SUMMARY_KEYS, UNKNOWN, RunResult
 from timelit.report_stats import group_runs, group_table, paired_table, reference_group, statistics_rows
@@ -128,10 +129,10 @@ def find_results(paths: list[str]) -> list[Path]:
         elif path.is_dir():
             hits = sorted(path.rglob(RESULTS_FILE))
             if not hits:
-                raise FileNotFoundError(f"timelit report: no {RESULTS_FILE} under {path}")
+                raise FileNotFoundError(f"no {RESULTS_FILE} under {path}")
             found.update(hit.resolve() for hit in hits)
         else:
-            raise FileNotFoundError(f"timelit report: {path} does not exist (expected a run directory or a sweep root)")
+            raise FileNotFoundError(f"{path} does not exist (expected a run directory or a sweep root)")
     return sorted(found)
 
 
@@ -263,7 +264,7 @@ def report_command(
     for message in warnings:
         print(f"timelit report: warning: {message}", file=sys.stderr)
     if not results:
-        raise ValueError(f"timelit report: none of the results.json files under {list(runs)} could be read")
+        raise UserError(f"none of the results.json files under {list(runs)} could be read")
     results.sort(key=lambda r: r.name)
     groups = group_runs(results)
     reference_of = reference_group(groups, reference)  # a wrong --reference fails before anything is written
@@ -338,13 +339,25 @@ def _markdown_document(
 
 
 def report_argv(args: list[str]) -> list[str]:
-    """`RUN_DIR... --out DIR` -> `--runs=[...] --out DIR`, for a jsonargparse CLI called with as_positional=False.
+    """`RUN_DIR... --out DIR` (or `--runs RUN_DIR...`) -> `--runs=[...] --out DIR`, for a jsonargparse CLI called
+    with as_positional=False.
 
     jsonargparse reads a list argument from one token, so the run directories a user lists after `timelit report`
-    are gathered into one JSON list here.
+    (or after `--runs`, as a shell glob gives them) are gathered into one JSON list here; `--runs=[a,b]` stays.
     """
-    positional = []
-    while len(positional) < len(args) and not args[len(positional)].startswith("-"):
-        positional.append(args[len(positional)])
-    rest = args[len(positional) :]
-    return ([f"--runs={json.dumps(positional)}"] if positional else []) + rest
+    runs: list[str] = []
+    position = 0
+    while position < len(args) and not args[position].startswith("-"):
+        runs.append(args[position])
+        position += 1
+    rest = []
+    while position < len(args):
+        arg = args[position]
+        position += 1
+        if arg == "--runs" and position < len(args) and not args[position].startswith("["):
+            while position < len(args) and not args[position].startswith("-"):
+                runs.append(args[position])
+                position += 1
+        else:
+            rest.append(arg)
+    return ([f"--runs={json.dumps(runs)}"] if runs else []) + rest

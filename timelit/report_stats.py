@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from timelit.errors import UserError
+
 if TYPE_CHECKING:
     from timelit.report_runs import RunResult
 
@@ -181,7 +183,7 @@ def reference_group(groups: Sequence[RunGroup], reference: str | None) -> RunGro
         return matches[0]
     labels = ", ".join(repr(g.label) for g in groups)
     problem = "matches several groups" if matches else "matches no group"
-    raise ValueError(f"timelit report --reference {reference!r} {problem}; the groups are: {labels}")
+    raise UserError(f"--reference {reference!r} {problem}; the groups are: {labels}")
 
 
 def paired_difference(group: RunGroup, reference: RunGroup, key: str) -> Estimate:

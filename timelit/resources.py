@@ -7,6 +7,7 @@ that `timelit fit --config best_in_time.yaml` works from any directory (ARCHITEC
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -45,7 +46,12 @@ def resolve_config(name: str) -> Path:
     for candidate in (shipped / name, shipped / f"{name}.yaml"):
         if candidate.is_file():
             return candidate
-    available = sorted(str(p.relative_to(shipped)) for p in shipped.rglob("*.yaml"))
+    available = sorted(p.relative_to(shipped) for p in shipped.rglob("*.yaml"))
+    # A misspelt name is compared with each config's path and its file name, both without `.yaml`.
+    spellings = {form: str(p) for p in available for form in (str(p.with_suffix("")), p.stem)}
+    close = difflib.get_close_matches(name.removesuffix(".yaml"), list(spellings), n=6)
+    suggested = list(dict.fromkeys(spellings[form] for form in close))[:3]
+    hint = f"did you mean {' or '.join(suggested)}?" if suggested else f"{shipped / 'README.md'} lists them"
     raise FileNotFoundError(
-        f"config '{name}' is neither a file nor a shipped config. Shipped configs ({shipped}): {', '.join(available)}"
+        f"config '{name}' is neither a file nor one of the {len(available)} configs shipped in {shipped}; {hint}"
     )

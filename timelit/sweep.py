@@ -66,6 +66,7 @@ from typing import Any, Literal
 import yaml
 
 from timelit.atomic import write_text
+from timelit.errors import UserError, did_you_mean
 from timelit.resources import PACKAGE_DIR, configs_dir, resolve_config
 from timelit.sweep_points import Point, is_complete
 
@@ -101,7 +102,7 @@ _RESERVED_SBATCH = {
 _NAME = re.compile(r"^[A-Za-z0-9._+-]+$")
 
 
-class GridError(ValueError):
+class GridError(UserError, ValueError):
     """A sweep grid that cannot be expanded; the message names the file and the key."""
 
 
@@ -109,7 +110,7 @@ class QueueError(RuntimeError):
     """squeue is missing or failed, so nobody knows which points are queued or running."""
 
 
-class LauncherOptionError(ValueError):
+class LauncherOptionError(UserError, ValueError):
     """An option of one launcher given to the other (`--concurrency` to the local one, `--parallel` to Slurm)."""
 
 
@@ -167,7 +168,8 @@ def find_grid(grid: str) -> Path:
             return candidate
     available = sorted(p.stem for p in sweeps.glob("*.yaml")) if sweeps.is_dir() else []
     raise FileNotFoundError(
-        f"sweep grid '{grid}' is neither a file nor a shipped grid; shipped: {', '.join(available)}"
+        f"sweep grid '{grid}' is neither a file nor a shipped grid{did_you_mean(grid, available, n=1)}; shipped: "
+        f"{', '.join(available)}"
     )
 
 

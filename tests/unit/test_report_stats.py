@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from timelit.errors import UserError
 from timelit.report import load_runs, report_command
 from timelit.report_stats import estimate, group_runs, paired_difference, reference_group, t_quantile_975
 
@@ -144,6 +145,6 @@ def test_the_reference_is_chosen_by_label_and_a_wrong_one_lists_the_groups(sweep
     assert "Paired differences from zs/all · average" in capsys.readouterr().out
     report_command([str(sweep)], out=str(tmp_path / "b"), plots=False, reference="ft/ft")  # the start of one label
     assert "Paired differences from ft/ft · interpolation" in capsys.readouterr().out
-    with pytest.raises(ValueError, match=r"'ema/all' matches no group; the groups are: 'ema/ema · interpolation'"):
+    with pytest.raises(UserError, match=r"'ema/all' matches no group; the groups are: 'ema/ema · interpolation'"):
         report_command([str(sweep)], out=str(tmp_path / "c"), plots=False, reference="ema/all")
     assert not (tmp_path / "c").exists()  # checked before anything is written

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from timelit.data.manifest import DatasetManifest
+from timelit.errors import UserError
 
 Variant = Literal["auto", "original", "224"]
 RESIZED_SIZE = 224
@@ -40,7 +41,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".gif", ".ti
 METADATA_SUBDIRS = ("00_info", "data_lib/00_info", ".")
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError, ValueError):
     """A source folder does not match its layout or its manifest; the message names the file and lists every case."""
 
 

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
+from timelit.errors import UserError
 from timelit.resources import manifests_dir
 
 Role = Literal["adapt", "eval"]
@@ -37,7 +38,7 @@ _OPTIONAL_KEYS = {"citation", "notes"}
 _SPLIT_KEYS = {"num_samples"}
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """A manifest is malformed; the message names the file and the key."""
 
 
