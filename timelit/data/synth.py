@@ -26,13 +26,15 @@ datasets they share, the same pool and so the same base model.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import json
 import logging
 import math
 import random
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +45,7 @@ from tqdm import tqdm
 from timelit.atomic import write_text
 from timelit.data import synth_draw as draw
 from timelit.data.shards import ShardWriter, sample_key
+from timelit.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -453,6 +456,34 @@ def is_ready(root: str | Path) -> bool:
         return False  # absent, unreadable or not ours to trust: written again
 
 
+class NotOurFolderError(UserError, FileExistsError):
+    """The benchmark's folder holds files that are not a quickstart benchmark of ours."""
+
+
+@contextlib.contextmanager
+def _writer_lock(root: Path) -> Iterator[None]:
+    """Hold an exclusive flock(2) on `<parent>/.<name>.lock` while the benchmark in `root` is checked and written.
+
+    Two first runs at once (two points of a sweep, two users of one home) would otherwise both find the folder
+    unfinished, and the second would clear what the first was writing. With the lock the second waits, then finds
+    the benchmark complete. The kernel drops the lock of a writer that dies, however it dies, so a killed writer
+    never blocks the next one (which clears its half-written folder, see `_claim`). The lock file lies beside
+    `root`, not in it, so that `root` stays empty for `_claim`, and it is left in place: removing it would let a
+    waiter lock a file that a newcomer no longer sees.
+    """
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is writing the quickstart benchmark into %s; waiting for it", root)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _claim(root: Path) -> None:
     """Make `root` an empty folder for a benchmark, clearing it only if what it holds is one of ours.
 
@@ -465,7 +496,7 @@ def _claim(root: Path) -> None:
     ours = (root / READY_FILE).is_file() or (root / WRITING_FILE).is_file()
     if entries and not ours:
         shown = ", ".join(entry.name for entry in entries[:5]) + (", ..." if len(entries) > 5 else "")
-        raise FileExistsError(
+        raise NotOurFolderError(
             f"{root} is not empty ({shown}) and holds no quickstart benchmark ({READY_FILE} or {WRITING_FILE}): "
             "refusing to write the quickstart benchmark over it. Choose an empty or new folder, or, if this folder "
             "holds real data that a config should read, set `data.init_args.synthesize_if_missing: false`"
@@ -488,14 +519,23 @@ def synthesize(
     """Write the quickstart benchmark (shards, manifests, stream, pool) and train its base model into `root`.
 
     Does nothing when `root` already holds a complete benchmark (`READY.json`); a half-written one is removed and
-    written again. A folder that holds anything else is refused, never cleared (`_claim`). `scale` multiplies every
-    dataset's size (tests use a small one); `size` picks the datasets (`SIZES`).
+    written again. A folder that holds anything else is refused, never cleared (`_claim`). Processes that call this
+    at once for one folder take turns (`_writer_lock`): one writes, the others wait and find it complete. `scale`
+    multiplies every dataset's size (tests use a small one); `size` picks the datasets (`SIZES`).
     """
     if size not in SIZES:
         raise ValueError(f"unknown benchmark size {size!r}; choose one of {sorted(SIZES)}")
     root = Path(root).expanduser()
     if is_ready(root) and not force:
         return root
+    with _writer_lock(root):
+        if is_ready(root) and not force:
+            return root  # written by the process this one waited for
+        _write(root, seed, scale, base_model, base_steps, size)
+    return root
+
+
+def _write(root: Path, seed: int, scale: float, base_model: str, base_steps: int, size: str) -> None:
     _claim(root)
     specs = [spec for spec in DATASETS if spec.name in SIZES[size]]
     splits = [
@@ -530,4 +570,3 @@ def synthesize(
         ),
     )
     (root / WRITING_FILE).unlink()
-    return root

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -111,3 +113,23 @@ def test_a_small_base_knows_the_held_out_skills_and_not_the_adaptation_concepts(
 
     assert above_chance("eval") >= above_chance("adapt") + 20, report
     assert above_chance("adapt") <= 10, report
+
+
+def test_a_second_writer_waits_for_the_first_instead_of_clearing_its_half_written_benchmark(tmp_path):
+    """Two first runs at once (two sweep points): the later one waits, then finds the benchmark complete."""
+    root = tmp_path / "quickstart"
+    second = (
+        "import logging; logging.basicConfig(level=logging.INFO)\n"
+        "from timelit.data import synth\n"
+        f"synth.synthesize({str(root)!r}, scale=0.02, base_model={MICRO!r}, base_steps=2)\n"
+    )
+    with synth._writer_lock(root):  # this test is the first writer
+        waiting = subprocess.Popen([sys.executable, "-c", second], stderr=subprocess.PIPE, text=True)
+        first_line = waiting.stderr.readline()  # type: ignore[union-attr]
+        assert "waiting for it" in first_line, first_line
+        synth._write(root, seed=0, scale=0.02, base_model=MICRO, base_steps=2, size="quickstart")
+        ready = (root / synth.READY_FILE).stat().st_mtime_ns
+    rest = waiting.communicate(timeout=120)[1]
+    assert waiting.returncode == 0, rest
+    assert "quickstart datasets" not in rest and "base model" not in rest  # it wrote nothing
+    assert synth.is_ready(root) and (root / synth.READY_FILE).stat().st_mtime_ns == ready
