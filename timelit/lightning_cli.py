@@ -2,6 +2,10 @@
 
 Kept apart from timelit/cli.py, which every `timelit` command imports: importing Lightning takes ~7 s on a small
 machine, and `timelit sweep`, `timelit report` or `timelit --help` should not wait for it.
+
+What a user sees is set here too: Lightning's log lines once and without its tips (`quiet_lightning`), a model summary
+with the measured GFLOPs per step (`install_step_cost_summary`), parse errors in one line (`TimeArgumentParser`) and
+a summary at the end of fit (`TimeLightningCLI.after_fit`).
 """
 
 from __future__ import annotations

@@ -69,6 +69,11 @@ BAD_INPUTS = {
         ["fit", "--config", "quickstart.yaml", "--protocol.tehcnique", "ties"], "(did you mean '--protocol.technique'?)"
     ),
     "fit: unknown method": (["fit", "--config", "quickstart.yaml", "--protocol.technique", "tiez"], "'ties'"),
+    "fit: unknown dataset": (
+        ["fit", "--config", "quickstart.yaml", *MICRO, "--data.init_args.data_root", "{bench}",
+         "--data.init_args.manifests", "{bench}", "--data.init_args.pretraining_pool", "SYNTH_POOLL"],
+        "unknown pretraining pool 'SYNTH_POOLL' (not in {bench}/pools). Did you mean 'SYNTH_POOL'?",
+    ),
     "validate: missing checkpoint": (
         ["validate", "--config", "quickstart.yaml", *MICRO, "--data.init_args.data_root", "{bench}",
          "--data.init_args.manifests", "{bench}", "--ckpt_path", "{empty}/last.ckpt"],
