@@ -408,6 +408,6 @@ def test_a_config_named_like_a_grid_beside_the_grid_is_the_shipped_config(tmp_pa
     (point, _) = expand(load_grid(grid), tmp_path / "runs")
     assert point.argv[2] == str((configs_dir() / "quickstart.yaml").resolve())
     assert [p.name for p in expand(load_grid(find_grid("science")), tmp_path / "runs")][:2] == [
-        "protocol=multitask,seed=0",
-        "protocol=multitask,seed=1",
+        "protocol=ft_ft,seed=0",
+        "protocol=ft_ft,seed=1",
     ]
