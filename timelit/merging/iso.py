@@ -40,8 +40,8 @@ from timelit.merging.whole import WholeTensor
 def task_sum(tensor: WholeTensor, kept: Sequence[int]) -> torch.Tensor:
     """tau_s = sum_i tau_i in float32, in store order."""
     total = tensor.task_vector(kept[0])
-    for i in kept[1:]:
-        total += tensor.task_vector(i)
+    for tau in tensor.task_vectors(kept[1:]):
+        total += tau
     return total
 
 
@@ -93,8 +93,7 @@ class IsoCts(SpectralTechnique):
             return u.mul_(mean_singular_value(s)) @ vh
         lefts, values, rights = [u[:, :common]], [s[:common]], [vh[:common].T]
         basis = u[:, :common]
-        for i in kept:
-            tau = tensor.task_vector(i)
+        for tau in tensor.task_vectors(kept):
             tau -= basis @ (basis.T @ tau)
             u_i, s_i, vh_i = svd(tau)
             lefts.append(u_i[:, :per_task].clone())

@@ -62,5 +62,5 @@ class Tsv(SpectralTechnique):
     def merge_matrix(self, tensor: WholeTensor, kept: Sequence[int]) -> torch.Tensor:
         if len(kept) == 1:
             return tensor.task_vector(kept[0])
-        left, values, right = tsv_factors((tensor.task_vector(i) for i in kept), len(kept))
+        left, values, right = tsv_factors(tensor.task_vectors(kept), len(kept))
         return (left * values) @ right.T

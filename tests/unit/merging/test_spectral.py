@@ -28,9 +28,9 @@ def test_only_matrices_are_read_whole_and_the_rest_is_streamed_in_chunks(clip_ba
     read: list[str] = []
     original = whole.read_whole
 
-    def recording(source, key: str) -> torch.Tensor:
+    def recording(source, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
         read.append(key)
-        return original(source, key)
+        return original(source, key, out)
 
     monkeypatch.setattr(whole, "read_whole", recording)
     experts = perturbed(clip_base, 3)
