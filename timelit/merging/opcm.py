@@ -155,19 +155,23 @@ class Opcm(SequentialTechnique):
             held[key] = merged.mul_(prior.scale).add_(update)
             held_square += squared_norm(held[key])
         norm = math.sqrt(tau_square)
-        if norm == 0.0:  # theta_0 itself: nothing to merge
-            source = base if prior is None or previous is None else previous
-            return {key: _in_dtype(read_whole(source, key), base, key) for key in keys}, prior and prior.as_dict()
-        if prior is None:
-            return {key: _in_dtype(read_whole(expert, key), base, key) for key in keys}, OpcmState(
-                1.0, norm, 1
-            ).as_dict()
+        if norm == 0.0:  # theta_0 itself: nothing to merge, the merge and its state stay as they were
+            if prior is None or previous is None:
+                return _copy(base, base, keys), None
+            return _copy(previous, base, keys), prior.as_dict()
+        if prior is None:  # the first expert is the merge
+            return _copy(expert, base, keys), OpcmState(scale=1.0, norm_sum=norm, count=1).as_dict()
         count, norm_sum = prior.count + 1, prior.norm_sum + norm
         mean, size = norm_sum / count, math.sqrt(held_square)
         factor = mean / size if size > 0 else 0.0
         out = {key: _in_dtype(held[key].mul_(factor).add_(read_whole(base, key)), base, key) for key in keys}
-        return out, OpcmState(size / mean, norm_sum, count).as_dict()
+        return out, OpcmState(scale=size / mean, norm_sum=norm_sum, count=count).as_dict()
 
 
 def _in_dtype(tensor: torch.Tensor, base: Source, key: str) -> torch.Tensor:
     return tensor.to(base.entries[key].dtype)
+
+
+def _copy(source: Source, base: Source, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The tensors ``keys`` of ``source`` in the base's dtypes."""
+    return {key: _in_dtype(read_whole(source, key), base, key) for key in keys}
