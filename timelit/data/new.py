@@ -67,11 +67,14 @@ class Found:
 
 
 def shown(path: Path) -> str:
-    """A path as printed: relative to the working directory when it lies below it (what the user typed)."""
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
+    """A path as printed: relative to the working directory when it lies below it (what the user typed), else
+    from ~ when it lies in the home folder."""
+    for base, prefix in ((Path.cwd(), ""), (Path.home(), "~/")):
+        try:
+            return prefix + str(path.relative_to(base))
+        except ValueError:
+            continue
+    return str(path)
 
 
 def _is_image(path: Path) -> bool:
@@ -319,7 +322,8 @@ def _fit_config(out: Path, num_tasks: int, concepts: int, manifest_set: Manifest
         config["model"] = {"init_args": {"pretrained": str(base)}}
     config["trainer"] = {"logger": {"init_args": {"name": out.name}}}
     header = (
-        f"# Written by `timelit data new`: a run of the stream of {out} ({concepts} concepts in {num_tasks} tasks).\n"
+        f"# Written by `timelit data new`: a run of the stream of {shown(out)} ({concepts} concepts in {num_tasks} "
+        f"tasks).\n"
         f"#   timelit fit --config quickstart.yaml --config {shown(out / FIT_CONFIG)}\n"
         f"# The run folder is runs/{out.name}/ (trainer.logger's name), so that it neither resumes nor overwrites the\n"
         f"# quickstart's. Edit num_tasks here, or override it: --data.init_args.num_tasks 2.\n"

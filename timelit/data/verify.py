@@ -171,7 +171,10 @@ def _check_some_present(root: Path, manifest_set: ManifestSet) -> None:
     names = [*manifest_set.datasets, *manifest_set.pools]
     if any((root / name).is_dir() for name in names):
         return
-    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    manifest_folders = ("datasets", "classnames", "streams", "pools")  # a set made by `data new` holds its shards
+    found = sorted(
+        p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in manifest_folders
+    )
     holds = f"it holds {', '.join(found[:6])}{', ...' if len(found) > 6 else ''}" if found else "it is empty"
     where = "the shipped FoMo-in-Flux set" if manifest_set.shipped else str(manifest_set.root)
     raise ManifestError(
