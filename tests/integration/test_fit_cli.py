@@ -49,7 +49,7 @@ def test_rerun_resumes_but_refuses_another_experiment(tiny_benchmark, tmp_path, 
     args = quick_fit_args(tiny_benchmark, tmp_path, tasks=1, steps=2)
     run_lightning(args)
     run_lightning([*args, "--data.init_args.num_workers", "1"])  # a setting that does not change results
-    with pytest.raises(ValueError, match=r"another experiment(.|\n)*model.init_args.lr: 0.001 -> 0.01"):
+    with pytest.raises(ValueError, match=r"another experiment(.|\n)*model.init_args.lr: 0.002 -> 0.01"):
         run_lightning([*args, "--model.init_args.lr", "0.01"])
     run_lightning([*args, "--model.init_args.lr", "0.01", "--ckpt_path", "null"])  # explicitly start over
 
