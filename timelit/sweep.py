@@ -437,10 +437,12 @@ def sweep_command(
     the same points run on this machine as `timelit fit` subprocesses (timelit/launch_local.py).
 
     Args:
-        grid: a grid file, or the name of a shipped one (configs/sweeps/): model_size, compute, horizon, quickstart.
+        grid: a grid file, or the name of a shipped one (configs/sweeps/): model_size, compute, horizon (the
+            paper's studies, Slurm), quickstart, science, scaling (docs/science.md, local launcher).
         root: folder of sweeps; point runs go to <root>/<sweep name>/<point name>.
         overrides: extra `--key=value` overrides for every point (after the grid's own), e.g. a data root.
-        only: submit only the points whose name matches one of these shell patterns (`model=ViT-L-14,*`).
+        only: submit only the points whose name matches one of these shell patterns (`model=ViT-L-14,*`); several
+            as a quoted list: `--only '["variant=a,*", "variant=b,*"]'`.
         concurrency: at most this many array tasks of each array job run at once (`--array=...%N`); default no limit.
         sbatch: extra sbatch options, e.g. `[--partition=gpu, --account=abc, --time=24:00:00]`; after the grid's
             `sbatch:` and `resources:`, so they win. Not `--job-name`/`-J` nor `--array`: timelit sets those.
