@@ -396,7 +396,7 @@ def _seed_step_before(seed: int) -> None:
 
 
 def _every_step(trainer: Any) -> bool:
-    """`reaches_logger` before timelit.log_steps: every step logs every scalar."""
+    """`reaches_logger` before the fix (timelit.lightning_internals): every step logs every scalar."""
     return True
 
 

@@ -104,6 +104,9 @@ def fake_trainer(task: int, num_tasks: int) -> Any:
         state=SimpleNamespace(fn=TrainerFn.FITTING),
         datamodule=SimpleNamespace(num_tasks=num_tasks),
         max_epochs=num_tasks,
+        log_dir=None,  # the run folder; unused, as the store_dir of TimeMerge is set and no task here is the last
+        default_root_dir=".",
+        checkpoint_callback=None,  # no last.ckpt is written here
     )
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from timelit import early_signals
+from timelit import early_signals, lightning_internals
 from timelit.errors import OneLineParserErrors
 from timelit.resources import PACKAGE_DIR
 
@@ -105,7 +105,8 @@ class TimeLightningCLI(LightningCLI):
         if not saved.is_file() or not any(run_dir.glob("checkpoints/last*.ckpt")):
             return
         # Both sides as SaveConfigCallback writes them, so that tuples, paths and numbers compare alike.
-        current = yaml.safe_load(self._parser("fit").dump(self.config.fit, skip_none=False, skip_validation=True))
+        parser = lightning_internals.subcommand_parser(self, "fit")
+        current = yaml.safe_load(parser.dump(self.config.fit, skip_none=False, skip_validation=True))
         differences = config_differences(yaml.safe_load(saved.read_text()) or {}, current)
         if differences:
             raise ValueError(
@@ -122,15 +123,19 @@ class TimeLightningCLI(LightningCLI):
         AtomicCheckpointIO unless the config chose a CheckpointIO (`install_atomic_checkpoint_io`)."""
         from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
 
-        configured = self._get(self.config_init, "trainer", default={}).get("plugins") or []
+        configured = self._trainer_config().get("plugins") or []
         configured = configured if isinstance(configured, list) else [configured]
         if SLURMEnvironment.detect() and not any(isinstance(p, ClusterEnvironment) for p in configured):
             kwargs["plugins"] = [*configured, SLURMEnvironment(auto_requeue=False)]
         trainer = super().instantiate_trainer(**kwargs)
         install_atomic_checkpoint_io(trainer)
-        configured = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+        configured = self._trainer_config().get("callbacks") or []
         install_step_cost_summary(trainer, configured if isinstance(configured, list) else [configured])
         return trainer
+
+    def _trainer_config(self) -> Any:
+        """The `trainer` section of the instantiated config, inside the subcommand's section when there is one."""
+        return self.config_init.get(str(self.subcommand), self.config_init).get("trainer") or {}
 
     def after_fit(self) -> None:
         """The run in a few lines on stdout: A_KA / A_ZS / GM from zero-shot to the last task done, the run folder

@@ -24,7 +24,7 @@ from open_clip.loss import ClipLoss
 from timelit.clip import build_clip, load_pretrained
 from timelit.data.datamodule import Preprocessing
 from timelit.evaluation.evaluator import ZeroShotEvaluator
-from timelit.log_steps import reaches_logger
+from timelit.lightning_internals import reaches_logger
 from timelit.optim import TaskCosineSchedule, parameter_groups
 from timelit.seeding import mix_seed, seed_step
 

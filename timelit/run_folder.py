@@ -24,7 +24,7 @@ def run_folders(trainer: Any) -> list[Path]:
     """The folders the fit writes into: the run folder, its checkpoint folder and its experts folder (each
     callback's `store_directory(run_dir)`, e.g. TimeMerge's).
 
-    Resolved here without `timelit.callbacks.results.run_directory`, which caches the run folder on the trainer:
+    Resolved here without `timelit.callbacks.results.run_directory`, which caches the run folder per trainer:
     cached on rank 0 alone, it would spare rank 0 a broadcast that the other ranks make in `setup`, and DDP would
     hang there."""
     from lightning.pytorch.callbacks import ModelCheckpoint

@@ -33,7 +33,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from timelit.flops import AttentionCount, Rounding, StepCost, measure_step, steps_for_budget
-from timelit.log_steps import reaches_logger
+from timelit.lightning_internals import reaches_logger
 
 log = logging.getLogger(__name__)
 

@@ -28,6 +28,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 from typing_extensions import override
 
+from timelit import lightning_internals
 from timelit.atomic import remove_temporaries, replace_with, temporary_path
 from timelit.disk_space import is_disk_full, write_error
 
@@ -102,7 +103,9 @@ class StreamCheckpoint(ModelCheckpoint):
 
     @override
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        # Every save of this callback comes through here (periodic, task-end, Preemption's, on an exception).
+        # Every save of this callback comes through here (periodic, task-end, Preemption's, on an exception). A
+        # private method of ModelCheckpoint: tests/unit/test_lightning_internals.py checks that Lightning still
+        # saves through it (timelit.lightning_internals).
         try:
             super()._save_checkpoint(trainer, filepath)
         except BaseException as error:
@@ -136,7 +139,7 @@ class StreamCheckpoint(ModelCheckpoint):
         process would hang at exit (issue 20).
         """
         failed_save, self._failed_save = self._failed_save, None
-        if not self._should_save_on_exception(trainer):
+        if not lightning_internals.should_save_on_exception(self, trainer):
             return
         if trainer.world_size > 1:
             # Logged by the rank that failed: the others do not get here while they wait in a collective.
@@ -155,7 +158,7 @@ class StreamCheckpoint(ModelCheckpoint):
         on_last_batch = trainer.fit_loop.epoch_loop.batch_progress.current.ready >= trainer.num_training_batches
         if in_training and not on_last_batch:
             try:
-                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+                lightning_internals.save_last_checkpoint(self, trainer)
             except Exception as error:
                 log.error("last.ckpt could not be saved after %s: %s", type(exception).__name__, error)
 
@@ -163,7 +166,7 @@ class StreamCheckpoint(ModelCheckpoint):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.fast_dev_run or trainer.sanity_checking:
             return
-        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        lightning_internals.save_last_checkpoint(self, trainer)
 
 
 def _chain(exception: BaseException) -> Iterator[BaseException]:

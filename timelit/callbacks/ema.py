@@ -40,8 +40,15 @@ class StepEMA(WeightAveraging):
     def __init__(self, decay: float = 0.999, update_every_n_steps: int = 1, device: str | None = None):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"StepEMA decay must lie in [0, 1), got {decay}")
-        super().__init__(device=device, use_buffers=True, multi_avg_fn=get_ema_multi_avg_fn(decay))
+        multi_avg_fn = get_ema_multi_avg_fn(decay)
+        super().__init__(device=device, use_buffers=True, multi_avg_fn=multi_avg_fn)
+        # This callback's own state: every hook of WeightAveraging that reads the base class's (private) state is
+        # overridden below, so nothing here depends on Lightning's private attributes.
         self.decay, self.update_every_n_steps = decay, update_every_n_steps
+        self.average_device = torch.device(device) if isinstance(device, str) else device
+        self.multi_avg_fn = multi_avg_fn
+        self.average_model: AveragedModel | None = None
+        self.latest_update_step = 0  # the global step of the latest update
         self.task = -1
         self._pending: dict[str, Any] | None = None
 
@@ -51,9 +58,11 @@ class StepEMA(WeightAveraging):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit" and self._average_model is None:
-            device = self._device or pl_module.device
-            self._average_model = AveragedModel(pl_module.model, device=device, use_buffers=True, **self._kwargs)
+        if stage == "fit" and self.average_model is None:
+            device = self.average_device or pl_module.device
+            self.average_model = AveragedModel(
+                pl_module.model, device=device, use_buffers=True, multi_avg_fn=self.multi_avg_fn
+            )
             if self._pending is not None:
                 self.load_state_dict(self._pending)
 
@@ -61,16 +70,16 @@ class StepEMA(WeightAveraging):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # `setup` runs before the strategy moves the model to its device: an average built there would stay on the
         # CPU and copy every parameter to the host at each update.
-        if self._device is None and self._average_model is not None:
-            self._average_model.to(pl_module.device)
+        if self.average_device is None and self.average_model is not None:
+            self.average_model.to(pl_module.device)
 
     @override
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if trainer.current_epoch != self.task:  # a new task: the next update restarts the average from the weights
-            assert self._average_model is not None
-            self._average_model.n_averaged.zero_()
+            assert self.average_model is not None
+            self.average_model.n_averaged.zero_()
             self.task = trainer.current_epoch
 
     @override
@@ -82,10 +91,10 @@ class StepEMA(WeightAveraging):
     def _update(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Fold in this step's weights, once per step whoever asks first."""
         step_idx = trainer.global_step - 1
-        if trainer.global_step > self._latest_update_step and self.should_update(step_idx=step_idx):
-            assert self._average_model is not None
-            self._average_model.update_parameters(pl_module.model)
-            self._latest_update_step = trainer.global_step
+        if trainer.global_step > self.latest_update_step and self.should_update(step_idx=step_idx):
+            assert self.average_model is not None
+            self.average_model.update_parameters(pl_module.model)
+            self.latest_update_step = trainer.global_step
 
     def averaged_weights(
         self, trainer: L.Trainer | None = None, pl_module: L.LightningModule | None = None
@@ -95,10 +104,10 @@ class StepEMA(WeightAveraging):
         Given the trainer and module, the current step is folded in first, so the answer does not depend on whether
         TimeMerge's batch-end hook runs before or after this callback's.
         """
-        assert self._average_model is not None, "StepEMA used before setup()"
+        assert self.average_model is not None, "StepEMA used before setup()"
         if trainer is not None and pl_module is not None:
             self._update(trainer, pl_module)
-        return {k: v.detach().to("cpu", copy=True) for k, v in self._average_model.module.state_dict().items()}
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.average_model.module.state_dict().items()}
 
     # Lightning's hooks that this callback deliberately does not use (see the module docstring).
     @override
@@ -125,20 +134,20 @@ class StepEMA(WeightAveraging):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"latest_update_step": self._latest_update_step, "task": self.task}
-        if self._average_model is not None:
+        state: dict[str, Any] = {"latest_update_step": self.latest_update_step, "task": self.task}
+        if self.average_model is not None:
             state["average"] = self.averaged_weights()  # no update here: saving must not change the average
-            state["n_averaged"] = self._average_model.n_averaged.detach().cpu().clone()
+            state["n_averaged"] = self.average_model.n_averaged.detach().cpu().clone()
         return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self._average_model is None:
+        if self.average_model is None:
             self._pending = state_dict
             return
-        self._latest_update_step = int(state_dict["latest_update_step"])
+        self.latest_update_step = int(state_dict["latest_update_step"])
         self.task = int(state_dict["task"])
         if "average" in state_dict:
-            self._average_model.module.load_state_dict(state_dict["average"])
-            self._average_model.n_averaged.copy_(state_dict["n_averaged"])
+            self.average_model.module.load_state_dict(state_dict["average"])
+            self.average_model.n_averaged.copy_(state_dict["n_averaged"])
         self._pending = None

@@ -67,7 +67,7 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from typing_extensions import override
 
-from timelit import early_signals
+from timelit import early_signals, lightning_internals
 
 log = logging.getLogger(__name__)
 
@@ -155,16 +155,13 @@ class Preemption(Checkpoint):
                 self._previous.setdefault(signum, previous)
 
     def _restore_handlers(self, trainer: L.Trainer) -> None:
-        # Where Lightning did register its handlers (see _keep_lightning_handlers_off), it recorded this callback's
-        # as the ones to restore; after an exception it restores them *after* `on_exception`, so its record is
-        # corrected too.
-        recorded = getattr(getattr(trainer, "_signal_connector", None), "_original_handlers", None)
+        # Where Lightning did register its handlers, it recorded this callback's as the ones to restore; after an
+        # exception it restores them *after* `on_exception`, so its record is corrected too.
         for signum, previous in self._previous.items():
             previous = previous if previous is not None else signal.SIG_DFL
             if threading.current_thread() is threading.main_thread():
                 signal.signal(signum, previous)
-            if isinstance(recorded, dict) and recorded.get(signum) == self._on_signal:
-                recorded[signum] = previous
+            lightning_internals.replace_recorded_handler(trainer, signum, self._on_signal, previous)
         self._previous = {}
 
     # ------------------------------------------------------------------ lifecycle
@@ -200,32 +197,14 @@ class Preemption(Checkpoint):
 
     @staticmethod
     def _keep_lightning_handlers_off(trainer: L.Trainer) -> None:
-        """Make this fit's `trainer._signal_connector.register_signal_handlers()` install nothing.
+        """Keep Lightning from installing its signal handlers in this fit (timelit.lightning_internals).
 
-        Lightning calls it after the `setup` hooks, just before the run; in a fit it would wrap SIGTERM in a handler
-        that broadcasts inside the handler (PL#21406) and forwards the signal to launched children. Until
-        `on_sanity_check_start` / `on_train_start` took SIGTERM back, a SIGTERM to one rank could hang DDP in that
-        window (the run's barrier, building the first task's loader on a resume). With Lightning's handler never
-        installed, `trainer.received_sigterm` stays False, as it did after those hooks, and this callback's handlers
-        stay in place from `setup` to `teardown`. Lightning records no handlers to restore; this callback restores
-        its own. Undone at `teardown` / `on_exception`, so a later `validate` on the same trainer is Lightning's.
-        """
-        connector = getattr(trainer, "_signal_connector", None)
-        if connector is None or not callable(getattr(connector, "register_signal_handlers", None)):
+        Lightning would install them after `setup`, just before the run, wrapping SIGTERM in a handler that
+        broadcasts inside the handler (PL#21406); until `on_sanity_check_start` / `on_train_start` took SIGTERM back,
+        a SIGTERM to one rank could hang DDP in that window (the run's barrier, building the first task's loader on a
+        resume). Undone at `teardown` / `on_exception`, so a later `validate` on the same trainer is Lightning's."""
+        if not lightning_internals.keep_signal_handlers_off(trainer):
             log.debug("Preemption: this Lightning has no signal connector to keep off; handlers retaken at start")
-            return
-
-        def register_nothing() -> None:
-            connector.received_sigterm = False
-            connector._original_handlers = {}
-
-        connector.register_signal_handlers = register_nothing
-
-    @staticmethod
-    def _let_lightning_handlers_back(trainer: L.Trainer) -> None:
-        connector = getattr(trainer, "_signal_connector", None)
-        if connector is not None:
-            vars(connector).pop("register_signal_handlers", None)
 
     @staticmethod
     def _turn_off_lightning_requeue(trainer: L.Trainer) -> None:
@@ -233,8 +212,7 @@ class Preemption(Checkpoint):
         Configs should say so (`trainer.plugins: SLURMEnvironment(auto_requeue=false)`); this makes sure."""
         from lightning.fabric.plugins.environments import SLURMEnvironment
 
-        connector = getattr(trainer, "_accelerator_connector", None)
-        environment = getattr(connector, "cluster_environment", None)
+        environment = lightning_internals.cluster_environment(trainer)
         if isinstance(environment, SLURMEnvironment) and environment.auto_requeue:
             log.info("Preemption handles the Slurm signals: Lightning's SLURM auto-requeue is turned off")
             environment.auto_requeue = False
@@ -298,7 +276,7 @@ class Preemption(Checkpoint):
             return
         self._active = False
         self._restore_handlers(trainer)
-        self._let_lightning_handlers_back(trainer)
+        lightning_internals.let_signal_handlers_back(trainer)
         if self._received:
             names = ", ".join(signal.Signals(s).name for s in sorted(self._received))
             log.warning("%s arrived after the last training step: the run finished normally", names)
@@ -308,7 +286,7 @@ class Preemption(Checkpoint):
         if self._active:
             self._active = False
             self._restore_handlers(trainer)
-            self._let_lightning_handlers_back(trainer)
+            lightning_internals.let_signal_handlers_back(trainer)
 
     # ------------------------------------------------------------------ acting
 
@@ -332,9 +310,9 @@ class Preemption(Checkpoint):
         """last.ckpt of this step through each save_last ModelCheckpoint (every rank calls; rank 0 writes)."""
         for callback in self._checkpoints:
             # The periodic save may have run at this very step (checkpoint callbacks before this one).
-            saved = getattr(callback, "_last_global_step_saved", None) == trainer.global_step
+            saved = lightning_internals.last_saved_step(callback) == trainer.global_step
             if not (saved and callback.last_model_path):
-                callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+                lightning_internals.save_last_checkpoint(callback, trainer)
         return self._checkpoints[0].last_model_path or None
 
     def _stop(self, trainer: L.Trainer, signum: int, where: str) -> None:

@@ -28,6 +28,7 @@ import dataclasses
 import json
 import logging
 import math
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -62,16 +63,22 @@ def _as_dict(value: Any) -> Any:
     return dataclasses.asdict(value) if dataclasses.is_dataclass(value) and not isinstance(value, type) else value
 
 
+# Run directories by trainer, held no longer than the trainer itself (nothing is set on the trainer).
+_RUN_DIRECTORIES: weakref.WeakKeyDictionary[Any, Path] = weakref.WeakKeyDictionary()
+
+
 def run_directory(trainer: L.Trainer) -> Path:
-    """The run directory (the logger's log_dir), cached on the trainer.
+    """The run directory (the logger's log_dir), resolved once per trainer.
 
     `trainer.log_dir` broadcasts from rank 0, a collective under DDP: every rank must resolve it at the same moment
     (timelit's callbacks do it in `setup`), and code that runs on rank 0 alone then reads the cached value.
     """
-    cached = getattr(trainer, "_timelit_run_dir", None)
+    try:
+        cached = _RUN_DIRECTORIES.get(trainer)
+    except TypeError:  # a stand-in trainer that cannot be weakly referenced (tests): resolved at every call
+        return Path(trainer.log_dir or trainer.default_root_dir)
     if cached is None:
-        cached = Path(trainer.log_dir or trainer.default_root_dir)
-        trainer._timelit_run_dir = cached  # type: ignore[attr-defined]
+        cached = _RUN_DIRECTORIES[trainer] = Path(trainer.log_dir or trainer.default_root_dir)
     return cached
 
 

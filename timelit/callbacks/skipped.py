@@ -32,7 +32,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
 from timelit.data.skips import Skip, SkipLedger
-from timelit.log_steps import reaches_logger
+from timelit.lightning_internals import reaches_logger
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,8 @@ def trainer(run_dir: Path, writer: Writer) -> SimpleNamespace:
     stream = Stream("incremental", [[Concept(name, "x")] for name in "ABC"], [{}, {}, {}])
     datamodule = SimpleNamespace(stream=stream, num_tasks=3, mixture=Mixture(0.0, 1.0, 0.0), seed=7)
     return SimpleNamespace(
-        _timelit_run_dir=run_dir,
+        log_dir=str(run_dir),
+        default_root_dir=str(run_dir),
         lightning_module=None,
         datamodule=datamodule,
         callbacks=[],

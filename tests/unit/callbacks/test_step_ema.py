@@ -67,9 +67,9 @@ def test_the_average_follows_the_model_to_its_training_device():
     ema.setup(None, model, "fit")
     model.device = torch.device("meta")  # what the strategy did between `setup` and `on_fit_start`
     ema.on_fit_start(None, model)
-    assert {p.device.type for p in ema._average_model.parameters()} == {"meta"}
-    assert ema._average_model.n_averaged.device.type == "meta"
+    assert {p.device.type for p in ema.average_model.parameters()} == {"meta"}
+    assert ema.average_model.n_averaged.device.type == "meta"
     pinned = StepEMA(device="cpu")
     pinned.setup(None, model, "fit")
     pinned.on_fit_start(None, model)
-    assert {p.device.type for p in pinned._average_model.parameters()} == {"cpu"}
+    assert {p.device.type for p in pinned.average_model.parameters()} == {"cpu"}
