@@ -2,33 +2,16 @@
 
     timelit budget --model_name ViT-B-16 --batch_size 512 --total_gflops 1.8e9 --num_tasks 20
 
-FoMo-in-Flux (arXiv 2408.14471, Sec. 3 and its `flops_computation.py`) gives every method the same compute: a total
-GFLOP budget split evenly over the tasks, where one step is measured with `torch.utils.flop_counter.FlopCounterMode`
-around one forward and backward pass on a global batch. timelit measures the same step: the open_clip model encodes
-`batch_size` images and captions, open_clip's `ClipLoss` (the loss `CLIPFineTuner.training_step` uses) scores the
-B x B similarities, and the loss is back-propagated. The model is built on the meta device, so counting costs no
-memory and no arithmetic (ViT-B-16 at batch 512 takes about two seconds of Python).
+One step as FoMo-in-Flux's `flops_computation.py` measures it: the open_clip model encodes `batch_size` images and
+captions, open_clip's `ClipLoss` (as in `CLIPFineTuner.training_step`) scores the B x B similarities, and the loss
+is back-propagated, inside `torch.utils.flop_counter.FlopCounterMode`. Matrix products, convolutions and attention
+count (2 FLOPs per multiply-add); element-wise work does not, as in the reference. The model is built on the meta
+device, so counting costs no memory and no arithmetic (ViT-B-16 at batch 512: about two seconds of Python).
 
-What is counted and what is not. FlopCounterMode counts matrix products, convolutions and attention (2 FLOPs per
-multiply-add); element-wise work (GELU, layer norm, softmax, AdamW, gradient clipping) is not counted, as in the
-reference. The image tensor needs no gradient, so the patch-embedding convolution has a weight gradient only.
-
-Attention (`attention=`). On a GPU, `scaled_dot_product_attention` runs a fused kernel (flash or memory-efficient);
-its backward recomputes the score matrix Q K^T, and the FLOP counter counts that: 2 matrix products forward, 5
-backward. The meta device (and a CPU) only has the unfused "math" path, whose backward is 4 products. `"fused"`
-(default) routes attention to the memory-efficient kernel's op while counting, so the count is the one the reference
-pipeline measured on its GPUs; `"math"` counts the unfused path. For ViT-B-16 at batch 512 and 224 px:
-
-    fused   63,395.56 GFLOPs per step   reference 63,394.76 (+0.001%): the one difference is open_clip's ClipLoss,
-                                        which computes text @ image^T as a second product where the reference
-                                        transposes the first (0.81 GFLOPs)
-    math    62,992.01 GFLOPs per step   (-0.64%): 403.55 fewer, the recomputed scores of 24 attention layers
-
-Memory-adjusted FLOPs. The reference table charges methods that train fewer parameters (LoRA, BitFit, a locked
-text tower) by memory as well: MAF = GFLOPs x (peak memory of the method / peak memory of full fine-tuning), with
-memory read from `nvidia-smi` after each stage (`memory_computation.py`). timelit trains full fine-tuning, whose
-multiplier is 1; a variant that trains less passes its measured ratio as `multiplier` to the budget, which then
-divides the budget by GFLOPs x multiplier per step.
+`attention="fused"` (default) counts attention as the GPU's fused kernels run it, whose backward recomputes the
+scores (the reference's count: 63,395.56 GFLOPs per ViT-B-16 step at batch 512, reference 63,394.76); `"math"`
+counts the unfused path the meta device has (62,992.01). A `multiplier` charges memory-adjusted FLOPs for a method
+that trains fewer parameters (1 for full fine-tuning). docs/ARCHITECTURE.md ("The compute budget") has the details.
 """
 
 from __future__ import annotations

@@ -5,32 +5,14 @@
                                                                        stopped or killed ones resume from last.ckpt
     timelit report runs/quickstart_sweep
 
-The same array as the Slurm launcher (timelit/sweep.py), run by one process: point i runs `timelit <argv of manifest
-line i>`, exactly the command slurm/array.sbatch runs under srun, with its output appended to
-`<sweep>/logs/<i>.log`. So the run folders, the manifest and the logs are the same whichever launcher ran a point,
-and `timelit report` reads both.
-
-Why each piece is there:
-
-- Resume. `timelit fit` resumes from its run folder's `checkpoints/last.ckpt` (`ckpt_path: last`,
-  timelit/cli_defaults/fit.yaml), and a point's run folder is fixed by the manifest, so re-running the sweep is the
-  whole resume mechanism: a point whose results.json says `complete` is skipped, one with a last.ckpt resumes, the
-  rest start.
-- Stopping. Ctrl-C or SIGTERM to the launcher sends SIGTERM to every running fit (its process group, as Slurm
-  signals a job step); timelit's Preemption callback saves last.ckpt at the next batch boundary and exits 143. The
-  launcher waits for them and exits 128 + its signal. A second Ctrl-C/SIGTERM kills the fits at once (SIGKILL):
-  they then resume from their last periodic last.ckpt. The fits run in their own sessions, so a terminal's Ctrl-C
-  reaches the launcher only, never a fit half-way through saving.
-- One run per folder. Two launchers on one sweep (two terminals, two machines on a shared filesystem) must never
-  train the same run folder at once. Before starting a point the launcher takes `<run dir>/local-run.lock` with
-  flock(2) and writes into it who holds it (host, launcher pid, fit pid, since when); the fit inherits the locked
-  descriptor, so the lock is held while the launcher or its fit lives and is released by the kernel when both have
-  died. A lock file left by a dead holder is therefore taken over without any pid check (which could not see other
-  hosts). The Slurm launcher's lock (`slurm-job.lock`, slurm/array.sbatch) is a different file: do not run one
-  sweep under both launchers at the same time. Each fit also locks its folder itself (`fit.lock`,
-  timelit/folder_lock.py), which keeps out a fit started there by hand.
-- Threads. With N fits sharing the machine, each gets `OMP_NUM_THREADS = max(1, cores // N)` (torch's intra-op
-  threads follow it) unless the environment sets it; and `PYTHONUNBUFFERED=1` unless set, so logs follow the run.
+Point i runs `timelit <argv of manifest line i>`, the command slurm/array.sbatch runs under srun, its output appended
+to `<sweep>/logs/<i>.log`, so run folders, manifest and logs are the same whichever launcher ran a point. Rerunning
+is the whole resume mechanism (a complete point is skipped, one with a last.ckpt resumes). Ctrl-C or SIGTERM sends
+SIGTERM to every fit's process group (each saves and exits 143) and waits; a second one kills them. The fits run in
+their own sessions, so a terminal's Ctrl-C reaches the launcher only. Before starting a point the launcher takes
+`<run dir>/local-run.lock` (flock, inherited by the fit, so it is held while either lives and dropped by the kernel
+when both died); do not run one sweep under both launchers at once, as Slurm's lock is another file. Each fit gets
+`OMP_NUM_THREADS = max(1, cores // N)` and `PYTHONUNBUFFERED=1` unless the environment sets them.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ runs the zero-shot evaluator over one loader per dataset; what it computes is ha
 `last_evaluation` (the TaskResults callback records it).
 
 Checkpoint layout: `state_dict` holds the live training weights under `model.`; the zero-shot weights θ0 are not in
-it: they are rebuilt from `pretrained` in `setup` (ARCHITECTURE.md decision 6: the base weights are immutable).
+it: they are rebuilt from `pretrained` in `setup` (docs/ARCHITECTURE.md decision 6: the base weights are immutable).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 In a wheel, `configs/` and `data_manifests/` are copied to `timelit/_shipped/` (see pyproject.toml); in a source
 checkout (editable install, tests) they sit at the repository root beside the package. Both layouts resolve here so
-that `timelit fit --config best_in_time.yaml` works from any directory (ARCHITECTURE.md, property 5).
+that `timelit fit --config best_in_time.yaml` works from any directory (docs/ARCHITECTURE.md, property 5).
 """
 
 from __future__ import annotations

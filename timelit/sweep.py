@@ -7,45 +7,15 @@ or run them on this machine.
     timelit sweep --grid quickstart --launcher local --parallel 2   no Slurm: fits as subprocesses, 2 at once
     timelit report runs/model_size
 
-A grid (YAML; the shipped ones are in `configs/sweeps/`) names base configs and axes; every combination of one value
-per axis is a point, run as `timelit fit` with the base configs, then each axis value's config fragments and
-overrides, in axis order:
-
-    name: horizon                          # the sweep's folder: <root>/horizon/
-    configs: [best_in_time.yaml]           # every point starts from these (files, or names of shipped configs)
-    overrides: [--trainer.devices=1]       # then these
-    axes:
-      tasks:                               # value name -> config fragments and/or overrides
-        "20": [budget/tasks_20.yaml]
-        "50": [budget/tasks_50.yaml]
-      protocol:
-        ft: [--protocol.init=ft, --protocol.deploy=ft]
-        best_in_time: [--protocol.init=ema, --protocol.deploy=ema]
-      seed: {key: seed_everything, values: [0, 1]}     # shorthand: --seed_everything=<value>
-    exclude: [{tasks: "50", protocol: ft}]              # optional: combinations to leave out
-    sbatch: [--cpus-per-task=8]                         # optional: sbatch options of this study
-    resources:                                          # optional: sbatch options of some points, after `sbatch:`
-      "tasks=200,*": [--time=96:00:00]                  #   (the first shell pattern that matches a point's name)
-    signal_seconds: 900                                 # optional: the SIGUSR1 lead time (default 300 s)
-
-An axis may also be a plain list of config files (each value named by its file stem). A point is named after its
-values, `tasks=20,protocol=ft,seed=0`, and its run directory is `<root>/<sweep>/<point>` (TensorBoardLogger
-`save_dir=<root>/<sweep>`, `name=<point>`, `version=""`), the same at every requeue and resubmission.
-
-`<root>/<sweep>/manifest.jsonl` holds one line per point (index, name, axes, configs, overrides, run_dir, argv);
-array task i runs line i (`slurm/array.sbatch`), logging to `<root>/<sweep>/logs/<i>.log`. Points with the same sbatch
-options go into one array job; all of a sweep's array jobs share one job name, `timelit-<sweep>-<hash>`. A point is
-finished when its run directory holds a results.json with `"complete": true`; those, and points whose array task is
-in `squeue` in an active state, are not submitted again. When `squeue` fails nothing is submitted (a point could be
-running already); `--ignore_queue true` submits anyway, and `slurm/array.sbatch` still refuses to run a point whose
-run directory another live job holds. Requeued tasks read the manifest again, so a manifest that differs from the
-grid's expansion is never overwritten silently (research/ecosystem_reliability_anchors.md §5, recommendation 13).
-
-`--launcher local` (timelit/launch_local.py) runs the same points on one machine: the same manifest, grid.yaml, run
-folders and logs, so `timelit report` reads a sweep whichever launcher ran it. The sbatch-only options
-(`--concurrency`, `--sbatch`, `--signal_seconds`, `--script`, `--ignore_queue`) are refused there, since nothing
-would honour them; the grid's own `sbatch:`, `resources:` and `signal_seconds:` describe the cluster and are ignored,
-so one grid serves both launchers.
+A grid (YAML; the shipped ones are in `configs/sweeps/`, the format in docs/ARCHITECTURE.md, "A sweep grid") names
+base configs and axes; every combination of one value per axis is a point, a `timelit fit` run in
+`<root>/<sweep>/<point>` with the base configs, then each axis value's fragments and overrides in axis order.
+`<root>/<sweep>/manifest.jsonl` holds one line per point; array task i runs line i (`slurm/array.sbatch`), logging to
+`<root>/<sweep>/logs/<i>.log`. A point is finished when its results.json says `"complete": true`; finished points, and
+points whose array task `squeue` shows in an active state, are not submitted again, and nothing is submitted when
+`squeue` fails (`--ignore_queue true` overrides). A manifest that differs from the grid's expansion is never
+overwritten silently, since requeued tasks read it again. `--launcher local` (timelit/launch_local.py) runs the same
+points here and refuses the sbatch-only options.
 """
 
 from __future__ import annotations

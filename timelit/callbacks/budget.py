@@ -10,9 +10,9 @@ budget gives a smaller model or batch more steps. The callback
 * in `setup` (before `configure_optimizers` and `train_dataloader` read it) measures GFLOPs per step for the model and
   the global batch, and sets `data.steps_per_task` = budget per task / (GFLOPs per step x multiplier);
 * at the first batch of every task checks, on every rank together, that the task's loader is exactly that long. A
-  task is an epoch of a sized loader (ARCHITECTURE.md, decision 2): the data module builds `steps_per_task` batches on
-  every rank, so each task ends at its budget on every rank by construction. A loader that would run past the budget
-  is refused before its first step (Lightning has no public way for a callback to end one epoch early);
+  task is an epoch of a sized loader (docs/ARCHITECTURE.md, decision 2): the data module builds `steps_per_task`
+  batches on every rank, so each task ends at its budget on every rank by construction. A loader that would run past
+  the budget is refused before its first step (Lightning has no public way for a callback to end one epoch early);
 * counts the steps and GFLOPs spent, per task and in total: TensorBoard `budget/gflops` (cumulative, per step) and
   `budget/gflops_task` (at each task end), and results.json (`task_record`, `run_record`, read by TaskResults).
 

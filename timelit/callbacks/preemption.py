@@ -3,50 +3,14 @@
     sbatch --signal=SIGUSR1@300 --requeue slurm/train.sbatch ...     a run near its time limit saves and requeues
     kill -TERM <pid of timelit fit>                                   saves last.ckpt, exits with status 143
 
-Slurm sends `SIGUSR1` N seconds before the time limit when the job was submitted with `--signal=SIGUSR1@N`, and
-`SIGTERM` when the job is cancelled, preempted or past its limit (then `SIGKILL` after `KillWait`, 30 s by default).
-What happens here (ARCHITECTURE.md decision 4; research/ecosystem_reliability_anchors.md, recommendation 3):
-
-1. The signal handlers only record which signal arrived. Lightning's own SLURM handler saves a checkpoint and runs
-   `scontrol` inside the handler, and its SIGTERM handler broadcasts inside it; I/O and collectives in a handler
-   can hang a DDP job (Lightning-AI/pytorch-lightning#21406). The handlers are installed in the main process of
-   every rank at `setup`, and Lightning is kept from installing its own during this fit, so no SIGTERM ever reaches
-   Lightning's handler; loader workers ignore both signals (`timelit.data.loaders.ignore_preemption_signals`,
-   PL#20280).
-2. At the end of every training batch, and at the end of every task after its task-end checkpoint, the ranks agree
-   with one all-reduce (MAX) over "SIGTERM seen, requeue signal seen", so a signal delivered to a single rank stops
-   all of them at the same step.
-3. All ranks then save `last.ckpt` through the run's ModelCheckpoint (timelit's StreamCheckpoint): the same file, the
-   same atomic write and the same point in the step as its periodic saves, so `timelit fit` (whose `ckpt_path`
-   defaults to `last`) resumes from it to the same final weights as an uninterrupted run. This callback is a
-   `Checkpoint`, so Lightning runs it after every other callback's batch-end hook (an EMA update of this step is in
-   the file), like ModelCheckpoint.
-4. After a requeue signal under Slurm, rank 0 flushes the loggers and runs `scontrol requeue
-   <SLURM_ARRAY_JOB_ID>_<SLURM_ARRAY_TASK_ID>` (`<SLURM_JOB_ID>` outside an array) while the other ranks wait at a
-   barrier; Slurm keeps the job id, starts it again later, and the same command line resumes ("resumed at step N"
-   in the log). SIGTERM does not requeue: `scancel` means stop, and a job preempted with `PreemptMode=REQUEUE` is
-   requeued by Slurm itself.
-5. Every rank raises `Preempted`, a `SystemExit` with status 128 + signal number (143 for SIGTERM, 138 for SIGUSR1),
-   the shell's convention for "ended by this signal": the run is not finished, and wrappers can tell.
-
-When the signal arrives elsewhere than in the middle of a task:
-
-- during an evaluation: the evaluation is never interrupted. Its metric states are not in any checkpoint, and the
-  ranks may hold different numbers of evaluation batches, so no collective can be placed between them. After a
-  task's evaluation the run stops right after that task's checkpoint (`on_train_epoch_end`, which every rank
-  reaches), so the job does not train on into the next task; after the zero-shot evaluation before the stream it
-  stops at the end of the first training batch. Choose `--signal=SIGUSR1@N` with N longer than one evaluation plus
-  one checkpoint save; a SIGTERM whose `KillWait` ends inside an evaluation loses the work since the previous
-  `last.ckpt`, which is never more than `checkpoint.every_n_train_steps` steps old.
-- on the last batch of a task: nothing is saved there (StreamCheckpoint does not save on a task's last batch either,
-  because Lightning would skip that task's evaluation on resume); the task is evaluated, its task-end checkpoint is
-  written, and the run stops there.
-- during the last task's evaluation, or after the last training step of the stream: nothing is left to resume, so
-  the run finishes normally (exit status 0) and says so in the log.
-- in a loader worker: ignored there; the main process decides (Slurm signals every process of a job step).
-- while `timelit fit` starts up (imports, config, model), before this callback's `setup`: the requeue signal is
-  recorded from the first line of `timelit`'s main (`timelit.early_signals`) and acted on at the first training
-  batch; SIGTERM still ends the process at once, as nothing is there to save yet.
+The signal handlers only record which signal arrived (I/O or a collective inside a handler can hang DDP, PL#21406),
+and Lightning's own handlers are kept off for the fit (timelit.lightning_internals). At the end of every training
+batch, and at the end of every task after its task-end checkpoint, the ranks agree on what arrived with one MAX
+all-reduce; then every rank saves `last.ckpt` through the run's StreamCheckpoint, rank 0 runs `scontrol requeue`
+after the requeue signal under Slurm (not after SIGTERM), and every rank raises `Preempted` (exit status 128 + the
+signal number). A signal during an evaluation takes effect after that task's checkpoint; after the last training
+step the run finishes normally. This callback is a `Checkpoint`, so Lightning runs its hooks after every other
+callback's. docs/ARCHITECTURE.md ("Preemption", decision 4) has the reasons and every case.
 
 The checkpoint holds nothing of this callback: what it saves is the trainer's own state.
 """

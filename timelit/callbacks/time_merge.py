@@ -2,32 +2,22 @@
 
     timelit fit --config best_in_time.yaml --protocol.init ema --protocol.deploy ema
 
-At the end of task t (its last training batch, before its evaluation) rank 0 stores the expert θ_t and writes the
-merged weights the protocol needs — the task EMA m_t, the merge of all experts, or the expert merged with θ0 — as
-safetensors files next to the experts; every rank waits, then reads the same files, so all ranks hold bitwise equal
-weights. The deployed weights are swapped in for the evaluation and swapped out after it. At the start of task t+1
-the init weights are loaded from those files (θ0 comes from the LightningModule, which rebuilds it from
-`pretrained`). The AdamW state and the LR schedule restart with every task (CLIPFineTuner does that).
+At the end of task t (its last training batch, before its evaluation) rank 0 stores the expert θ_t in the
+ExpertStore and writes the merged weights the protocol needs (the task EMA m_t, the merge of all experts, or the
+expert merged with θ0; the rules are in timelit.protocol) as safetensors files beside the experts; every rank waits,
+then reads the same files, so all ranks hold bitwise equal weights. The deployed weights are swapped in for the
+evaluation and out after it; at the start of task t+1 the init weights are loaded from those files. θ0 comes from
+the LightningModule (`zero_shot_weights`), which rebuilds it from `pretrained`.
 
-Files, in `<run dir>/experts/` (or `store_dir`):
+Files, in `<run dir>/experts/` (or `store_dir`): `base.safetensors` (θ0), `expert_NNNN.safetensors` (every task's),
+`ema_NNNN` / `all_NNNN` / `ft_zs_NNNN` (the last two tasks' unless `keep_merged`); and after the last task
+`<run dir>/final_model.safetensors`. A sequential technique (`opcm`) folds the newest expert into the previous task's
+merged file and carries its few numbers in this callback's state and in the file's metadata (`timelit.merge_state`).
 
-    base.safetensors             θ0
-    expert_0003.safetensors      θ_3, the weights trained in task 3 (every task is kept: `all` needs them)
-    ema_0003.safetensors         m_3; also all_0003 / ft_zs_0003 when the protocol uses them (the last two tasks
-                                 are kept, older ones removed unless `keep_merged`)
-    <run dir>/final_model.safetensors   the deployed weights after the last task
-
-A sequential technique (`opcm`) is not re-run over the experts at each boundary: the newest expert is folded into
-the previous task's merged file (`ema_*`, or `all_*`, which then hold the same weights), and the few numbers the
-technique carries (OPCM's scale, norm sum and count) are kept in this callback's state and in the merged file's
-metadata (`timelit.merge_state`).
-
-Checkpoint layout: the LightningModule's `state_dict` holds the live training weights (the expert being trained);
-this callback's state holds the expert store's index (file names and sha256), the last finished task, the
-sha256 of every merged file it may still read, all verified on restore, and a sequential technique's state after
-the last finished task, so a resumed run folds the next expert exactly as an uninterrupted one.
-`timelit validate|test --ckpt_path CKPT` evaluates the weights deployed after CKPT's last finished task (read from
-the files above), not the live ones.
+Checkpoint: this callback's state holds the expert index (file names and sha256), the last started and finished
+task, the sha256 of every merged file it may still read (all verified on restore) and a sequential technique's
+state; the module's `state_dict` holds the live weights. `timelit validate|test --ckpt_path CKPT` evaluates the
+weights deployed after CKPT's last finished task, not the live ones. docs/ARCHITECTURE.md has why each file is kept.
 """
 
 from __future__ import annotations

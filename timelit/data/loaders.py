@@ -1,9 +1,9 @@
 """The loaders of one task (training) and of one evaluation dataset, built on the shard index.
 
-A training loader is an epoch of exactly `steps_per_task` batches on every rank (ARCHITECTURE.md decision 2): sized,
-so Lightning knows where a task ends, and resumable through `state_dict()` = (task, batches consumed), which Lightning
-stores in the fit loop of every checkpoint and hands back before the loader is iterated again. Batch i is a pure
-function of (seed, task, i, rank layout): a worker builds whole batches, round-robin, so resuming at batch k only
+A training loader is an epoch of exactly `steps_per_task` batches on every rank (docs/ARCHITECTURE.md decision 2):
+sized, so Lightning knows where a task ends, and resumable through `state_dict()` = (task, batches consumed), which
+Lightning stores in the fit loop of every checkpoint and hands back before the loader is iterated again. Batch i is a
+pure function of (seed, task, i, rank layout): a worker builds whole batches, round-robin, so resuming at batch k only
 changes where the workers start. Random crops and caption choices are seeded per sample from its place in the
 *global* batch, so they do not depend on the number of ranks or workers either.
 """

@@ -9,7 +9,7 @@ A manifest set is a folder:
     streams/<stream>.json     task orders: JSON lists of "DATASET+++classname" concepts (FoMo-in-Flux format)
     pools/<POOL>.yaml         pretraining replay pools (image-text pairs without classes)
 
-The shipped set `fomo_in_flux` is `data_manifests/` (ARCHITECTURE.md, "Data flow"); `timelit data synth` writes a
+The shipped set `fomo_in_flux` is `data_manifests/` (data_manifests/README.md); `timelit data synth` writes a
 set of the same shape for the quickstart benchmark. Every problem names the file and key at fault.
 """
 
