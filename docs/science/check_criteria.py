@@ -22,7 +22,8 @@ QUICKSTART_SEED = 0  # the quickstart's one-seed check reads this seed's runs
 
 
 def _point_axes(run: str) -> dict[str, str]:
-    return dict(part.split("=", 1) for part in run.split(",") if "=" in part)
+    point = run.rsplit("/", 1)[-1]  # a report over several roots prefixes the sweep: `science/protocol=...`
+    return dict(part.split("=", 1) for part in point.split(",") if "=" in part)
 
 
 def read_runs(report_dir: Path) -> list[dict[str, Any]]:
@@ -30,7 +31,7 @@ def read_runs(report_dir: Path) -> list[dict[str, Any]]:
     with (report_dir / "runs.csv").open(newline="") as handle:
         for row in csv.DictReader(handle):
             axes = _point_axes(row["run"])
-            if "protocol" not in axes:
+            if "protocol" not in axes or "variant" in axes:  # a scaling-sweep run is not a point of this study
                 continue
             row["protocol"] = axes["protocol"]
             row["seed"] = int(axes["seed"]) if "seed" in axes else None

@@ -9,16 +9,20 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "docs" / "science" / "check_criteria.py"
+SCIENCE = Path(__file__).resolve().parents[2] / "docs" / "science"
 COLUMNS = ["run", "zs_A_KA", "zs_A_ZS", "final_A_KA", "final_A_ZS", "final_GM", "first_half_drop"]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCIENCE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
 def criteria():
-    spec = importlib.util.spec_from_file_location("check_criteria", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load("check_criteria")
 
 
 def _write(folder: Path, rows: list[list[object]]) -> Path:
@@ -83,3 +87,28 @@ def test_a_report_without_science_points_is_an_error_naming_the_file(criteria, t
     _write(tmp_path, [["some_run", 1, 2, 3, 4, 5, 6]])
     with pytest.raises(SystemExit, match=r"runs\.csv: no run of the science sweep"):
         criteria.read_runs(tmp_path)
+
+
+def test_a_report_over_both_sweeps_judges_the_science_runs_only(criteria, tmp_path):
+    rows = [[f"science/{r[0]}", *r[1:]] for r in _study((69, 70), (30, 30))]
+    rows.append(["scaling/variant=mini_model,protocol=ft_ft,seed=0", 10, 80, 70, 10, 30, 1.0])
+    result = criteria.judge(criteria.read_runs(_write(tmp_path, rows)))
+    assert result["n_runs"] == 10
+    assert result["b1_ft_ft_zs_change"] == pytest.approx(-10.5)
+
+
+def test_scaling_table_groups_by_variant_and_counts_finished_runs_only(tmp_path):
+    scaling = _load("scaling_table")
+    with (tmp_path / "runs.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["run", "final_A_KA", "final_A_ZS", "final_GM", "complete"])
+        writer.writerow(["science/protocol=multitask,seed=0", 90, 80, 84, True])
+        writer.writerow(["science/protocol=multitask,seed=1", 92, 80, 86, True])
+        writer.writerow(["science/protocol=ema_ema_interpolation,seed=0", 80, 80, 80, True])
+        writer.writerow(["scaling/variant=compute_x2,protocol=multitask,seed=0", 95, 80, 87, True])
+        writer.writerow(["scaling/variant=compute_x2,protocol=ft_ft,seed=0", 95, 70, 81, False])
+    result = scaling.table(scaling.read(tmp_path))
+    assert list(result) == ["centre", "compute_x2"]
+    assert result["centre"]["multitask"]["GM"] == {"mean": 85, "std": pytest.approx(2**0.5), "n": 2}
+    assert result["compute_x2"]["ft_ft"]["GM"]["n"] == 0  # unfinished: not counted
+    assert "| centre | 85.00 ± 1.41 (n=2) | not run | not run | 80.00 ± 0.00 (n=1) | 5.00 |" in scaling.render(result)
