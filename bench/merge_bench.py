@@ -4,10 +4,16 @@
     python bench/merge_bench.py --sizes 2 5 --params-scale 0.1  # a quick check
     python bench/merge_bench.py --sizes 2 8 20 --params-scale 0.02 --out /tmp/merge_bench_small.json \\
         --methods average ties model_stock tall_masks consensus_ties random   # issue 16's techniques, small
+    python bench/merge_bench.py --model timelit-tiny-ViT --sizes 2 8 20 --out bench/results/merge_bench_svd_tiny.json \\
+        --methods task_arithmetic tsv iso_c iso_cts opcm              # the SVD methods on the quickstart model
+    python bench/merge_bench.py --sizes 2 --out bench/results/merge_bench_svd_vit_b_16.json \\
+        --methods task_arithmetic tsv iso_c iso_cts opcm              # ... and on ViT-B-16 (minutes per run)
 
-Experts are random (theta_0 ~ N(0, 0.02^2), theta_i = theta_0 + N(0, 0.001^2)) with the real open_clip ViT-B-16
-shapes (read from ``open_clip.create_model("ViT-B-16", device="meta")``; ``--params-scale`` shrinks every first
-dimension) and are written as safetensors to a temporary directory that is deleted afterwards.
+Experts are random (theta_0 ~ N(0, 0.02^2), theta_i = theta_0 + N(0, 0.001^2)) with the real shapes of an open_clip
+architecture (``--model``, default ViT-B-16, read from ``open_clip.create_model(model, device="meta")``; timelit's
+own configs such as the quickstart's timelit-tiny-ViT included; ``--params-scale`` shrinks every first dimension) and
+are written as safetensors to a temporary directory that is deleted afterwards. Random task vectors have flat
+spectra, so the SVD methods' cost (which depends on the shapes, not the values) is what these runs measure.
 
 Every measurement runs in a fresh subprocess that reports its own wall time (the merge call only, not interpreter
 start-up) and peak RSS (``VmHWM``, which counts the interpreter and torch, about 0.5 GB, too); the page cache is
@@ -47,24 +53,34 @@ HPARAMS = {
     "tall_masks": {"mask_lambda": 0.4, "min_agree": 2},
     "consensus_ties": {"k": 0.2, "mask_lambda": 0.4, "min_agree": 2},
     "random": {"seed": 0},
+    "task_arithmetic": {},
+    "tsv": {},
+    "iso_c": {},
+    "iso_cts": {"common_space_fraction": 0.8},
+    "opcm": {"alpha": 0.5},
 }
 NAIVE_MODELS = {"average": (1.05, 4.2), "ties": (5.0, 3.0), "magmax": (3.1, 2.2)}
 """Naive peak RSS above the interpreter's, in model sizes, as a * N + b: fitted to runs at --params-scale 0.25 with
 N = 2 and 5 (TIES at N = 5, full size, measured 15.8 GB against 16.1 GB estimated)."""
 
 
-def vit_b16_shapes(scale: float) -> dict[str, tuple[int, ...]]:
+def model_shapes(model: str, scale: float) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes of open_clip architecture ``model`` (timelit's configs registered), first dims scaled."""
     import open_clip
 
-    state = open_clip.create_model("ViT-B-16", device="meta").state_dict()
+    from timelit.clip import register_model_configs
+
+    register_model_configs()
+    state = open_clip.create_model(model, device="meta").state_dict()
     return {key: (max(1, round(v.shape[0] * scale)), *v.shape[1:]) if v.dim() else () for key, v in state.items()}
 
 
-def generate(directory: Path, n: int, scale: float) -> None:
+def generate(directory: Path, n: int, scale: float, model: str) -> None:
     from timelit.merging import save_weights
 
     generator = torch.Generator().manual_seed(0)
-    base = {key: 0.02 * torch.randn(shape, generator=generator) for key, shape in vit_b16_shapes(scale).items()}
+    shapes = model_shapes(model, scale)
+    base = {key: 0.02 * torch.randn(shape, generator=generator) for key, shape in shapes.items()}
     save_weights(directory / "base.safetensors", base)
     for i in range(n):
         expert = {key: value + 0.001 * torch.randn(value.shape, generator=generator) for key, value in base.items()}
@@ -115,7 +131,7 @@ def _naive_magmax(rows: torch.Tensor) -> torch.Tensor:
 def worker(args: argparse.Namespace) -> None:
     directory = Path(args.dir)
     if args.worker == "generate":
-        return generate(directory, args.n, args.params_scale)
+        return generate(directory, args.n, args.params_scale, args.model)
     import timelit.merging as merging
 
     base, paths = directory / "base.safetensors", sorted(directory.glob("expert_*.safetensors"))[: args.n]
@@ -178,11 +194,12 @@ def main(args: argparse.Namespace) -> None:
     try:
         generate_command = [sys.executable, __file__, "--worker", "generate", "--dir", str(directory)]
         generate_command += ["--n", str(max(args.sizes)), "--params-scale", str(args.params_scale)]
-        subprocess.run(generate_command, check=True)
-        params = sum(math.prod(shape) for shape in vit_b16_shapes(args.params_scale).values())
+        subprocess.run([*generate_command, "--model", args.model], check=True)
+        params = sum(math.prod(shape) for shape in model_shapes(args.model, args.params_scale).values())
         report = {
             "command": " ".join(sys.argv),
             "machine": machine(),
+            "model": args.model,
             "params": params,
             "model_gb": round(params * 4 / 2**30, 3),
             "chunk_size": args.chunk_size,
@@ -232,7 +249,8 @@ def row(run: dict) -> str:
 def table(report: dict) -> str:
     return "\n".join(
         [
-            f"{report['params'] / 1e6:.1f}M params ({report['model_gb']:.2f} GB in float32); "
+            f"{report.get('model', 'ViT-B-16')}: {report['params'] / 1e6:.1f}M params ({report['model_gb']:.2f} GB "
+            "in float32); "
             f"interpreter + torch alone: {report['baseline']['peak_rss_mb'] / 1024:.2f} GB RSS",
             "| method         |   N | stream: wall, peak RSS | naive: wall, peak RSS  | naive/stream | load |",
             "|---|---|---|---|---|---|",
@@ -245,6 +263,7 @@ def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[2, 5, 10, 20], help="numbers of experts")
     parser.add_argument("--methods", nargs="+", default=list(HPARAMS), choices=list(HPARAMS))
+    parser.add_argument("--model", default="ViT-B-16", help="open_clip architecture whose shapes the experts have")
     parser.add_argument("--params-scale", type=float, default=1.0, help="shrink the first dimension of every tensor")
     parser.add_argument("--chunk-size", type=int, default=1 << 22)
     parser.add_argument("--stream-threads", type=int, default=1, help="merge(threads=...); 0 keeps torch's default")
