@@ -8,6 +8,11 @@ of every task the AdamW moments are cleared, as the reference pipeline re-create
 runs the zero-shot evaluator over one loader per dataset; what it computes is handed to the callbacks through
 `last_evaluation` (the TaskResults callback records it).
 
+On a GPU (README, "On a GPU"): `compile` compiles both towers with torch.compile, `grad_checkpointing` recomputes
+the transformer blocks' activations in the backward pass (open_clip's `set_grad_checkpointing`), and `micro_batches`
+computes the global batch's step in k slices (`_features`). None of them changes what a step computes, only its
+memory and speed, so the budget, the step counts and checkpoints are the same with and without them.
+
 Checkpoint layout: `state_dict` holds the live training weights under `model.`; the zero-shot weights θ0 are not in
 it: they are rebuilt from `pretrained` in `setup` (docs/ARCHITECTURE.md decision 6: the base weights are immutable).
 """
@@ -20,6 +25,7 @@ from typing import Any
 import lightning as L
 import torch
 from open_clip.loss import ClipLoss
+from torch.utils.checkpoint import checkpoint
 
 from timelit.clip import build_clip, load_pretrained
 from timelit.data.datamodule import Preprocessing
@@ -52,6 +58,14 @@ class CLIPFineTuner(L.LightningModule):
             that can unscale them itself; there torch's default applies (a multi-tensor `foreach` step on CUDA).
         seed: re-seeds the random generators at every step from (seed, rank, step), so a resumed run draws exactly
             what an uninterrupted one does (linked to `seed_everything` by the CLI).
+        micro_batches: split each rank's share of the global batch into this many equal slices whose activations
+            are held one at a time (gradient accumulation that keeps the contrastive loss over the whole batch; see
+            `_features`); the rank's share (`data.batch_size` / world size) must be divisible by it. Costs one more
+            forward pass per step.
+        grad_checkpointing: recompute the activations of every transformer block in the backward pass instead of
+            storing them (open_clip's `set_grad_checkpointing`, both towers): less memory, one more forward pass.
+        compile: compile the image and text towers with `torch.compile` (each tower's module in place, so weight
+            names, checkpoints and the weights TimeMerge swaps in are unchanged, and a swap does not recompile).
     """
 
     def __init__(
@@ -67,11 +81,23 @@ class CLIPFineTuner(L.LightningModule):
         min_lr_ratio: float = 0.001,
         fused: bool | None = None,
         seed: int = 0,
+        micro_batches: int = 1,
+        grad_checkpointing: bool = False,
+        compile: bool = False,
     ):
         super().__init__()
+        if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
+            raise ValueError(f"model.micro_batches must be a positive integer, got {micro_batches!r}")
         self.save_hyperparameters()
         bundle = build_clip(model_name)
         self.model = bundle.model
+        if grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        if compile:
+            # In place (nn.Module.compile): the state_dict keeps its names (no `_orig_mod.`), so checkpoints, the
+            # EMA and TimeMerge's load_state_dict see the same model; a weight swap copies into the same tensors.
+            self.model.visual.compile()
+            self.model.transformer.compile()
         self._preprocessing = Preprocessing(bundle.train_transform, bundle.eval_transform, bundle.tokenizer)
         self.evaluator = ZeroShotEvaluator()
         self.zero_shot_weights: dict[str, torch.Tensor] | None = None
@@ -94,6 +120,8 @@ class CLIPFineTuner(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "eval_specs"):
             self.evaluator.configure(datamodule.eval_specs)
+        if stage == "fit":
+            self._check_micro_batches(datamodule)
         self.loss_fn = ClipLoss(
             local_loss=False,
             gather_with_grad=True,
@@ -101,6 +129,25 @@ class CLIPFineTuner(L.LightningModule):
             rank=self.trainer.global_rank,
             world_size=self.trainer.world_size,
         )
+
+    def _check_micro_batches(self, datamodule: Any) -> None:
+        """Refuse, before the zero-shot evaluation, a split that would change the batch or the step count."""
+        if self.trainer.accumulate_grad_batches != 1:
+            # Lightning's accumulation computes a loss per micro-batch, each with only its own samples as negatives,
+            # and counts every micro-batch as a batch: the contrastive objective, the budget's steps per task (one
+            # loader batch per step) and the per-step schedule, EMA and checkpoints would all change.
+            raise ValueError(
+                f"trainer.accumulate_grad_batches={self.trainer.accumulate_grad_batches} is not supported: it "
+                f"changes the contrastive loss and the steps per task; set model.micro_batches instead"
+            )
+        batch_size = getattr(datamodule, "batch_size", None)
+        world = self.trainer.world_size
+        if batch_size is not None and (batch_size // world) % self.hparams.micro_batches:
+            raise ValueError(
+                f"model.micro_batches={self.hparams.micro_batches} does not divide each rank's batch of "
+                f"{batch_size // world} (data.batch_size {batch_size} over {world} rank(s)); choose a divisor of "
+                f"{batch_size // world}"
+            )
 
     @property
     def embed_dim(self) -> int:
@@ -138,7 +185,7 @@ class CLIPFineTuner(L.LightningModule):
         seed_step(mix_seed(self.hparams.seed, self.global_rank, self.global_step))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        image_features, text_features, logit_scale = self.model(batch["image"], batch["text"])
+        image_features, text_features, logit_scale = self._features(batch["image"], batch["text"])
         loss = self.loss_fn(image_features, text_features, logit_scale)
         # Only at the steps that reach the logger, the loss included: the progress bar shows the last logged value.
         # A value logged with prog_bar is read back to the host at every step it is logged (a GPU sync), and each
@@ -148,6 +195,32 @@ class CLIPFineTuner(L.LightningModule):
             self.log("train/logit_scale", logit_scale.detach())
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
+
+    def _features(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Image features, text features and logit scale of the batch, computed in `micro_batches` slices.
+
+        The contrastive loss is not a sum over micro-batches: every sample's negatives are the whole global batch.
+        So this is not Lightning's accumulation (one loss and backward per micro-batch) but GradCache's (Gao et al.,
+        arXiv 2101.06983), which open_clip's `--accum-freq` also implements: the features of all slices enter one
+        loss, and each slice's forward runs under activation checkpointing, so only its input is kept; the backward
+        pass recomputes one slice at a time and its gradients add up in `.grad`. The step is then the unsplit
+        batch's step (to float rounding), one Lightning step, one optimizer step and one loader batch as before:
+        the budget, StepEMA, the schedule and resume count steps exactly as without micro-batches.
+        """
+        k = self.hparams.micro_batches
+        if k == 1:
+            return self.model(image, text)[:3]
+        if image.shape[0] % k:
+            raise ValueError(f"model.micro_batches={k} does not divide this rank's batch of {image.shape[0]}")
+        parts = [checkpoint(self._encode, i, t, use_reentrant=False) for i, t in zip(image.chunk(k), text.chunk(k))]
+        return (
+            torch.cat([p[0] for p in parts]),
+            torch.cat([p[1] for p in parts]),
+            self.model.logit_scale.exp(),
+        )
+
+    def _encode(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.encode_image(image, normalize=True), self.model.encode_text(text, normalize=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["timelit_optimizer_task"] = self.optimizer_task
