@@ -73,9 +73,16 @@ def quick_fit_args():
 
 
 def fit_stream(
-    benchmark: Path, run_dir: Path, callbacks: list, tasks: int, steps: int, ckpt_path: str | None = "last"
+    benchmark: Path,
+    run_dir: Path,
+    callbacks: list,
+    tasks: int,
+    steps: int,
+    ckpt_path: str | None = "last",
+    **model_options,
 ) -> None:
-    """A stream fit through the Python API (the Trainer timelit's CLI builds), with the given callbacks."""
+    """A stream fit through the Python API (the Trainer timelit's CLI builds), with the given callbacks and
+    CLIPFineTuner options."""
     import lightning as L
 
     L.seed_everything(0)
@@ -92,15 +99,16 @@ def fit_stream(
         enable_model_summary=False,
         log_every_n_steps=1,
     )
-    trainer.fit(*stream_modules(benchmark, tasks, steps), ckpt_path=ckpt_path)
+    trainer.fit(*stream_modules(benchmark, tasks, steps, **model_options), ckpt_path=ckpt_path)
 
 
-def stream_modules(benchmark: Path, tasks: int, steps: int) -> tuple:
+def stream_modules(benchmark: Path, tasks: int, steps: int, **model_options) -> tuple:
     """The CLIPFineTuner and TimeDataModule of `fit_stream`."""
     from timelit.data.datamodule import TimeDataModule
     from timelit.model import CLIPFineTuner
 
-    model = CLIPFineTuner(model_name=MICRO, pretrained=str(benchmark / "base_model.safetensors"), lr=1e-3)
+    base = str(benchmark / "base_model.safetensors")
+    model = CLIPFineTuner(model_name=MICRO, pretrained=base, lr=1e-3, **model_options)
     data = TimeDataModule(
         data_root=str(benchmark), manifests=str(benchmark), stream="random", num_tasks=tasks, batch_size=16,
         pretraining_pool="SYNTH_POOL", steps_per_task=steps, num_workers=0, eval_batch_size=64,
