@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from timelit.report_stats import estimate
+
 PROTOCOLS = ("multitask", "ft_ft", "zs_all_average", "ema_ema_interpolation")
 CENTRE = "centre"
 
@@ -51,29 +53,57 @@ def table(cells: dict[tuple[str, str], list[dict[str, str]]]) -> dict[str, dict[
     return out
 
 
+def _by_seed(rows: list[dict[str, str]]) -> dict[str, float]:
+    return {r["run"].rsplit("seed=", 1)[-1]: float(r["final_GM"]) for r in rows}
+
+
+def paired_gaps(cells: dict[tuple[str, str], list[dict[str, str]]]) -> dict[str, dict[str, Any]]:
+    """Per variant: multitask GM − Best-in-TIME GM over the seeds both finished, with its 95 % t interval (how far
+    temporal merging is from the multitask reference, finding 3), and the same for Best-in-TIME − offline merging."""
+    out: dict[str, dict[str, Any]] = {}
+    for variant in {v for v, _ in cells}:
+        ema = _by_seed(cells.get((variant, "ema_ema_interpolation"), []))
+        for name, other, sign in (("multitask_minus_ema", "multitask", 1), ("ema_minus_zs_all", "zs_all_average", -1)):
+            theirs = _by_seed(cells.get((variant, other), []))
+            e = estimate([sign * (theirs[s] - ema[s]) for s in sorted(set(ema) & set(theirs))])
+            out.setdefault(variant, {})[name] = {"mean": e.mean, "ci_low": e.ci_low, "ci_high": e.ci_high, "n": e.n}
+    return out
+
+
+def _gap_cell(gap: dict[str, Any] | None) -> str:
+    if not gap or not gap["n"]:
+        return "–"
+    interval = "" if gap["n"] < 2 else f" [{gap['ci_low']:+.2f}, {gap['ci_high']:+.2f}]"
+    return f"{gap['mean']:+.2f}{interval} (n={gap['n']})"
+
+
 def _cell(stat: dict[str, Any]) -> str:
     if not stat["n"]:
         return "not run"
     return f"{stat['mean']:.2f} ± {stat['std']:.2f} (n={stat['n']})"
 
 
-def render(result: dict[str, dict[str, dict[str, Any]]]) -> str:
+def render(result: dict[str, dict[str, dict[str, Any]]], gaps: dict[str, dict[str, Any]]) -> str:
     lines = [
-        "| variant | " + " | ".join(f"{p} GM" for p in PROTOCOLS) + " | multitask − ema/ema GM |",
-        "|---|" + "---:|" * (len(PROTOCOLS) + 1),
+        "| variant | " + " | ".join(f"{p} GM" for p in PROTOCOLS) + " | multitask − ema/ema | ema/ema − zs/all |",
+        "|---|" + "---:|" * (len(PROTOCOLS) + 2),
     ]
     for variant, row in result.items():
-        multitask, ema = row["multitask"]["GM"], row["ema_ema_interpolation"]["GM"]
-        gap = f"{multitask['mean'] - ema['mean']:.2f}" if multitask["n"] and ema["n"] else "–"
-        lines.append(f"| {variant} | " + " | ".join(_cell(row[p]["GM"]) for p in PROTOCOLS) + f" | {gap} |")
+        gap = gaps.get(variant, {})
+        lines.append(
+            f"| {variant} | "
+            + " | ".join(_cell(row[p]["GM"]) for p in PROTOCOLS)
+            + f" | {_gap_cell(gap.get('multitask_minus_ema'))} | {_gap_cell(gap.get('ema_minus_zs_all'))} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:
     report_dir = Path(argv[0] if argv else "docs/science/scaling")
-    result = table(read(report_dir))
-    print(render(result))
-    (report_dir / "scaling_table.json").write_text(json.dumps(result, indent=1) + "\n")
+    cells = read(report_dir)
+    result, gaps = table(cells), paired_gaps(cells)
+    print(render(result, gaps))
+    (report_dir / "scaling_table.json").write_text(json.dumps({"gm": result, "paired": gaps}, indent=1) + "\n")
     return 0
 
 

@@ -111,4 +111,9 @@ def test_scaling_table_groups_by_variant_and_counts_finished_runs_only(tmp_path)
     assert list(result) == ["centre", "compute_x2"]
     assert result["centre"]["multitask"]["GM"] == {"mean": 85, "std": pytest.approx(2**0.5), "n": 2}
     assert result["compute_x2"]["ft_ft"]["GM"]["n"] == 0  # unfinished: not counted
-    assert "| centre | 85.00 ± 1.41 (n=2) | not run | not run | 80.00 ± 0.00 (n=1) | 5.00 |" in scaling.render(result)
+    gaps = scaling.paired_gaps(scaling.read(tmp_path))
+    assert gaps["centre"]["multitask_minus_ema"]["n"] == 1  # seed 0 only: ema/ema ran seed 0 alone
+    assert gaps["centre"]["multitask_minus_ema"]["mean"] == pytest.approx(4)
+    assert "| centre | 85.00 ± 1.41 (n=2) | not run | not run | 80.00 ± 0.00 (n=1) | +4.00 (n=1) | – |" in (
+        scaling.render(result, gaps)
+    )
