@@ -61,6 +61,17 @@ def figures(run: Path) -> list[dict]:
     return [{k: p[k] for k in ("tasks_done", "global_step", "A_KA", "A_ZS", "GM")} for p in results["points"]]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The killed fits run as subprocesses with OMP_NUM_THREADS=1 (start_fit); the reference and the in-process
+    resumes must reduce in the same order, or bitwise comparisons fail whenever pytest itself runs with more threads
+    (the default on a 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_benchmark, tmp_path_factory, quick_fit_args) -> Path:
     """The same command, never interrupted."""
