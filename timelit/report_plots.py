@@ -233,11 +233,13 @@ SCALING_AXES: dict[str, tuple[str, Callable[[RunResult], Any]]] = {
 
 
 def _group_label(run: RunResult, varying: list[str]) -> str:
-    """protocol · technique, plus the other axes that vary among the plotted runs (a run may lack a budget)."""
+    """protocol · technique, plus the other axes and the data mixture where they vary among the plotted runs (a run may
+    lack a budget): runs without replay must not be averaged into a line of runs with it."""
     values = {
         "model": run.model,
         "budget": "no budget" if run.budget_gflops is None else f"{run.budget_gflops:.3g} GFLOPs",
         "horizon": f"{run.num_tasks} tasks",
+        "mixture": run.mixture,
     }
     return " · ".join([run.protocol, run.technique] + [values[axis] for axis in varying])
 
@@ -254,6 +256,7 @@ def plot_scaling(runs: list[RunResult], axis: str, path: Path) -> Path | None:
     if len({value_of(r) for r in runs}) < 2:
         return None
     others = [a for a in SCALING_AXES if a != axis and len({SCALING_AXES[a][1](r) for r in runs}) > 1]
+    others += ["mixture"] if len({r.mixture for r in runs}) > 1 else []
     if axis == "model":
         sizes = {name: model_parameters(name) for name in {r.model for r in runs}}
         known = all(size is not None for size in sizes.values())

@@ -220,3 +220,17 @@ def test_the_scaling_plots_leave_out_one_task_runs(tmp_path):
     write(tmp_path, "longer", results([10, 20, 30, 40, 50, 60], [80] * 6, num_tasks=5, protocol=protocol("ft", "ft")))
     runs, _ = load_runs([str(tmp_path)])
     assert plot_scaling(runs, "horizon", tmp_path / "horizon.png") == tmp_path / "horizon.png"
+
+
+def test_the_scaling_plots_keep_runs_without_replay_apart(tmp_path):
+    """ft/ft with and without replay at one budget are two lines, not one averaged point (as in the science report)."""
+    import dataclasses
+
+    from timelit.report_plots import _group_label
+
+    write(tmp_path, "stream", results([10, 20, 30, 40], [80, 70, 60, 50], num_tasks=3, protocol=protocol("ft", "ft")))
+    (run,) = load_runs([str(tmp_path)])[0]
+    replay = dataclasses.replace(run, mixture="pool 0.33 · replay 0.33")
+    no_replay = dataclasses.replace(run, mixture="pool 0 · replay 0")
+    assert _group_label(replay, ["mixture"]) != _group_label(no_replay, ["mixture"])
+    assert _group_label(replay, []) == _group_label(no_replay, [])
