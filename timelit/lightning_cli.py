@@ -231,6 +231,9 @@ _LIGHTNING_WARNINGS = (
     (r"\.fit\(ckpt_path=\"last\"\) is set, but there is no last checkpoint available", UserWarning),
     # `args` is the command line itself here, not a second one beside sys.argv.
     (r"LightningCLI's args parameter is intended to run from within Python", UserWarning),
+    # On any machine with Slurm installed: timelit's Slurm runs go through `timelit sweep` and slurm/array.sbatch,
+    # which call srun themselves; a fit started by hand there is a local run, not a mistake.
+    (r"The `srun` command is available on your system but is not used", Warning),
 )
 
 
