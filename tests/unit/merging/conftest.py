@@ -77,3 +77,14 @@ def write(tmp_path: Path) -> Callable[[str, StateDict], Path]:
         return path
 
     return write
+
+
+def _close(a: StateDict, b: StateDict, atol: float = 2e-6) -> None:
+    for key in b:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=key)
+
+
+@pytest.fixture(scope="session")
+def close() -> Callable[..., None]:
+    """Every tensor of `b` equals `a`'s to `atol` (absolute only): the formula tests of the SVD methods and OPCM."""
+    return _close

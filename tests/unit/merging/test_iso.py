@@ -61,13 +61,8 @@ def iso(base: dict, experts: list[dict], common_fraction: float | None = None, l
     return out
 
 
-def close(a: dict, b: dict, atol: float = 2e-6) -> None:
-    for key in b:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=key)
-
-
 @pytest.mark.parametrize("n", [2, 3, 8])
-def test_iso_c_is_its_formula(clip_base, perturbed, n):
+def test_iso_c_is_its_formula(close, clip_base, perturbed, n):
     experts = perturbed(clip_base, n)
     close(merge(clip_base, experts, "iso_c"), iso(clip_base, experts))
     close(merge(clip_base, experts, "iso_c", lam=1.5), iso(clip_base, experts, lam=1.5))
@@ -75,7 +70,7 @@ def test_iso_c_is_its_formula(clip_base, perturbed, n):
 
 @pytest.mark.parametrize("n", [2, 3, 8])
 @pytest.mark.parametrize("fraction", [0.8, 0.5, 0.0])
-def test_iso_cts_is_its_formula(clip_base, perturbed, n, fraction):
+def test_iso_cts_is_its_formula(close, clip_base, perturbed, n, fraction):
     """Gaussian-noise task matrices have nearly equal singular values where each task's share is cut, so which
     directions a float32 SVD keeps differs from float64's by ~eps / gap (spectral.py): 4e-6 at most here."""
     experts = perturbed(clip_base, n)

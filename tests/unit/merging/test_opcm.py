@@ -61,18 +61,13 @@ def opcm(base: dict, experts: list[dict], alpha: float = 0.5) -> dict:
     return {key: (value.double() + tau_m[key]).float() for key, value in base.items()}
 
 
-def close(a: dict, b: dict, atol: float = 2e-6) -> None:
-    for key in b:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=key)
-
-
 def equal(a: dict, b: dict) -> bool:
     return list(a) == list(b) and all(torch.equal(a[key], b[key]) for key in a)
 
 
 @pytest.mark.parametrize("n", [2, 3, 5])
 @pytest.mark.parametrize("alpha", [0.5, 0.0, 0.9])
-def test_opcm_is_its_formula(clip_base, perturbed, n, alpha):
+def test_opcm_is_its_formula(close, clip_base, perturbed, n, alpha):
     experts = perturbed(clip_base, n)
     close(merge(clip_base, experts, "opcm", alpha=alpha), opcm(clip_base, experts, alpha))
 

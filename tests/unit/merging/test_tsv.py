@@ -51,19 +51,14 @@ def tsv(base: dict, experts: list[dict], lam: float = 1.0) -> dict:
     return out
 
 
-def close(a: dict, b: dict, atol: float = 2e-6) -> None:
-    for key in b:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=key)
-
-
 @pytest.mark.parametrize("n", [2, 3, 8])
-def test_tsv_is_its_formula(clip_base, perturbed, n):
+def test_tsv_is_its_formula(close, clip_base, perturbed, n):
     experts = perturbed(clip_base, n)
     close(merge(clip_base, experts, "tsv"), tsv(clip_base, experts))
     close(merge(clip_base, experts, "tsv", lam=0.4), tsv(clip_base, experts, lam=0.4))
 
 
-def test_more_experts_than_the_rank_keep_one_triplet_each(perturbed):
+def test_more_experts_than_the_rank_keep_one_triplet_each(close, perturbed):
     """r = 4 < N = 6: each expert keeps k = 1 (FusionBench would keep 0 and lose the matrix)."""
     base = {"w": torch.randn(12, 4, generator=torch.Generator().manual_seed(0))}
     experts = perturbed(base, 6)
@@ -125,7 +120,7 @@ def test_only_matrices_are_decomposed(clip_base, perturbed):
     assert (out[key] - (clip_base[key] + sum(e[key] - clip_base[key] for e in experts) / 3)).abs().max() > 1e-3
 
 
-def test_the_ema_config_runs_tsv_pairwise(clip_base, perturbed):
+def test_the_ema_config_runs_tsv_pairwise(close, clip_base, perturbed):
     protocol = yaml.safe_load(CONFIG.read_text())["protocol"]
     assert (protocol["init"], protocol["deploy"], protocol["technique"]) == ("ema", "ema", "tsv")
     assert validate("tsv", protocol["hparams"]).hparams()["lam"] == 0.5
