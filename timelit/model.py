@@ -28,6 +28,7 @@ from open_clip.loss import ClipLoss
 from torch.utils.checkpoint import checkpoint
 
 from timelit.clip import build_clip, load_pretrained
+from timelit.contracts import EvaluationSets, TrainingBatches, datamodule_as
 from timelit.data.datamodule import Preprocessing
 from timelit.evaluation.evaluator import ZeroShotEvaluator
 from timelit.lightning_internals import reaches_logger
@@ -117,11 +118,11 @@ class CLIPFineTuner(L.LightningModule):
                 load_pretrained(self.model, self.hparams.model_name, self.hparams.pretrained)
             # θ0 is captured before any checkpoint is restored, so a resumed run has the same base weights.
             self.zero_shot_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "eval_specs"):
-            self.evaluator.configure(datamodule.eval_specs)
+        sets = datamodule_as(self.trainer, EvaluationSets)
+        if sets is not None:
+            self.evaluator.configure(sets.eval_specs)
         if stage == "fit":
-            self._check_micro_batches(datamodule)
+            self._check_micro_batches(datamodule_as(self.trainer, TrainingBatches))
         self.loss_fn = ClipLoss(
             local_loss=False,
             gather_with_grad=True,
@@ -130,7 +131,7 @@ class CLIPFineTuner(L.LightningModule):
             world_size=self.trainer.world_size,
         )
 
-    def _check_micro_batches(self, datamodule: Any) -> None:
+    def _check_micro_batches(self, batches: TrainingBatches | None) -> None:
         """Refuse, before the zero-shot evaluation, a split that would change the batch or the step count."""
         if self.trainer.accumulate_grad_batches != 1:
             # Lightning's accumulation computes a loss per micro-batch, each with only its own samples as negatives,
@@ -140,9 +141,10 @@ class CLIPFineTuner(L.LightningModule):
                 f"trainer.accumulate_grad_batches={self.trainer.accumulate_grad_batches} is not supported: it "
                 f"changes the contrastive loss and the steps per task; set model.micro_batches instead"
             )
-        batch_size = getattr(datamodule, "batch_size", None)
-        world = self.trainer.world_size
-        if batch_size is not None and (batch_size // world) % self.hparams.micro_batches:
+        if batches is None:
+            return
+        batch_size, world = batches.batch_size, self.trainer.world_size
+        if (batch_size // world) % self.hparams.micro_batches:
             raise ValueError(
                 f"model.micro_batches={self.hparams.micro_batches} does not divide each rank's batch of "
                 f"{batch_size // world} (data.batch_size {batch_size} over {world} rank(s)); choose a divisor of "
@@ -154,7 +156,10 @@ class CLIPFineTuner(L.LightningModule):
         return int(self.model.visual.output_dim)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        steps = self.trainer.datamodule.require_steps()  # type: ignore[union-attr]
+        batches = datamodule_as(self.trainer, TrainingBatches)
+        if batches is None:
+            raise ValueError("CLIPFineTuner needs a data module of task batches (timelit.contracts.TrainingBatches)")
+        steps = batches.require_steps()
         hp = self.hparams
         optimizer = torch.optim.AdamW(
             parameter_groups(self.model, hp.weight_decay, hp.decay_norms_and_biases),

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from timelit.atomic import remove_run_temporaries
+from timelit.contracts import ExpertStoreOwner
 from timelit.folder_lock import FolderLock, lock_run_folder
 
 
@@ -34,7 +35,7 @@ def run_folders(trainer: Any) -> list[Path]:
     for callback in trainer.callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.dirpath:
             folders.append(Path(callback.dirpath))
-        elif callable(getattr(callback, "store_directory", None)):
+        elif isinstance(callback, ExpertStoreOwner):
             folders.append(Path(callback.store_directory(run_dir)))
     return list(dict.fromkeys(folders))
 

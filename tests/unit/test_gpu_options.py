@@ -28,7 +28,9 @@ def batch_for(module: CLIPFineTuner) -> dict[str, torch.Tensor]:
 
 
 def with_trainer(module: CLIPFineTuner, accumulate: int = 1, batch_size: int = BATCH, world: int = 1):
-    datamodule = SimpleNamespace(batch_size=batch_size, require_steps=lambda: 10)
+    datamodule = SimpleNamespace(  # what timelit.contracts.TrainingBatches promises
+        batch_size=batch_size, steps_per_task=10, require_steps=lambda: 10, set_steps_per_task=lambda steps: None
+    )
     module.trainer = SimpleNamespace(  # type: ignore[assignment]
         precision_plugin=Precision(), datamodule=datamodule, global_rank=0, world_size=world,
         accumulate_grad_batches=accumulate,

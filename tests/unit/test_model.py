@@ -42,9 +42,15 @@ def test_the_schedule_warms_up_decays_and_restarts_at_every_task():
     assert lrs[0] == pytest.approx(0.5e-3) and min(lrs) == pytest.approx(lrs[steps - 1])
 
 
+# What timelit.contracts.TrainingBatches promises, 10 steps per task.
+BATCHES = SimpleNamespace(
+    batch_size=8, steps_per_task=10, require_steps=lambda: 10, set_steps_per_task=lambda steps: None
+)
+
+
 def module_with(precision_plugin: Precision, **hparams) -> CLIPFineTuner:
     module = CLIPFineTuner(model_name=MICRO, pretrained=None, **hparams)
-    datamodule = SimpleNamespace(require_steps=lambda: 10)
+    datamodule = BATCHES
     module.trainer = SimpleNamespace(precision_plugin=precision_plugin, datamodule=datamodule)  # type: ignore[assignment]
     return module
 
@@ -73,7 +79,7 @@ class AtTask(CLIPFineTuner):
 
 def test_every_task_starts_with_fresh_adamw_moments():
     module = AtTask(model_name=MICRO, pretrained=None)
-    module.trainer = SimpleNamespace(precision_plugin=Precision(), datamodule=SimpleNamespace(require_steps=lambda: 10))
+    module.trainer = SimpleNamespace(precision_plugin=Precision(), datamodule=BATCHES)
     optimizer = module.configure_optimizers()["optimizer"]
     module.trainer.optimizers = [optimizer]
     parameter = next(module.model.parameters())

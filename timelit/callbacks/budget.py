@@ -32,6 +32,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from timelit.contracts import TaskStream, TrainingBatches, datamodule_as
 from timelit.flops import AttentionCount, Rounding, StepCost, measure_step, steps_for_budget
 from timelit.lightning_internals import reaches_logger
 
@@ -115,19 +116,20 @@ class ComputeBudget(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != TrainerFn.FITTING.value:
             return
-        datamodule = getattr(trainer, "datamodule", None)
-        model_name = getattr(pl_module, "hparams", {}).get("model_name")
-        missing = [f"data.{n}" for n in ("batch_size", "num_tasks", "steps_per_task") if not hasattr(datamodule, n)]
-        missing += ["model.model_name"] if model_name is None else []
-        if missing:
+        datamodule = datamodule_as(trainer, TrainingBatches)
+        stream = datamodule_as(trainer, TaskStream)
+        model_name = pl_module.hparams.get("model_name")
+        if datamodule is None or stream is None or model_name is None:
             if self.active:
+                missing = ["a task-stream data module"] if datamodule is None or stream is None else []
+                missing += ["model.model_name"] if model_name is None else []
                 raise ValueError(
                     f"ComputeBudget needs a LightningModule with a `model_name` hyperparameter (an open_clip "
-                    f"architecture) and a data module passed as Trainer.fit(datamodule=...) with `batch_size`, "
-                    f"`num_tasks` and `steps_per_task`; missing: {', '.join(missing)}"
+                    f"architecture) and a task-stream data module passed as Trainer.fit(datamodule=...) (see "
+                    f"timelit.contracts.TaskStream); missing: {', '.join(missing)}"
                 )
             return
-        self.num_tasks = int(datamodule.num_tasks)
+        self.num_tasks = int(stream.num_tasks)
         try:
             self.cost = measure_step(model_name, int(datamodule.batch_size), self.attention)
         except Exception as error:
@@ -150,7 +152,8 @@ class ComputeBudget(Callback):
                 f"data.steps_per_task={explicit} conflicts with the compute budget, which gives {steps} steps per "
                 f"task ({self._describe()}); remove data.steps_per_task or the `budget:` section"
             )
-        datamodule.steps_per_task = self.steps_per_task = steps
+        self.steps_per_task = steps
+        datamodule.set_steps_per_task(steps)
         if trainer.is_global_zero:
             log.info("compute budget: %s -> %d steps per task", self._describe(), steps)
 
@@ -163,7 +166,7 @@ class ComputeBudget(Callback):
             raise RuntimeError("ComputeBudget has no budget, or does not know the number of tasks yet")
         return self.total_gflops / num_tasks
 
-    def _derive_steps(self, datamodule: Any) -> int:
+    def _derive_steps(self, datamodule: TrainingBatches) -> int:
         per_task = self.budget_per_task()
         if per_task < self.gflops_per_step:
             source = (

@@ -39,6 +39,17 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
 from timelit.atomic import write_text
+from timelit.contracts import (
+    EvaluatingModule,
+    EvaluationSets,
+    ResultsRecordSource,
+    RunRecordSource,
+    TaskRecordSource,
+    TaskStream,
+    TrainingBatches,
+    callbacks_with,
+    datamodule_as,
+)
 from timelit.evaluation.evaluator import summary_figure
 from timelit.evaluation.forgetting import NUMBERS, ForgettingMatrix, forgetting_matrix
 from timelit.evaluation.metrics import summarize
@@ -104,14 +115,14 @@ class TaskResults(Callback):
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         run_directory(trainer)  # resolve on every rank now; the writers below run on rank 0 only
-        specs = getattr(getattr(trainer, "datamodule", None), "eval_specs", None)  # set up before the callbacks
-        if specs and not any(spec.role == "eval" for spec in specs) and trainer.is_global_zero:
-            manifests = getattr(trainer.datamodule, "manifests_spec", "the manifest set")  # type: ignore[union-attr]
+        sets = datamodule_as(trainer, EvaluationSets)  # set up before the callbacks
+        roles = {spec.role for spec in sets.eval_specs} if sets is not None else set()
+        if roles and "eval" not in roles and trainer.is_global_zero:
             log.warning(
                 "no held-out datasets (role eval) among the evaluation sets of %s: A_ZS and GM are not measured, and "
                 "results report A_KA alone. `timelit data new --held_out quickstart` adds held-out sets "
                 "(docs/own_data.md).",
-                manifests,
+                sets.manifests_spec,  # type: ignore[union-attr]
             )
 
     @override
@@ -145,8 +156,8 @@ class TaskResults(Callback):
         point = self._point(trainer, evaluation, tasks_done)
         self.points = [p for p in self.points if p["tasks_done"] != tasks_done] + [point]
         self.points.sort(key=lambda p: p["tasks_done"])
-        num_tasks = getattr(trainer.datamodule, "num_tasks", None)  # type: ignore[union-attr]
-        where = {0: "start", num_tasks: "end"}.get(tasks_done)
+        stream = datamodule_as(trainer, TaskStream)
+        where = {0: "start", stream.num_tasks if stream is not None else None: "end"}.get(tasks_done)
         # Lightning reuses the sanity check's (full) loaders for the first task's evaluation: that one is not "end".
         if evaluation["scope"] == "full" and where is not None:
             self.full[where] = {
@@ -169,17 +180,17 @@ class TaskResults(Callback):
     @staticmethod
     def _take_evaluation(pl_module: L.LightningModule) -> dict[str, Any] | None:
         """The module's latest evaluation, cleared so that no later hook records it a second time."""
-        evaluation = getattr(pl_module, "last_evaluation", None)
-        if evaluation is not None:
-            pl_module.last_evaluation = None
+        if not isinstance(pl_module, EvaluatingModule) or pl_module.last_evaluation is None:
+            return None
+        evaluation, pl_module.last_evaluation = pl_module.last_evaluation, None
         return evaluation
 
     def _point(self, trainer: L.Trainer, evaluation: dict[str, Any], tasks_done: int) -> dict[str, Any]:
         point: dict[str, Any] = {"tasks_done": tasks_done, "global_step": trainer.global_step}
         point.update(summarize(evaluation["datasets"], "subset"))
         point["datasets"] = self._figures(evaluation["datasets"], "subset")
-        for callback in trainer.callbacks:  # type: ignore[attr-defined]
-            if callback is not self and hasattr(callback, "task_record"):
+        for callback in callbacks_with(trainer, TaskRecordSource):
+            if callback is not self:
                 point.update(callback.task_record(trainer))
         return point
 
@@ -193,8 +204,8 @@ class TaskResults(Callback):
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        datamodule = getattr(trainer, "datamodule", None)
-        num_tasks = getattr(datamodule, "num_tasks", None)
+        stream = datamodule_as(trainer, TaskStream)
+        num_tasks = stream.num_tasks if stream is not None else None
         self.complete = bool(self.points) and self.points[-1]["tasks_done"] == num_tasks
         self._write(trainer)
         self._log_matrix(trainer)
@@ -203,30 +214,30 @@ class TaskResults(Callback):
 
     @staticmethod
     def _task_datasets(trainer: L.Trainer) -> list[list[str]] | None:
-        stream = getattr(getattr(trainer, "datamodule", None), "stream", None)
-        return stream.task_datasets if hasattr(stream, "task_datasets") else None
+        stream = datamodule_as(trainer, TaskStream)
+        return stream.stream.task_datasets if stream is not None else None
 
     def _forgetting(self, trainer: L.Trainer) -> ForgettingMatrix | None:
         task_datasets = self._task_datasets(trainer)
         return None if task_datasets is None else forgetting_matrix(self.points, task_datasets)
 
     def _run_header(self, trainer: L.Trainer) -> dict[str, Any]:
-        module, datamodule = trainer.lightning_module, getattr(trainer, "datamodule", None)
+        module, stream = trainer.lightning_module, datamodule_as(trainer, TaskStream)
+        batches = datamodule_as(trainer, TrainingBatches)
         header: dict[str, Any] = {"model": dict(module.hparams) if module is not None else {}}
-        if datamodule is not None:
+        if stream is not None:
             header["data"] = {
-                "stream": getattr(datamodule, "stream_spec", None),
-                "num_tasks": getattr(datamodule, "num_tasks", None),
-                "batch_size": getattr(datamodule, "batch_size", None),
-                "steps_per_task": getattr(datamodule, "steps_per_task", None),
-                "seed": getattr(datamodule, "seed", None),
+                "stream": stream.stream_spec,
+                "num_tasks": stream.num_tasks,
+                "batch_size": batches.batch_size if batches is not None else None,
+                "steps_per_task": batches.steps_per_task if batches is not None else None,
+                "seed": stream.seed,
                 # The report groups runs by everything but the seed: with or without replay are two experiments.
-                "mixture": _as_dict(getattr(datamodule, "mixture", None)),
-                "task_datasets": self._task_datasets(trainer),
+                "mixture": _as_dict(stream.mixture),
+                "task_datasets": stream.stream.task_datasets,
             }
-        for callback in trainer.callbacks:  # type: ignore[attr-defined]
-            if hasattr(callback, "run_record"):
-                header.update(callback.run_record(trainer))
+        for callback in callbacks_with(trainer, RunRecordSource):
+            header.update(callback.run_record(trainer))
         return header
 
     @rank_zero_only
@@ -241,9 +252,8 @@ class TaskResults(Callback):
             "full": self.full,
             "forgetting": None if forgetting is None else forgetting.to_dict(),
         }
-        for callback in trainer.callbacks:  # type: ignore[attr-defined]
-            if hasattr(callback, "results_record"):
-                record.update(callback.results_record(trainer))
+        for callback in callbacks_with(trainer, ResultsRecordSource):
+            record.update(callback.results_record(trainer))
         write_json_atomic(run_dir / self.filename, record)
 
     @rank_zero_only
@@ -256,9 +266,8 @@ class TaskResults(Callback):
             **summarize(evaluation["datasets"], scope),
             "datasets": self._figures(evaluation["datasets"], scope),
         }
-        for callback in trainer.callbacks:  # type: ignore[attr-defined]
-            if hasattr(callback, "results_record"):
-                record.update(callback.results_record(trainer))
+        for callback in callbacks_with(trainer, ResultsRecordSource):
+            record.update(callback.results_record(trainer))
         write_json_atomic(run_dir / f"{trainer.state.fn.value}_{self.filename}", record)
 
     @rank_zero_only

@@ -272,6 +272,12 @@ class TimeDataModule(L.LightningDataModule):
         """Samples per source in a global batch of `task`."""
         return source_counts(self.batch_size, self.mixture, first_task=task == 0)
 
+    def set_steps_per_task(self, steps: int) -> None:
+        """Called by ComputeBudget in its setup, before the first training loader: the steps its budget buys."""
+        if steps < 1:
+            raise ValueError(f"steps per task must be at least 1, got {steps}")
+        self.steps_per_task = steps
+
     def require_steps(self) -> int:
         if self.steps_per_task is None:
             raise ValueError(
