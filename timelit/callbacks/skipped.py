@@ -99,17 +99,8 @@ class SkippedSamples(Callback):
     ) -> None:
         self._record(trainer, batch.get("skipped", ()))
 
-    @override
-    def on_test_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._record(trainer, batch.get("skipped", ()))
+    # `timelit test` runs the same evaluation as `timelit validate`, through Lightning's test hooks.
+    on_test_batch_end = on_validation_batch_end
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
