@@ -34,7 +34,7 @@ LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
 # commands pull in torch and Lightning (several seconds), which `timelit sweep` and `timelit report` never need.
 _FUNCTION_COMMANDS: dict[str, Any] = {
     "data": {
-        "synth": ("timelit.commands", "synth_command"),
+        "synth": ("timelit.commands.data", "synth_command"),
         "new": ("timelit.data.new", "new_command"),
         "prepare": ("timelit.data.prepare", "prepare_command"),
         "verify": ("timelit.data.verify", "verify_command"),
@@ -43,7 +43,7 @@ _FUNCTION_COMMANDS: dict[str, Any] = {
     "merge": ("timelit.merging.command", "merge_command"),
     "budget": ("timelit.budget_command", "budget_command"),
     "sweep": ("timelit.sweep", "sweep_command"),
-    "report": ("timelit.report", "report_command"),
+    "report": ("timelit.commands.report", "report_command"),
 }
 
 
@@ -151,7 +151,7 @@ def _run(args: list[str]) -> None:
         pass
 
     if args[0] == "report":  # `timelit report RUN... --out DIR`: run folders as positional arguments
-        from timelit.report import report_argv
+        from timelit.commands.report import report_argv
 
         args = ["report", *report_argv(args[1:])]
     if args[0] == "merge":  # `timelit merge --experts a b c`: the paths a shell glob expands to

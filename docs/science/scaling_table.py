@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from timelit.report_stats import estimate
+from timelit.study.stats import estimate
 
 PROTOCOLS = ("multitask", "ft_ft", "zs_all_average", "ema_ema_interpolation")
 CENTRE = "centre"

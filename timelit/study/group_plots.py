@@ -2,8 +2,8 @@
 
     timelit report runs/science --out report/science
 
-A group is the runs that differ only in seed (`timelit.report_stats.group_runs`). Drawn on `Figure` objects, never
-through pyplot, like `timelit.report_plots`, whose colours, legend and axis titles these share so that the two sets of
+A group is the runs that differ only in seed (`timelit.study.stats.group_runs`). Drawn on `Figure` objects, never
+through pyplot, like `timelit.study.plots`, whose colours, legend and axis titles these share so that the two sets of
 plots read alike.
 """
 
@@ -18,9 +18,9 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from timelit.report_plots import TASK_AXIS, colours, finish_summary_curves
-from timelit.report_runs import SUMMARY_KEYS
-from timelit.report_stats import RunGroup
+from timelit.study.plots import TASK_AXIS, colours, finish_summary_curves
+from timelit.study.runs import SUMMARY_KEYS
+from timelit.study.stats import RunGroup
 
 
 def plot_group_curves(groups: list[RunGroup], path: Path) -> Path | None:

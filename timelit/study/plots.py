@@ -21,7 +21,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from timelit.report_runs import SUMMARY_KEYS, UNKNOWN, RunResult
+from timelit.study.runs import SUMMARY_KEYS, UNKNOWN, RunResult
 
 INITS = ("zs", "ft", "ema", "all")
 DEPLOYS = ("ft", "ema", "all")
@@ -73,7 +73,7 @@ def plot_curves(runs: list[RunResult], path: Path) -> Path:
 
 def finish_summary_curves(fig: Figure, axes: Any, title: str, path: Path) -> Path:
     """Titles, labels and legend of a row of A_KA / A_ZS / GM-per-task panels, then the file: the per-run curves and
-    the per-group ones (`report_group_plots`) read alike."""
+    the per-group ones (`study.group_plots`) read alike."""
     for ax, key in zip(axes, SUMMARY_KEYS):
         ax.set_title(TITLES[key], fontsize=10)
         ax.set_xlabel(TASK_AXIS)

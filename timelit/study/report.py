@@ -4,7 +4,7 @@
 
 Every argument is a run directory, a results.json, or a folder searched recursively for results.json (a sweep root).
 One row per run goes to `runs.csv` and to the Markdown table of `report.md`, which is printed as well; the plots
-(`timelit.report_plots`) are written beside them and embedded in `report.md`.
+(`timelit.study.plots`) are written beside them and embedded in `report.md`.
 
 Which number is "final". The reference pipeline reports the evaluation after the last task, plus the zero-shot point
 (FIF_REFERENCE.md §6); its README says "averaged across tasks" but its code reports the last value. This table gives
@@ -12,7 +12,7 @@ both: `final_*` is the last point of the stream (the fixed-subset evaluation aft
 `mean_*` the mean over the points after each task (the zero-shot point excluded), `zs_*` the zero-shot point (task 0),
 and `full_end_*` the full-split evaluation after the stream when the run made one.
 
-Runs that differ only in seed are grouped (`timelit.report_stats`): `groups.csv` and the group table of `report.md`
+Runs that differ only in seed are grouped (`timelit.study.stats`): `groups.csv` and the group table of `report.md`
 give each group's n and mean ± std (sample std, ddof=1) of the final A_KA, A_ZS, GM and of the forgetting numbers,
 and the paired differences of every group from a reference group over the seeds both ran, with Student-t 95 %
 intervals. `--reference` names the reference by its group label; by default it is Best-in-TIME (ema/ema,
@@ -39,8 +39,8 @@ from typing import Any
 
 from timelit.errors import UserError
 from timelit.evaluation.forgetting import NUMBERS, from_results
-from timelit.report_runs import SUMMARY_KEYS, UNKNOWN, RunResult
-from timelit.report_stats import group_runs, group_table, paired_table, reference_group, statistics_rows
+from timelit.study.runs import SUMMARY_KEYS, UNKNOWN, RunResult
+from timelit.study.stats import group_runs, group_table, paired_table, reference_group, statistics_rows
 
 RESULTS_FILE = "results.json"
 # Keys of `run.budget` read as the run's total budget in GFLOPs, in this order; a per-task budget times the number of
@@ -237,26 +237,12 @@ def markdown_table(runs: list[RunResult]) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------------- command
+# ---------------------------------------------------------------------------------------------------- the report
 
 
-def report_command(
-    runs: list[str], out: str = "report", plots: bool = True, reference: str | None = None
-) -> list[Path]:
-    """Tables and plots of A_KA, A_ZS and GM over many runs (a sweep): runs.csv, report.md and PNG plots.
-
-    Prints the table. Runs that have not finished are kept and marked; protocol, technique and budget read
-    "unknown" for runs whose results.json lacks them.
-
-    Args:
-        runs: run directories, results.json files, or folders searched recursively for results.json (a sweep root).
-        out: folder to write runs.csv, report.md and the plots into (created if missing).
-        plots: also draw the PNG plots (curves over tasks, init x deploy grid, A_KA vs A_ZS plane, scaling,
-            GM per task with a band per group, forgetting heat maps).
-        reference: the group that paired differences are taken against, by its label in the group table (or the
-            start of exactly one label, e.g. "zs/all"); default: Best-in-TIME (ema/ema, interpolation) if present,
-            else the first group.
-    """
+def write_report(runs: list[str], out: str | Path, plots: bool = True, reference: str | None = None) -> list[Path]:
+    """runs.csv, groups.csv, report.md and the plots of the runs found under `runs`, in `out`; prints the tables
+    and returns the files written (`timelit report`, timelit/commands/report.py, says what each argument is)."""
     results, skipped = load_runs(list(runs))
     for message in skipped:
         print(f"timelit report: skipped {message}", file=sys.stderr)
@@ -278,8 +264,8 @@ def report_command(
     statistics = _statistics_section(groups, reference_of)
     figures: list[Path] = []
     if plots:
-        from timelit.report_group_plots import draw_groups
-        from timelit.report_plots import draw_all
+        from timelit.study.group_plots import draw_groups
+        from timelit.study.plots import draw_all
 
         figures = draw_all(results, out_dir) + draw_groups(groups, out_dir)
     written[1].write_text(_markdown_document(table, statistics, figures, skipped, warnings))
@@ -336,28 +322,3 @@ def _markdown_document(
     for figure in figures:
         parts += ["", f"![{figure.stem}]({figure.name})"]
     return "\n".join(parts) + "\n"
-
-
-def report_argv(args: list[str]) -> list[str]:
-    """`RUN_DIR... --out DIR` (or `--runs RUN_DIR...`) -> `--runs=[...] --out DIR`, for a jsonargparse CLI called
-    with as_positional=False.
-
-    jsonargparse reads a list argument from one token, so the run directories a user lists after `timelit report`
-    (or after `--runs`, as a shell glob gives them) are gathered into one JSON list here; `--runs=[a,b]` stays.
-    """
-    runs: list[str] = []
-    position = 0
-    while position < len(args) and not args[position].startswith("-"):
-        runs.append(args[position])
-        position += 1
-    rest = []
-    while position < len(args):
-        arg = args[position]
-        position += 1
-        if arg == "--runs" and position < len(args) and not args[position].startswith("["):
-            while position < len(args) and not args[position].startswith("-"):
-                runs.append(args[position])
-                position += 1
-        else:
-            rest.append(arg)
-    return ([f"--runs={json.dumps(runs)}"] if runs else []) + rest

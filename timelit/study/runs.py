@@ -1,6 +1,6 @@
-"""One run as `timelit report` reads it from its results.json: the model the report's tables, statistics
-(`report_stats`) and plots (`report_plots`, `report_group_plots`) share, in a module of its own so that none of them
-imports the command that draws them (`timelit.report`)."""
+"""One run as `timelit report` reads it from its results.json: the model the report's tables (`study.report`),
+statistics (`study.stats`) and plots (`study.plots`, `study.group_plots`) share, in a module of its own so that none
+of them imports another to get it."""
 
 from __future__ import annotations
 

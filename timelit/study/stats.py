@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from timelit.errors import UserError
 
 if TYPE_CHECKING:
-    from timelit.report_runs import RunResult
+    from timelit.study.runs import RunResult
 
 STAT_KEYS = ("A_KA", "A_ZS", "GM")
 FORGETTING_KEYS = ("bwt", "avg_forgetting", "first_half_drop")

@@ -1,6 +1,6 @@
 """`timelit report` on hand-written results.json files: the CSV and Markdown rows, and which plots are drawn.
 
-python -m pytest tests/unit/test_report.py -q
+python -m pytest tests/unit/study/test_report.py -q
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from jsonargparse import CLI
 
-from timelit.report import find_results, load_runs, report_argv, report_command
+from timelit.commands.report import report_argv, report_command
+from timelit.study.report import find_results, load_runs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -199,7 +200,7 @@ def test_command_line_with_run_dirs_as_positionals(sweep, tmp_path):
 
 
 def test_the_protocol_grid_leaves_out_one_task_runs(tmp_path):
-    from timelit.report_plots import plot_protocol_grid
+    from timelit.study.plots import plot_protocol_grid
 
     write(tmp_path, "stream", results([10, 20, 30, 40], [80, 70, 60, 50], num_tasks=3, protocol=protocol("ft", "ft")))
     write(tmp_path, "multitask", results([10, 50], [80, 75], num_tasks=1, protocol=protocol("zs", "all")))
@@ -211,7 +212,7 @@ def test_the_protocol_grid_leaves_out_one_task_runs(tmp_path):
 
 def test_the_scaling_plots_leave_out_one_task_runs(tmp_path):
     """A multitask bound beside streams of one horizon is no horizon study: no line from 1 task to 3."""
-    from timelit.report_plots import plot_scaling
+    from timelit.study.plots import plot_scaling
 
     write(tmp_path, "stream", results([10, 20, 30, 40], [80, 70, 60, 50], num_tasks=3, protocol=protocol("ft", "ft")))
     write(tmp_path, "multitask", results([10, 50], [80, 75], num_tasks=1, protocol=protocol("ft", "ft")))
@@ -226,7 +227,7 @@ def test_the_scaling_plots_keep_runs_without_replay_apart(tmp_path):
     """ft/ft with and without replay at one budget are two lines, not one averaged point (as in the science report)."""
     import dataclasses
 
-    from timelit.report_plots import _group_label
+    from timelit.study.plots import _group_label
 
     write(tmp_path, "stream", results([10, 20, 30, 40], [80, 70, 60, 50], num_tasks=3, protocol=protocol("ft", "ft")))
     (run,) = load_runs([str(tmp_path)])[0]

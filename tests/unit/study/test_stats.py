@@ -1,7 +1,7 @@
 """`timelit report`'s statistics on a worked example: seed groups, mean ± std (ddof=1), paired differences with
 Student-t 95 % intervals, the reference group, and the forgetting columns and plots.
 
-python -m pytest tests/unit/test_report_stats.py -q
+python -m pytest tests/unit/study/test_stats.py -q
 
 The worked example (final GM, by seed):
 
@@ -21,9 +21,10 @@ from pathlib import Path
 
 import pytest
 
+from timelit.commands.report import report_command
 from timelit.errors import UserError
-from timelit.report import load_runs, report_command
-from timelit.report_stats import estimate, group_runs, paired_difference, reference_group, t_quantile_975
+from timelit.study.report import load_runs
+from timelit.study.stats import estimate, group_runs, paired_difference, reference_group, t_quantile_975
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BEST = {"init": "ema", "deploy": "ema", "technique": "interpolation", "hparams": {}}

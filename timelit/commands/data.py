@@ -1,6 +1,9 @@
-"""The plain-function subcommands of `timelit` (everything that is not fit / validate / test).
+"""`timelit data synth`: the procedural quickstart benchmark (timelit/data/synth.py).
 
-Each is a typed function whose docstring jsonargparse turns into `--help`.
+    timelit data synth --out ~/.cache/timelit/quickstart
+
+The other `timelit data` subcommands (new, prepare, verify, stream) are still defined beside their work in
+timelit/data/ (issue 19 item 3 splits that package; their functions come here then).
 """
 
 from __future__ import annotations
