@@ -117,3 +117,77 @@ def test_scaling_table_groups_by_variant_and_counts_finished_runs_only(tmp_path)
     assert "| centre | 85.00 ± 1.41 (n=2) | not run | not run | 80.00 ± 0.00 (n=1) | +4.00 (n=1) | – |" in (
         scaling.render(result, gaps)
     )
+
+
+@pytest.fixture(scope="module")
+def finding1():
+    return _load("check_finding1")
+
+
+def test_t_quantiles_match_the_tables(finding1):
+    assert finding1.t_quantile(0.975, 2) == pytest.approx(4.303, abs=1e-3)
+    assert finding1.t_quantile(0.975, 5) == pytest.approx(2.571, abs=1e-3)
+    assert finding1.t_quantile(0.995, 5) == pytest.approx(4.032, abs=1e-3)
+
+
+def _finding1_runs(folder: Path, gm: dict[str, list[float]], complete: bool = True) -> Path:
+    with (folder / "runs.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["run", "final_GM", "complete"])
+        for protocol, values in gm.items():
+            for seed, value in enumerate(values):
+                sweep = "science" if seed < 3 else "science_seeds"
+                writer.writerow([f"{sweep}/protocol={protocol},seed={seed}", value, complete])
+        # a scaling run of the same protocol and seed is another experiment: never paired
+        writer.writerow(["scaling/variant=compute_x2,protocol=ft_ft,seed=0", 0.0, True])
+    return folder
+
+
+def test_finding1_worked_example(finding1, tmp_path):
+    best = [80.0, 82.0, 84.0, 80.0, 82.0, 84.0]
+    gm = {
+        "ema_ema_interpolation": best,
+        "ft_ft": [b - d for b, d in zip(best, [5, 6, 5, 6, 5, 6])],  # mean 5.5, sd 0.55: ahead even adjusted
+        "zs_all_average": [b - d for b, d in zip(best, [1, 3, 1, 3, 1, 4])],  # mean 2.17, se 0.48: 95 % only
+        "zs_ema": [b - d for b, d in zip(best, [3, -3, 3, -3, 2, -2])],  # centred near 0: tied
+        "all_all_ties": [b - 1 for b in best],  # constant 1: zero spread, ahead
+        "ema_ema_ties": [b + d for b, d in zip(best, [1, -1, 1, -1, 1, 0])],  # tied, but 0.17 higher on average
+    }
+    result = finding1.main(_finding1_runs(tmp_path, gm))
+    verdicts = {name: row["verdict"] for name, row in result["comparisons"].items()}
+    assert verdicts == {
+        "ft_ft": "ahead",
+        "zs_all_average": "ahead (unadjusted)",
+        "zs_ema": "tied at n = 6",
+        "all_all_ties": "ahead",
+        "ema_ema_ties": "tied at n = 6",
+    }
+    ft = result["comparisons"]["ft_ft"]
+    assert ft["mean"] == pytest.approx(5.5)
+    assert ft["ci95"][0] == pytest.approx(5.5 - 2.5706 * (0.3**0.5) / 6**0.5, abs=1e-3)
+    assert result["finding_1"] == "tied"  # nothing beats Best-in-TIME beyond noise, but ema/ema TIES has the top mean
+    assert json.loads((tmp_path / "finding1.json").read_text())["finding_1"] == result["finding_1"]
+
+
+def test_finding1_is_not_reproduced_when_a_protocol_beats_best_in_time(finding1, tmp_path):
+    best = [80.0] * 6
+    gm = {name: [81.0] * 6 for name in finding1.OTHERS} | {"ema_ema_interpolation": best}
+    gm["ft_ft"] = [82.0, 83.0, 82.0, 83.0, 82.0, 83.0]
+    result = finding1.main(_finding1_runs(tmp_path, gm))
+    assert result["comparisons"]["ft_ft"]["verdict"] == "behind"
+    assert result["finding_1"] == "not reproduced"
+
+
+def test_finding1_with_a_missing_seed_is_incomplete(finding1, tmp_path):
+    gm = {name: [80.0] * 5 for name in (*finding1.OTHERS, "ema_ema_interpolation")}
+    result = finding1.main(_finding1_runs(tmp_path, gm))
+    assert {row["verdict"] for row in result["comparisons"].values()} == {"incomplete"}
+    assert result["finding_1"] == "incomplete"
+
+
+def test_finding1_is_reproduced_when_best_in_time_leads_and_nothing_beats_it(finding1, tmp_path):
+    gm = {name: [79.0, 81.0, 80.0, 79.0, 81.0, 80.0] for name in finding1.OTHERS}
+    gm["ema_ema_interpolation"] = [80.0, 80.5, 81.0, 80.0, 80.5, 81.0]  # mean 80.5 against 80.0: not resolved
+    result = finding1.main(_finding1_runs(tmp_path, gm))
+    assert {row["verdict"] for row in result["comparisons"].values()} == {"tied at n = 6"}
+    assert result["finding_1"] == "reproduced"
