@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -70,6 +71,60 @@ def paired_gaps(cells: dict[tuple[str, str], list[dict[str, str]]]) -> dict[str,
     return out
 
 
+# Budgets of the compute axis as multiples of the centre's, for finding 3's trend (docs/science.md section 6).
+BUDGETS = {"compute_x0.5": 0.5, CENTRE: 1.0, "compute_x2": 2.0}
+# The gaps' directions under finding 3: more compute narrows multitask − ema/ema and widens ema/ema − zs/all.
+EXPECTED_SIGN = {"multitask_minus_ema": -1, "ema_minus_zs_all": +1}
+
+
+def _gap(cells: dict[tuple[str, str], list[dict[str, str]]], variant: str, name: str) -> dict[str, float]:
+    ema = _by_seed(cells.get((variant, "ema_ema_interpolation"), []))
+    other, sign = ("multitask", 1) if name == "multitask_minus_ema" else ("zs_all_average", -1)
+    theirs = _by_seed(cells.get((variant, other), []))
+    return {s: sign * (theirs[s] - ema[s]) for s in set(ema) & set(theirs)}
+
+
+def compute_trend(cells: dict[tuple[str, str], list[dict[str, str]]]) -> dict[str, Any]:
+    """Per gap: each seed's least-squares slope against log2(budget) over the three budgets (seeds with all three
+    only), their mean with a 95 % t interval, and the verdict of docs/science.md section 6."""
+    x = {variant: math.log2(b) for variant, b in BUDGETS.items()}
+    out: dict[str, Any] = {}
+    for name, expected in EXPECTED_SIGN.items():
+        gaps = {variant: _gap(cells, variant, name) for variant in BUDGETS}
+        seeds = sorted(set.intersection(*(set(g) for g in gaps.values())))
+        slopes = []
+        for seed in seeds:
+            xs, ys = [x[v] for v in BUDGETS], [gaps[v][seed] for v in BUDGETS]
+            mx, my = statistics.fmean(xs), statistics.fmean(ys)
+            slopes.append(sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs))
+        e = estimate(slopes)
+        if e.n < 2 or math.isnan(e.ci_low):
+            verdict = "not measured" if not slopes else "not resolved"
+        elif e.ci_high < 0 if expected < 0 else e.ci_low > 0:
+            verdict = "reproduced"
+        elif e.ci_low > 0 if expected < 0 else e.ci_high < 0:
+            verdict = "contradicted"
+        else:
+            verdict = "not resolved"
+        out[name] = {"slopes": slopes, "mean": e.mean, "ci_low": e.ci_low, "ci_high": e.ci_high, "n": e.n,
+                     "verdict": verdict}  # fmt: skip
+    return out
+
+
+def render_trend(trend: dict[str, Any]) -> str:
+    lines = [
+        "| gap | slope per doubling of compute (mean over seeds) | 95 % CI | n | verdict |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for name, t in trend.items():
+        if not t["n"]:
+            lines.append(f"| {name} | – | – | 0 | {t['verdict']} |")
+            continue
+        interval = "–" if t["n"] < 2 else f"[{t['ci_low']:+.2f}, {t['ci_high']:+.2f}]"
+        lines.append(f"| {name} | {t['mean']:+.2f} | {interval} | {t['n']} | {t['verdict']} |")
+    return "\n".join(lines)
+
+
 def _gap_cell(gap: dict[str, Any] | None) -> str:
     if not gap or not gap["n"]:
         return "–"
@@ -101,9 +156,11 @@ def render(result: dict[str, dict[str, dict[str, Any]]], gaps: dict[str, dict[st
 def main(argv: list[str]) -> int:
     report_dir = Path(argv[0] if argv else "docs/science/scaling")
     cells = read(report_dir)
-    result, gaps = table(cells), paired_gaps(cells)
+    result, gaps, trend = table(cells), paired_gaps(cells), compute_trend(cells)
     print(render(result, gaps))
-    (report_dir / "scaling_table.json").write_text(json.dumps({"gm": result, "paired": gaps}, indent=1) + "\n")
+    print("\nFinding 3 along compute (docs/science.md section 6):\n" + render_trend(trend))
+    record = {"gm": result, "paired": gaps, "compute_trend": trend}
+    (report_dir / "scaling_table.json").write_text(json.dumps(record, indent=1) + "\n")
     return 0
 
 

@@ -191,3 +191,41 @@ def test_finding1_is_reproduced_when_best_in_time_leads_and_nothing_beats_it(fin
     result = finding1.main(_finding1_runs(tmp_path, gm))
     assert {row["verdict"] for row in result["comparisons"].values()} == {"tied at n = 6"}
     assert result["finding_1"] == "reproduced"
+
+
+def test_compute_trend_is_the_per_seed_slope_against_log2_budget(tmp_path):
+    scaling = _load("scaling_table")
+    rows = []
+    variants = {
+        "compute_x0.5": "scaling/variant=compute_x0.5,",
+        "centre": "science/",
+        "compute_x2": "scaling/variant=compute_x2,",
+    }
+    # multitask − ema/ema shrinks by 2 GM per doubling (+ seed noise); ema/ema − zs/all stays flat around 5
+    for i, prefix in enumerate(variants.values()):
+        for seed, noise in enumerate((0.0, 0.5, -0.5)):
+            ema = 80.0 + noise
+            rows += [
+                [f"{prefix}protocol=ema_ema_interpolation,seed={seed}", ema, True],
+                [f"{prefix}protocol=multitask,seed={seed}", ema + 4 - 2 * i + noise * (i - 1), True],
+                [f"{prefix}protocol=zs_all_average,seed={seed}", ema - 5 + noise * (i - 1), True],
+            ]
+    with (tmp_path / "runs.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["run", "final_GM", "complete"])
+        writer.writerows(rows)
+    trend = scaling.compute_trend(scaling.read(tmp_path))
+    narrowing = trend["multitask_minus_ema"]
+    assert narrowing["slopes"] == pytest.approx([-2.0, -1.5, -2.5]) and narrowing["verdict"] == "reproduced"
+    assert trend["ema_minus_zs_all"]["slopes"] == pytest.approx([0.0, -0.5, 0.5])
+    assert trend["ema_minus_zs_all"]["verdict"] == "not resolved"
+
+
+def test_compute_trend_without_the_2x_point_is_not_measured(tmp_path):
+    scaling = _load("scaling_table")
+    with (tmp_path / "runs.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["run", "final_GM", "complete"])
+        writer.writerow(["science/protocol=multitask,seed=0", 85, True])
+        writer.writerow(["science/protocol=ema_ema_interpolation,seed=0", 83, True])
+    assert scaling.compute_trend(scaling.read(tmp_path))["multitask_minus_ema"]["verdict"] == "not measured"
