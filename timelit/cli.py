@@ -42,7 +42,7 @@ _FUNCTION_COMMANDS: dict[str, Any] = {
     },
     "merge": ("timelit.merging.command", "merge_command"),
     "budget": ("timelit.budget_command", "budget_command"),
-    "sweep": ("timelit.sweep", "sweep_command"),
+    "sweep": ("timelit.commands.sweep", "sweep_command"),
     "report": ("timelit.commands.report", "report_command"),
 }
 

@@ -4,7 +4,7 @@
     lock.release()
 
 Two users: `timelit fit` locks its run folder for as long as it runs (`fit.lock`, `lock_run_folder`), and the local
-sweep launcher locks every run folder it starts a fit in (`local-run.lock`, timelit/launch_local.py).
+sweep launcher locks every run folder it starts a fit in (`local-run.lock`, timelit/study/local.py).
 
 Why flock and not a pid file: the kernel releases a flock when its holder dies, however it dies (SIGKILL, a
 requeue, a node failure where the filesystem's lock manager sees it), so a lock file left by a dead holder is taken

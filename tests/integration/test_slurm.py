@@ -49,7 +49,7 @@ def run_sweep(args: list[str]) -> None:
         return
     from jsonargparse import CLI
 
-    from timelit.sweep import sweep_command
+    from timelit.commands.sweep import sweep_command
 
     CLI(sweep_command, args=args, as_positional=False)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from timelit.sweep import ACTIVE_STATES
+from timelit.study.slurm import ACTIVE_STATES
 
 SLURM_DIR = Path(__file__).resolve().parents[2] / "slurm"
 ME = "501"

@@ -33,7 +33,8 @@ from pathlib import Path
 
 from timelit.folder_lock import FolderLock
 from timelit.folder_lock import lock_holder as folder_lock_holder
-from timelit.sweep_points import Point, is_complete
+from timelit.study.grid import Grid
+from timelit.study.manifest import MANIFEST_FILE, Point, is_complete, write_sweep_files
 
 LOCK_FILE = "local-run.lock"
 _KINDS = ("done", "failed", "stopped", "skipped")
@@ -302,3 +303,26 @@ def summary(outcomes: list[Outcome], pending: list[Point], received: list[int], 
     if received:
         return 128 + received[0]
     return 1 if failed else 0
+
+
+def run(spec: Grid, sweep_dir: Path, total: int, chosen: list[Point], text: str, parallel: int, dry_run: bool) -> None:
+    """Print the status of the `chosen` points (of `total`), then run the unfinished ones here, `parallel` at once
+    (`timelit sweep --launcher local`). `text` is the manifest written before the first fit starts."""
+    rows = [(point, status(point)) for point in chosen]
+    todo = [point for point, state in rows if state in ("run", "resume")]
+    width = max((len(point.name) for point, _ in rows), default=4)
+    print(f"sweep {spec.name}: {total} points in {sweep_dir}, local launcher, --parallel {parallel}")
+    for point, state in rows:
+        print(f"  {point.index:>4}  {point.name:<{width}}  {state}")
+    if not todo:
+        print("nothing to run")
+        return
+    if dry_run:
+        print(f"\nwould write {sweep_dir / MANIFEST_FILE} and run, {parallel} at a time:")
+        command = shlex.join(timelit_executable())
+        for point in todo:
+            print(f"  [{point.index}] {command} {shlex.join(point.argv)}")
+        return
+    code = launch(todo, sweep_dir, parallel, prepare=lambda: write_sweep_files(sweep_dir, text, spec.path))
+    if code:
+        raise SystemExit(code)

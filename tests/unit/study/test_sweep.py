@@ -18,18 +18,11 @@ import open_clip
 import pytest
 import yaml
 
+from timelit.commands.sweep import sweep_command
 from timelit.resources import configs_dir
-from timelit.sweep import (
-    ACTIVE_STATES,
-    FINISHED_STATES,
-    GridError,
-    QueueError,
-    array_spec,
-    expand,
-    find_grid,
-    load_grid,
-    sweep_command,
-)
+from timelit.study.grid import GridError, find_grid, load_grid
+from timelit.study.plan import expand
+from timelit.study.slurm import ACTIVE_STATES, FINISHED_STATES, QueueError, array_spec
 
 SHIPPED = ("quickstart", "model_size", "compute", "horizon")
 FOMO_GFLOPS = 1.8e9

@@ -19,8 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from timelit.launch_local import LOCK_FILE, RunLock, cores
-from timelit.sweep import GridError, LauncherOptionError, expand, load_grid, manifest_text, sweep_command
+from timelit.commands.sweep import LauncherOptionError, sweep_command
+from timelit.study.grid import GridError, load_grid
+from timelit.study.local import LOCK_FILE, RunLock, cores
+from timelit.study.manifest import manifest_text
+from timelit.study.plan import expand
 
 FAKE_TIMELIT = """#!{python}
 import json, os, signal, sys, time
