@@ -41,7 +41,7 @@ _FUNCTION_COMMANDS: dict[str, Any] = {
         "stream": ("timelit.data.stream_tools", "stream_command"),
     },
     "merge": ("timelit.merging.command", "merge_command"),
-    "budget": ("timelit.budget_command", "budget_command"),
+    "budget": ("timelit.commands.budget", "budget_command"),
     "sweep": ("timelit.commands.sweep", "sweep_command"),
     "report": ("timelit.commands.report", "report_command"),
 }

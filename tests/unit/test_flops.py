@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from timelit.budget_command import budget_command
+from timelit.commands.budget import budget_command
 from timelit.flops import StepCost, measure_step, steps_for_budget
 
 # FoMo-in-Flux README table (images/gflops.png): ViT-B/16, 224 px, 512 samples per step, full fine-tuning.
