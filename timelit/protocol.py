@@ -16,6 +16,12 @@ expert is `ema_weight` (fixed 0.5: the EMA forgets geometrically, not as 1/t), a
 (uniform, or by recency as the pipeline's offline merge). Other techniques (task arithmetic, TIES, ...) merge the
 pair or the set of task vectors against θ0, as the pipeline's `ema_paint` / `offline_merge` do with them.
 
+`all` is O(1) in t where the technique is incremental (`Technique.incremental`: task arithmetic, LiNeS, TIES, DARE,
+DARE-TIES, Breadcrumbs, Breadcrumbs-TIES, MagMax, SLERP's fold): `fold_all` keeps the merge's running state in a
+file beside the experts and folds in the newest expert only, with the bits of `merge_all`. Every other technique
+merges all experts again at each boundary (docs/ARCHITECTURE.md, "The task boundary in O(1)", says why each is not
+incremental).
+
 "Best-in-TIME" is init=ema, deploy=ema. The pipeline's named protocols map to: finetune = ft/ft, ZS-Merge
 (`zs_paint`) = zs/ema, EMA-Merge (`ema_paint`) = ema/ema, FT-Merge (`ft_paint`) = ft_zs/ft_zs, offline merge =
 zs/all, and `double_merge_<init>_<deploy>` = init/deploy with `ema_start="first_expert"` and the base excluded.
@@ -23,13 +29,18 @@ zs/all, and `double_merge_<init>_<deploy>` = init/deploy with `ema_start="first_
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from timelit.merging import MergeMethod, merge, validate
+from timelit.merging import TECHNIQUES, MergeMethod, merge, validate
+from timelit.merging.engine import state_members, update
+from timelit.merging.running import HPARAMS_KEY, TECHNIQUE_KEY, hparams_record
 
 Init = Literal["zs", "ft", "ema", "all", "ft_zs"]
 Deploy = Literal["ft", "ema", "all", "ft_zs"]
@@ -127,8 +138,63 @@ def merge_all(
     return merge(base, members, technique, **dict(hparams))
 
 
+MEMBERS_KEY = "timelit.members"
+"""A state file's record of the members folded into it: "base" for θ0, else each expert's sha256, oldest first."""
+
+
+def incremental_all(technique: MergeMethod) -> bool:
+    """Whether `all` with `technique` can be carried as running state (`fold_all`) instead of merged again."""
+    return TECHNIQUES[technique].incremental
+
+
+def fold_all(
+    base: WeightsLike,
+    experts: Sequence[WeightsLike],
+    fingerprints: Sequence[str],
+    technique: MergeMethod,
+    hparams: Mapping[str, Any],
+    previous_state: str | os.PathLike[str] | None,
+    state: str | os.PathLike[str],
+    include_base: bool = False,
+) -> dict[str, torch.Tensor]:
+    """`merge_all` of an incremental technique (uniform weighting) that reads the newest expert only.
+
+    `previous_state` holds the running state of the members before the newest expert (written by the previous call);
+    the state with the newest folded in goes to `state`, atomically. `fingerprints` identify the experts (their
+    sha256), oldest first: a previous state whose recorded members are not exactly the members before the newest
+    one (missing, another run's, written with other hyperparameters) is not used, and the state is rebuilt from
+    every member, which costs what `merge_all` costs. Either way the result is bitwise `merge_all`'s.
+    """
+    if len(fingerprints) != len(experts):
+        raise ValueError(f"{len(fingerprints)} fingerprints for {len(experts)} experts")
+    members = [base, *experts] if include_base else list(experts)
+    if not members:
+        raise ValueError("`all` needs at least one expert")
+    prints = (["base"] if include_base else []) + list(fingerprints)
+    folded = validate(technique, dict(hparams))
+    usable = previous_state is not None and _holds(previous_state, folded.name, hparams_record(folded), prints[:-1])
+    new = members[-1:] if usable else members
+    merged = update(
+        folded, base, new, previous_state if usable else None, state, metadata={MEMBERS_KEY: json.dumps(prints)}
+    )
+    return _materialise(members[0]) if len(members) == 1 else merged
+
+
+def _holds(path: str | os.PathLike[str], technique: str, hparams: str, members: Sequence[str]) -> bool:
+    """Whether the state file `path` exists and is the running state of exactly `members` under this merge."""
+    if not members or not Path(path).exists():
+        return False
+    folded, metadata = state_members(path)
+    return (
+        metadata.get(TECHNIQUE_KEY) == technique
+        and metadata.get(HPARAMS_KEY) == hparams
+        and metadata.get(MEMBERS_KEY) == json.dumps(list(members))
+        and folded == len(members)
+    )
+
+
 def _materialise(weights: WeightsLike) -> dict[str, torch.Tensor]:
-    if isinstance(weights, str):
+    if isinstance(weights, (str, os.PathLike)):
         from timelit.merging import load_weights
 
         return load_weights(weights)

@@ -13,6 +13,8 @@ Files, in `<run dir>/experts/` (or `store_dir`): `base.safetensors` (θ0), `expe
 `ema_NNNN` / `all_NNNN` / `ft_zs_NNNN` (the last two tasks' unless `keep_merged`); and after the last task
 `<run dir>/final_model.safetensors`. A sequential technique (`opcm`) folds the newest expert into the previous task's
 merged file and carries its few numbers in this callback's state and in the file's metadata (`timelit.merge_state`).
+`all` with an incremental technique (TIES, task arithmetic, ...; `protocol.fold_all`) keeps the running state of
+its merge in `all_state_NNNN.safetensors` (the last two tasks') and folds in the newest expert only.
 
 Checkpoint: this callback's state holds the expert index (file names and sha256), the last started and finished
 task, the sha256 of every merged file it may still read (all verified on restore) and a sequential technique's
@@ -47,9 +49,22 @@ from timelit.merging import (
     load_weights,
     merge_step,
     save_weights,
+    validate,
 )
+from timelit.merging.running import state_bytes
 from timelit.merging.safetensors_io import file_sha256
-from timelit.protocol import WEIGHTED_ALL, Deploy, EmaStart, Init, Weighting, check_technique, merge_all, pairwise
+from timelit.protocol import (
+    WEIGHTED_ALL,
+    Deploy,
+    EmaStart,
+    Init,
+    Weighting,
+    check_technique,
+    fold_all,
+    incremental_all,
+    merge_all,
+    pairwise,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +103,11 @@ class TimeMerge(Callback):
         deploy: weights evaluated and shipped after each task: `ft`, `ema`, `all` or `ft_zs`.
         technique: the merge technique f of the EMA step, of `all` and of `ft_zs` (timelit.merging). A sequential
             one (`opcm`) folds each new expert into its running merge once per boundary, which is then both the
-            EMA and `all`.
+            EMA and `all`. `all` costs the same at every boundary (running state beside the experts, the newest
+            expert folded in) with the incremental techniques task_arithmetic, lines, ties, dare, dare_ties,
+            breadcrumbs, breadcrumbs_ties, magmax and slerp; with average/interpolation, model_stock, tall_masks,
+            consensus_ties, random, tsv, iso_c and iso_cts every boundary merges all experts again (their result
+            needs every expert once more: weights or statistics that change with t, or an SVD of the whole set).
         hparams: its hyperparameters, named as in the papers (e.g. `{"k": 0.3, "scope": "tower"}` for TIES).
         ema_weight: weight of the newest expert in the pairwise step, m_t = (1 - w) m_{t-1} + w θ_t (reference:
             0.5); also the expert's weight in `ft_zs`. Used by interpolation, average and SLERP.
@@ -158,6 +177,15 @@ class TimeMerge(Callback):
 
     def directory(self, trainer: L.Trainer) -> Path:
         return self.store_directory(run_directory(trainer))
+
+    def state_file(self, trainer: L.Trainer, task: int) -> Path:
+        """The running state of `all` after `task` (incremental techniques)."""
+        return self.directory(trainer) / f"all_state_{task:04d}.safetensors"
+
+    @property
+    def folds_all(self) -> bool:
+        """Whether `all` is carried as running state (`protocol.fold_all`) rather than merged again."""
+        return "all" in self.kinds and not self.sequential and incremental_all(self.technique)
 
     def store_directory(self, run_dir: Path) -> Path:
         """Where experts and merged weights go for a run folder: `store_dir`, or `<run dir>/experts`. Apart from
@@ -265,6 +293,10 @@ class TimeMerge(Callback):
         weights = sum(t.numel() * t.element_size() for t in self._base(pl_module).values())
         names = [self.store.path(task).name, *(self.artefact(trainer, kind, task).name for kind in sorted(self.kinds))]
         needs: dict[Path, int] = {self.directory(trainer): len(names) * weights}
+        if self.folds_all:
+            numels = [t.numel() for t in self._base(pl_module).values() if t.is_floating_point()]
+            needs[self.directory(trainer)] += state_bytes(validate(self.technique, self.hparams), numels)
+            names.append(self.state_file(trainer, task).name)
         if task == getattr(trainer.datamodule, "num_tasks", trainer.max_epochs) - 1:  # type: ignore[union-attr]
             run_dir = run_directory(trainer)
             needs[run_dir] = needs.get(run_dir, 0) + weights
@@ -309,7 +341,20 @@ class TimeMerge(Callback):
             else:
                 previous = str(self.artefact(trainer, "ema", task - 1))
                 merged["ema"] = pairwise(base, previous, expert, self.technique, self.hparams, self.ema_weight)
-        if "all" in self.kinds - carried:
+        if "all" in self.kinds - carried and self.folds_all:
+            hashes = {entry["task"]: entry["sha256"] for entry in self.store.index()}
+            previous = self.state_file(trainer, task - 1) if task else None
+            merged["all"] = fold_all(
+                base,
+                experts,
+                [hashes[t] for t in self.store.tasks if t <= task],
+                self.technique,
+                self.hparams,
+                previous,
+                self.state_file(trainer, task),
+                self.all_include_base,
+            )
+        elif "all" in self.kinds - carried:
             merged["all"] = merge_all(
                 base, experts, self.technique, self.hparams, self.all_weighting, self.all_include_base
             )
@@ -338,7 +383,10 @@ class TimeMerge(Callback):
         return weights
 
     def _forget_old(self, trainer: L.Trainer, task: int) -> None:
-        """Remove merged files two or more tasks old: the newest checkpoint can only refer to the last two."""
+        """Remove merged files and `all` states two or more tasks old: the newest checkpoint can only refer to the
+        last two (a resume redoes at most the boundary after it, which reads the state of the task before)."""
+        if task >= 2:
+            self.state_file(trainer, task - 2).unlink(missing_ok=True)
         if self.keep_merged:
             return
         for kind in self.kinds:

@@ -5,6 +5,10 @@
 
 The sum is accumulated in float64 in store order and rounded to float32 once (:func:`weighted_sum`), so averaging
 identical experts returns them bit for bit, and one-hot weights return that expert.
+
+Not incremental (an `all` protocol merges every expert again at each boundary): the weights 1/N change with N and each
+weighted product is rounded on its own, so the sum cannot be carried from a running total bit for bit; accumulating
+sum_i theta_i and dividing once would change the bits of existing offline-merging runs.
 """
 
 from __future__ import annotations

@@ -34,13 +34,16 @@ from typing import ClassVar
 import torch
 
 from timelit.merging.chunks import Chunk
-from timelit.merging.task_vectors import Elected, elect_disjoint_mean, keep_magnitudes, sum_in_order
+from timelit.merging.task_vectors import SignElected, Summed, keep_magnitudes
 from timelit.merging.technique import TaskVectorTechnique, check_range
 
 
 @dataclass(frozen=True, kw_only=True)
-class Breadcrumbs(TaskVectorTechnique):
+class Breadcrumbs(Summed, TaskVectorTechnique):
     """Breadcrumbs + task arithmetic.
+
+    Incremental: both bounds of an expert's mask are its own order statistics, so an `all` merge folds the newest
+    masked task vector into the running sum (``breadcrumbs_ties``: into the sign election's accumulators).
 
     Args:
         top_drop: fraction of the largest |tau_i| dropped per expert over the scope (default 0.01); alias ``beta``.
@@ -73,23 +76,17 @@ class Breadcrumbs(TaskVectorTechnique):
             raise ValueError(f"dropping {top} largest and {bottom} smallest of {n} entries leaves nothing")
         return (top + 1, n - bottom)
 
-    def masked(self, chunk: Chunk) -> Iterator[torch.Tensor]:
+    def contributions(self, chunk: Chunk, first: int) -> Iterator[torch.Tensor]:
         """tau_i with the largest top_drop and smallest bottom_drop fractions zeroed, per expert in store order."""
         bounds = ((lower, upper) for upper, lower in chunk.thresholds)
         return keep_magnitudes(chunk, bounds)
 
-    def merge_chunk(self, chunk: Chunk) -> torch.Tensor | Elected:
-        return sum_in_order(self.masked(chunk), out=chunk.buffer("result"))
-
 
 @dataclass(frozen=True, kw_only=True)
-class BreadcrumbsTies(Breadcrumbs):
+class BreadcrumbsTies(SignElected, Breadcrumbs):
     """Breadcrumbs masks + TIES sign election and disjoint mean."""
 
     name: ClassVar[str] = "breadcrumbs_ties"
-
-    def merge_chunk(self, chunk: Chunk) -> Elected:
-        return elect_disjoint_mean(chunk, self.masked(chunk))
 
 
 def _floor(fraction: float, n: int) -> int:

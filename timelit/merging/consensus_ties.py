@@ -9,6 +9,9 @@ each |tau_i| over the scope, elect signs by mass, disjoint mean) and consensus i
 from the untrimmed task vectors and their sum: (sum_i [|tau_i| > mask_lambda |tau_s - tau_i|]) >= min_agree. The
 mask is applied to the finished TIES vector, so TIES' scope-wide majority sign (for entries whose trimmed values
 cancel) is counted before masking, as TIES alone counts it; min_agree 0 is TIES exactly.
+
+Not incremental: the consensus compares each tau_i with the final sum, so an `all` protocol reads every expert again at
+each boundary (min_agree 0 is TIES, which is incremental).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class ConsensusTies(Ties):
     min_agree: int = 2
 
     name: ClassVar[str] = "consensus_ties"
+    incremental: ClassVar[bool] = False  # the consensus compares every tau_i with the final sum: every expert, again
     hints: ClassVar[dict[str, str]] = {**Ties.hints, **CONSENSUS_HINTS}
 
     def __post_init__(self) -> None:

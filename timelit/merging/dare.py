@@ -25,7 +25,7 @@ import torch
 
 from timelit.merging import seeded
 from timelit.merging.chunks import Chunk
-from timelit.merging.task_vectors import Elected, elect_disjoint_mean, sum_in_order
+from timelit.merging.task_vectors import SignElected, Summed
 from timelit.merging.technique import TaskVectorTechnique, check_range
 
 BLOCK = seeded.BLOCK
@@ -42,8 +42,11 @@ def keep_mask(seed: int, expert: int, key: str, start: int, stop: int, p: float)
 
 
 @dataclass(frozen=True, kw_only=True)
-class Dare(TaskVectorTechnique):
+class Dare(Summed, TaskVectorTechnique):
     """DARE + task arithmetic: theta = theta_0 + lam * sum_i drop_p(tau_i) / (1 - p).
+
+    Incremental: expert i's mask is drawn from its store index, so an `all` merge folds the newest expert's dropped
+    task vector into the running sum with the mask a full merge would draw for it.
 
     Args:
         p: drop probability in [0, 1) (paper default 0.9; the TIME configs use 0.7). p = 0 is task arithmetic.
@@ -66,23 +69,17 @@ class Dare(TaskVectorTechnique):
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
-    def dropped(self, chunk: Chunk) -> Iterator[torch.Tensor]:
-        """drop_p(tau_i) / (1 - p) for every expert, in store order."""
+    def contributions(self, chunk: Chunk, first: int) -> Iterator[torch.Tensor]:
+        """drop_p(tau_i) / (1 - p) for every expert of the chunk, in store order (the first has index ``first``)."""
         drawn, keep = chunk.buffer("dare.uniforms"), chunk.buffer("dare.keep", torch.bool)
-        for i, tau in enumerate(chunk.task_vectors()):
+        for i, tau in enumerate(chunk.task_vectors(), start=first):
             uniforms(self.seed, i, chunk.key, chunk.start, chunk.stop, out=drawn)
             yield tau.mul_(torch.ge(drawn, self.p, out=keep)).div_(1 - self.p)
 
-    def merge_chunk(self, chunk: Chunk) -> torch.Tensor | Elected:
-        return sum_in_order(self.dropped(chunk), out=chunk.buffer("result"))
-
 
 @dataclass(frozen=True, kw_only=True)
-class DareTies(Dare):
+class DareTies(SignElected, Dare):
     """DARE + TIES sign election and disjoint mean (no magnitude trim); same p and seed as :class:`Dare`."""
 
     name: ClassVar[str] = "dare_ties"
     scoped: ClassVar[bool] = True
-
-    def merge_chunk(self, chunk: Chunk) -> Elected:
-        return elect_disjoint_mean(chunk, self.dropped(chunk))

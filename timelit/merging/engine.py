@@ -11,6 +11,10 @@ methods (``spectral``) read one matrix of every expert whole, at most the larges
 experts; a sequential technique (OPCM) is folded over the experts one step at a time (:func:`step`), holding the
 running merge and one float32 model of its update.
 
+An incremental technique (``Technique.incremental``) can also be run by :func:`update`: the new experts are folded
+into running state read from a file and written to the next one (``running``), which gives the bits of :func:`run`
+over every expert while reading only the new ones; a TIME `all` protocol does this at each task boundary.
+
 Per scope group (the whole model, each tower, or each tensor, see ``Scope``):
 1. order statistics, if the technique trims by magnitude: two streamed passes (``order_stats``);
 2. the merge pass: per tensor and chunk, the technique's kernel gives merged weights, or a merged task vector that
@@ -21,7 +25,8 @@ Per scope group (the whole model, each tower, or each tensor, see ``Scope``):
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -30,8 +35,20 @@ from tqdm.auto import tqdm
 from timelit.merging import order_stats
 from timelit.merging.chunks import Chunk, TensorJob, Workspace
 from timelit.merging.lines import auto_alpha, depth_ratios
+from timelit.merging.running import (
+    AUTO_SUM_FIELD,
+    FOLDED_KEY,
+    HPARAMS_KEY,
+    TECHNIQUE_KEY,
+    Running,
+    StateWriter,
+    fields_of,
+    hparams_record,
+    state_name,
+)
+from timelit.merging.safetensors_io import SafetensorsReader
 from timelit.merging.sources import MemorySource, Source, WeightsLike, merged_keys, open_sources
-from timelit.merging.task_vectors import Elected, scope_groups, sum_in_order
+from timelit.merging.task_vectors import Elected, fold_sum, scope_groups, sum_in_order
 from timelit.merging.technique import MergeState, SequentialTechnique, Technique
 
 DEFAULT_CHUNK_SIZE = 1 << 22
@@ -67,6 +84,88 @@ def run(
         if isinstance(technique, SequentialTechnique):
             return _fold(technique, base_source, expert_sources, keys, progress)
         return _Merge(technique, base_source, expert_sources, chunk_size).run(keys, progress)
+
+
+def update(
+    technique: Technique,
+    base: WeightsLike,
+    members: Sequence[WeightsLike],
+    previous_state: str | os.PathLike[str] | None,
+    state: str | os.PathLike[str],
+    *,
+    metadata: Mapping[str, str] | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    threads: int | None = DEFAULT_THREADS,
+    progress: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Fold ``members`` (oldest first) into the running state of an incremental technique and return the merge of
+    every member folded so far: bitwise :func:`run` over all of them, in store order.
+
+    ``previous_state`` is the state file of the members before (None: none yet); the new state goes to ``state``,
+    written atomically with ``metadata`` (e.g. what identifies the members) and the number of members folded. Its
+    chunking must be the previous update's (it is the default's unless given). One member alone gives the state of
+    that member and the merge of one expert (a TIME protocol deploys the expert itself there, as ``merge_all``
+    does).
+    """
+    _check_positive("chunk_size", chunk_size)
+    if not technique.incremental:
+        raise ValueError(f"{technique.name} is not incremental (its module docstring says why): merge with run()")
+    if not members:
+        raise ValueError("update needs at least one new member")
+    with _threads(threads), open_sources(base, members) as (base_source, sources):
+        previous = SafetensorsReader(previous_state) if previous_state is not None else None
+        try:
+            folded = _folded(previous, technique) if previous is not None else 0
+            if folded + len(members) > 1:
+                technique.check_experts(folded + len(members))
+            keys = merged_keys(base_source, technique.skip)
+            layout = [
+                (state_name(field, key), base_source.entries[key].numel)
+                for key in keys
+                for field in fields_of(technique)
+            ]
+            if previous is not None:
+                _check_layout(previous, layout)
+            record = {
+                **dict(metadata or {}),
+                FOLDED_KEY: str(folded + len(members)),
+                TECHNIQUE_KEY: technique.name,
+                HPARAMS_KEY: hparams_record(technique),
+            }
+            writer = StateWriter(state, layout, record)
+            try:
+                running = Running(previous, writer, folded)
+                merged = _Merge(technique, base_source, sources, chunk_size, running).run(keys, progress)
+                writer.commit()
+            except BaseException:
+                writer.abort()
+                raise
+        finally:
+            if previous is not None:
+                previous.close()
+    return merged
+
+
+def state_members(path: str | os.PathLike[str]) -> tuple[int, dict[str, str]]:
+    """How many members a state file has folded, and its metadata."""
+    with SafetensorsReader(path) as reader:
+        return int(reader.metadata.get(FOLDED_KEY, "0")), reader.metadata
+
+
+def _folded(previous: SafetensorsReader, technique: Technique) -> int:
+    metadata = previous.metadata
+    if metadata.get(TECHNIQUE_KEY) != technique.name or metadata.get(HPARAMS_KEY) != hparams_record(technique):
+        raise ValueError(
+            f"{previous.path} holds the state of {metadata.get(TECHNIQUE_KEY)} {metadata.get(HPARAMS_KEY)}, not of "
+            f"{technique.name} {hparams_record(technique)}"
+        )
+    return int(metadata[FOLDED_KEY])
+
+
+def _check_layout(previous: SafetensorsReader, layout: Sequence[tuple[str, int]]) -> None:
+    got = {name: entry.numel for name, entry in previous.entries.items() if entry.dtype == torch.float32}
+    if got != dict(layout):
+        raise ValueError(f"{previous.path}: its state tensors do not match the base's merged keys")
 
 
 def step(
@@ -135,8 +234,19 @@ def _fold(
 
 
 class _Merge:
-    def __init__(self, technique: Technique, base: Source, experts: Sequence[Source], chunk_size: int) -> None:
+    """One merge: of every expert (``running`` None), or of the new experts into running state (:func:`update`)."""
+
+    def __init__(
+        self,
+        technique: Technique,
+        base: Source,
+        experts: Sequence[Source],
+        chunk_size: int,
+        running: Running | None = None,
+    ) -> None:
         self.technique, self.base, self.experts, self.chunk_size = technique, base, experts, chunk_size
+        self.running = running
+        self.members = len(experts) + (running.folded if running else 0)
         self.scaling = technique.scaling()
         self.ratios = depth_ratios(base.entries) if self.scaling.beta else {}
         self.out: dict[str, torch.Tensor] = {}
@@ -167,18 +277,24 @@ class _Merge:
         self.bar.set_description(f"{self.technique.name}: merge {name}")
         for key in keys:
             target = held.setdefault(key, torch.empty(self.base.entries[key].numel)) if auto else self._output(key)
-            for chunk, result in self.technique.merge_tensor(self._job(key, thresholds)):
+            job = self._job(key, thresholds)
+            results = (
+                self.technique.merge_tensor(job)
+                if self.running is None
+                else self.technique.update_tensor(job, self.running)
+            )
+            for chunk, result in results:
                 tau = undecided.record(chunk, result)
                 if auto:
                     target[chunk.start : chunk.stop] = tau
-                    sum_l1 += _l1(sum_in_order(chunk.task_vectors(), out=chunk.buffer("engine.sum")))
+                    sum_l1 += _l1(self._task_vector_sum(chunk))
                 else:
                     target[chunk.start : chunk.stop] = self._theta(chunk.base, tau, key)
             self.bar.update()
         if auto:
             for key, positions, _, value in undecided.resolved():
                 held[key][positions] = value
-            alpha = auto_alpha(sum_l1, sum(_l1(tau) for tau in held.values()), len(self.experts))
+            alpha = auto_alpha(sum_l1, sum(_l1(tau) for tau in held.values()), self.members)
             for key, tau in held.items():
                 flat = self._output(key)
                 for chunk in self._job(key).chunks():
@@ -187,6 +303,16 @@ class _Merge:
             for key, positions, base, value in undecided.resolved():
                 flat = self.out[key].view(-1)
                 flat[positions] = self._theta(base, value, key).to(flat.dtype)
+
+    def _task_vector_sum(self, chunk: Chunk) -> torch.Tensor:
+        """sum_i tau_i of the chunk over every member (for LiNeS' auto alpha), carried as state by an update."""
+        if self.running is None:
+            return sum_in_order(chunk.task_vectors(), out=chunk.buffer("engine.sum"))
+        state = self.running.load(chunk, {AUTO_SUM_FIELD: "engine.sum"})
+        for i, tau in enumerate(chunk.task_vectors()):
+            fold_sum(state[AUTO_SUM_FIELD], tau, self.running.folded + i == 0)
+        self.running.store(chunk, state)
+        return state[AUTO_SUM_FIELD]
 
     def _thresholds(self, name: str, keys: list[str]) -> list[tuple]:
         """Per expert, the exact order statistics of |tau_i| over the group that the technique asks for."""

@@ -5,6 +5,8 @@
 TIME (arXiv 2412.06712) and the FoMo-in-Flux pipeline use a fixed w = 0.5, not 1/t, so the EMA forgets
 geometrically. For N models use ``average``; this is its two-model case with weights [1 - w, w], computed by the same
 float64 kernel, so interpolating a model with itself returns it exactly for any w, and w = 0 / 1 return a / b.
+
+Not incremental: it merges two models; an `all` protocol under interpolation takes the average (``average``).
 """
 
 from __future__ import annotations

@@ -22,6 +22,9 @@ vectors are dropped per tensor first (``spectral``; the sum is unchanged by them
 not be). The projection acts on the left (column) space, as the authors define it, so Iso-CTS of a matrix and of its
 transpose differ; open_clip stores ``visual.proj`` and ``text_projection`` as (in, out), the transpose of
 ``nn.Linear``'s (out, in).
+
+Not incremental: Iso-C's sum could be carried, but its spectrum is flattened by an SVD of the whole sum at every
+merge, and Iso-CTS takes per-task subspaces of every expert; an `all` protocol reads every expert again.
 """
 
 from __future__ import annotations

@@ -24,10 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar, Literal, get_args
 
-import torch
-
-from timelit.merging.chunks import Chunk
-from timelit.merging.task_vectors import sum_in_order
+from timelit.merging.task_vectors import Summed
 from timelit.merging.technique import Scaling, Scope, Technique, check_choice, check_range, check_scope_has_effect
 
 _BLOCK = re.compile(r"^(visual\.|text\.)?transformer\.resblocks\.(\d+)\.")
@@ -49,8 +46,11 @@ def auto_alpha(sum_l1: float, merged_l1: float, n_experts: int) -> float:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Lines(Technique):
+class Lines(Summed, Technique):
     """Task arithmetic whose merged vector is scaled by LiNeS instead of lambda.
+
+    Incremental: the running state of an `all` merge is the float32 sum; with ``alpha="auto"`` the norms that give
+    alpha are read off that sum when the merge is finished.
 
     Args:
         alpha: scale of the shallowest block and of every non-block key (default 0.5, the pipeline's), or "auto".
@@ -79,6 +79,3 @@ class Lines(Technique):
 
     def scaling(self) -> Scaling:
         return Scaling(self.alpha if self.alpha == "auto" else float(self.alpha), float(self.beta))
-
-    def merge_chunk(self, chunk: Chunk) -> torch.Tensor:
-        return sum_in_order(chunk.task_vectors(), out=chunk.buffer("result"))

@@ -28,6 +28,7 @@ class MagMax(Technique):
     lam: float = 1.0
 
     name: ClassVar[str] = "magmax"
+    incremental: ClassVar[bool] = True
     hints: ClassVar[dict[str, str]] = {"scaling_factor": "the pipeline's scaling_factor is `lam`"}
 
     def __post_init__(self) -> None:
@@ -37,13 +38,19 @@ class MagMax(Technique):
     def scaling(self) -> Scaling:
         return Scaling(float(self.lam))
 
-    def merge_chunk(self, chunk: Chunk) -> torch.Tensor:
-        taus = chunk.task_vectors()
-        best = chunk.buffer("result").copy_(next(taus))  # the chunk reuses its buffer for the next expert
-        best_magnitude = torch.abs(best, out=chunk.buffer("magmax.best"))
+    def state_fields(self) -> dict[str, str]:
+        """The selected task vector and its magnitude; an `all` merge carries them (incremental)."""
+        return {"best": "result", "best_magnitude": "magmax.best"}
+
+    def fold(self, state: dict[str, torch.Tensor], contribution: torch.Tensor, first: bool, chunk: Chunk) -> None:
+        best, best_magnitude = state["best"], state["best_magnitude"]
+        if first:
+            torch.abs(best.copy_(contribution), out=best_magnitude)  # the chunk reuses its buffer for the next expert
+            return
         magnitude, later_wins = chunk.buffer("magmax.magnitude"), chunk.buffer("magmax.later", torch.bool)
-        for tau in taus:
-            torch.ge(torch.abs(tau, out=magnitude), best_magnitude, out=later_wins)
-            torch.where(later_wins, tau, best, out=best)
-            torch.where(later_wins, magnitude, best_magnitude, out=best_magnitude)
-        return best
+        torch.ge(torch.abs(contribution, out=magnitude), best_magnitude, out=later_wins)
+        torch.where(later_wins, contribution, best, out=best)
+        torch.where(later_wins, magnitude, best_magnitude, out=best_magnitude)
+
+    def finish(self, state: dict[str, torch.Tensor], chunk: Chunk) -> torch.Tensor:
+        return state["best"]

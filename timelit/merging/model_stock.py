@@ -26,6 +26,9 @@ experts one at a time (no expert stack, as the engine requires), with float64 su
    S = N + 2 sum_{i<j} cos(tau_i, tau_j), so cos = (S - N) / (N (N - 1)) and 1 + (N - 1) cos = S / N;
 3. theta = sum_i (t / N) theta_i + (1 - t) theta_0 in float64, rounded once to float32 (as ``average`` does), so a
    merge of identical experts (cos = 1, t = 1) returns them exactly.
+
+Not incremental: the norms and the sum of unit task vectors could be carried, but the final combination weights every
+expert by t/N, which changes with N, so an `all` protocol reads every expert again at each boundary.
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ merge recomputed (after a restart, in the next task's EMA, with another chunk si
 pipeline re-draws from the global RNG on every call, so its next task starts from a model other than the one it
 evaluated. j = floor(u N) for a float32 uniform u = m / 2^24, computed exactly in float64: each expert gets
 floor(2^24 / N) or ceil(2^24 / N) of the 2^24 values of m, a bias below 2^-24.
+
+Not incremental: the expert chosen per entry, floor(u N), changes with N and may be any earlier expert, so an `all`
+protocol reads every expert again at each boundary.
 """
 
 from __future__ import annotations

@@ -17,12 +17,15 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from timelit.merging.chunks import Chunk, TensorJob
 from timelit.merging.technique import Technique, check_range
+
+if TYPE_CHECKING:
+    from timelit.merging.running import Running
 
 _PARALLEL = 0.9995
 
@@ -39,6 +42,7 @@ class Slerp(Technique):
     t: float | None = None
 
     name: ClassVar[str] = "slerp"
+    incremental: ClassVar[bool] = True
     space: ClassVar = "weights"
     experts_allowed: ClassVar = (2, None)
     hints: ClassVar[dict[str, str]] = {
@@ -65,18 +69,40 @@ class Slerp(Technique):
         chunks = list(job.chunks())
         current = [chunk.expert(0).clone() for chunk in chunks]  # clone: the chunk reuses its buffer
         for j in range(1, len(job.experts)):
-            t = (1 / (j + 1)) if self.t is None else self.t
-            dot = norm_a = norm_b = 0.0
-            for a, chunk in zip(current, chunks, strict=True):
-                a64, b64 = a.double(), chunk.expert(j).double()
-                dot, norm_a, norm_b = dot + float(a64 @ b64), norm_a + float(a64 @ a64), norm_b + float(b64 @ b64)
-            weight_a, weight_b = _coefficients(dot, norm_a, norm_b, t)
-            for a, chunk in zip(current, chunks, strict=True):
-                # In float64, rounded once, as ``average.weighted_sum`` does: identical models (where SLERP is the
-                # lerp) come back exactly for any t, and so does every step of the fold over identical models.
-                mixed = chunk.buffer("slerp.a", torch.float64).copy_(a).mul_(weight_a)
-                a.copy_(mixed.add_(chunk.buffer("slerp.b", torch.float64).copy_(chunk.expert(j)).mul_(weight_b)))
+            self._fold_into(current, chunks, j, j)
         yield from zip(chunks, current, strict=True)
+
+    def state_fields(self) -> dict[str, str]:
+        """The fold so far; an `all` merge carries it (incremental; the fold is over all experts, so ``t`` unset)."""
+        return {"current": "slerp.current"}
+
+    def update_tensor(self, job: TensorJob, running: Running) -> Iterator[tuple[Chunk, torch.Tensor]]:
+        """:meth:`merge_tensor` continued from the fold so far (read from the state) with the new experts."""
+        chunks = list(job.chunks())
+        if running.folded == 0:
+            current, start = [chunk.expert(0).clone() for chunk in chunks], 1
+        else:
+            current = [running.load(chunk, self.state_fields())["current"].clone() for chunk in chunks]
+            start = 0
+        for j in range(start, len(job.experts)):
+            self._fold_into(current, chunks, j, running.folded + j)
+        for chunk, a in zip(chunks, current, strict=True):
+            running.store(chunk, {"current": a})
+        yield from zip(chunks, current, strict=True)
+
+    def _fold_into(self, current: list[torch.Tensor], chunks: list[Chunk], j: int, index: int) -> None:
+        """current <- slerp(current, the job's expert ``j``, t), whose store index is ``index`` (t = 1/(index+1))."""
+        t = (1 / (index + 1)) if self.t is None else self.t
+        dot = norm_a = norm_b = 0.0
+        for a, chunk in zip(current, chunks, strict=True):
+            a64, b64 = a.double(), chunk.expert(j).double()
+            dot, norm_a, norm_b = dot + float(a64 @ b64), norm_a + float(a64 @ a64), norm_b + float(b64 @ b64)
+        weight_a, weight_b = _coefficients(dot, norm_a, norm_b, t)
+        for a, chunk in zip(current, chunks, strict=True):
+            # In float64, rounded once, as ``average.weighted_sum`` does: identical models (where SLERP is the
+            # lerp) come back exactly for any t, and so does every step of the fold over identical models.
+            mixed = chunk.buffer("slerp.a", torch.float64).copy_(a).mul_(weight_a)
+            a.copy_(mixed.add_(chunk.buffer("slerp.b", torch.float64).copy_(chunk.expert(j)).mul_(weight_b)))
 
     def hparams(self, n_experts: int | None = None) -> dict[str, Any]:
         """As :meth:`Technique.hparams`, with an omitted ``t`` recorded as 0.5 for two models; over more it stays

@@ -16,6 +16,9 @@ task arithmetic, and its comparison uses |theta_0 - theta_i| for |tau_i| (Fusion
 slip; its ``generate_task_masks`` is right). The strict ``>`` (MERGING.md) means an expert whose task vector is 0 at
 an entry never claims it. Everything is element-wise, so scope does not apply (as for task arithmetic) and the result
 does not depend on chunking; the kernel reads every expert twice per chunk (once for tau_s, once for the masks).
+
+Not incremental: expert i's mask compares |tau_i| with |tau_s - tau_i| for the final sum tau_s, so an `all` protocol
+reads every expert again at each boundary (min_agree 0 is task arithmetic, which is incremental).
 """
 
 from __future__ import annotations

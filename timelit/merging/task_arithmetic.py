@@ -11,19 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
-from timelit.merging.chunks import Chunk
-from timelit.merging.task_vectors import sum_in_order
+from timelit.merging.task_vectors import Summed
 from timelit.merging.technique import TaskVectorTechnique
 
 
 @dataclass(frozen=True, kw_only=True)
-class TaskArithmetic(TaskVectorTechnique):
-    """tau_m = sum_i tau_i; see :class:`TaskVectorTechnique` for lam, scope and the LiNeS flags."""
+class TaskArithmetic(Summed, TaskVectorTechnique):
+    """tau_m = sum_i tau_i; see :class:`TaskVectorTechnique` for lam, scope and the LiNeS flags.
+
+    Incremental: the running state of an `all` merge is the float32 sum (``task_vectors.Summed``)."""
 
     name: ClassVar[str] = "task_arithmetic"
     hints: ClassVar[dict[str, str]] = {"scaling_factor": "the pipeline's scaling_factor is `lam`"}
-
-    def merge_chunk(self, chunk: Chunk) -> torch.Tensor:
-        return sum_in_order(chunk.task_vectors(), out=chunk.buffer("result"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
@@ -24,14 +24,56 @@ def sum_in_order(tensors: Iterable[torch.Tensor], out: torch.Tensor) -> torch.Te
     2212.04089 eq. 1)."""
     empty = True
     for tensor in tensors:
-        if empty:
-            out.copy_(tensor)
-            empty = False
-        else:
-            out += tensor  # a plain add, never a fused multiply-add, so every chunking rounds alike
+        fold_sum(out, tensor, empty)
+        empty = False
     if empty:
         raise ValueError("nothing to sum: no experts")
     return out
+
+
+def fold_sum(total: torch.Tensor, tensor: torch.Tensor, first: bool) -> None:
+    """One step of :func:`sum_in_order`: the running sum starts as a copy of the first term."""
+    if first:
+        total.copy_(tensor)
+    else:
+        total += tensor  # a plain add, never a fused multiply-add, so every chunking rounds alike
+
+
+SUM_FIELDS = {"sum": "result"}
+ELECT_FIELDS = {"pos_sum": "elect.ps", "neg_sum": "elect.ns", "pos_count": "elect.pc", "neg_count": "elect.nc"}
+
+
+class Summed:
+    """Mixin of an incremental technique whose merged task vector is the float32 sum of its contributions in store
+    order (task arithmetic, DARE, Breadcrumbs, LiNeS): the running state is that sum."""
+
+    incremental: ClassVar[bool] = True
+
+    def state_fields(self) -> dict[str, str]:
+        return SUM_FIELDS
+
+    def fold(self, state: dict[str, torch.Tensor], contribution: torch.Tensor, first: bool, chunk: Chunk) -> None:
+        fold_sum(state["sum"], contribution, first)
+
+    def finish(self, state: dict[str, torch.Tensor], chunk: Chunk) -> torch.Tensor:
+        return state["sum"]
+
+
+class SignElected:
+    """Mixin of an incremental technique that elects signs and takes the disjoint mean of its contributions (TIES,
+    DARE-TIES, Breadcrumbs-TIES): the running state is :func:`elect_disjoint_mean`'s four accumulators. Each
+    expert's trim threshold depends on that expert alone, so the trimmed values of earlier experts are final."""
+
+    incremental: ClassVar[bool] = True
+
+    def state_fields(self) -> dict[str, str]:
+        return ELECT_FIELDS
+
+    def fold(self, state: dict[str, torch.Tensor], contribution: torch.Tensor, first: bool, chunk: Chunk) -> None:
+        fold_elect(state, contribution, first, chunk.buffer("elect.part"))
+
+    def finish(self, state: dict[str, torch.Tensor], chunk: Chunk) -> Elected:
+        return finish_elect(state, chunk)
 
 
 def keep_magnitudes(chunk: Chunk, bounds: Iterable[tuple[float, float]]) -> Iterator[torch.Tensor]:
@@ -59,17 +101,29 @@ def elect_disjoint_mean(chunk: Chunk, trimmed: Iterable[torch.Tensor]) -> Electe
     holds 0 there and :class:`Elected` carries both candidates. A majority of 0 leaves the 0 (no side wins), where
     the reference code would take the negative side's mean.
     """
-    pos_sum, neg_sum, pos_count, neg_count = (chunk.buffer(f"elect.{name}") for name in ("ps", "ns", "pc", "nc"))
+    state = {field: chunk.buffer(buffer) for field, buffer in ELECT_FIELDS.items()}
     part = chunk.buffer("elect.part")
     for i, tau in enumerate(trimmed):
-        if i == 0:  # initialise the accumulators from the first expert rather than zeroing and adding
-            torch.sign(torch.clamp(tau, min=0, out=pos_sum), out=pos_count)
-            torch.sign(torch.clamp(tau, max=0, out=neg_sum), out=neg_count).neg_()
-            continue
-        pos_sum += torch.clamp(tau, min=0, out=part)
-        pos_count += part.sign_()
-        neg_sum += torch.clamp(tau, max=0, out=part)
-        neg_count -= part.sign_()
+        fold_elect(state, tau, i == 0, part)
+    return finish_elect(state, chunk)
+
+
+def fold_elect(state: dict[str, torch.Tensor], tau: torch.Tensor, first: bool, part: torch.Tensor) -> None:
+    """One expert of :func:`elect_disjoint_mean` folded into its accumulators (``part``: scratch)."""
+    pos_sum, neg_sum, pos_count, neg_count = (state[field] for field in ELECT_FIELDS)
+    if first:  # initialise the accumulators from the first expert rather than zeroing and adding
+        torch.sign(torch.clamp(tau, min=0, out=pos_sum), out=pos_count)
+        torch.sign(torch.clamp(tau, max=0, out=neg_sum), out=neg_count).neg_()
+        return
+    pos_sum += torch.clamp(tau, min=0, out=part)
+    pos_count += part.sign_()
+    neg_sum += torch.clamp(tau, max=0, out=part)
+    neg_count -= part.sign_()
+
+
+def finish_elect(state: dict[str, torch.Tensor], chunk: Chunk) -> Elected:
+    """The elected signs and disjoint means of :func:`elect_disjoint_mean` from its accumulators (overwritten)."""
+    pos_sum, neg_sum, pos_count, neg_count = (state[field] for field in ELECT_FIELDS)
     total = torch.add(pos_sum, neg_sum, out=chunk.buffer("elect.total"))
     # A zero sum over nonzero entries: they cancel (positive entries cannot sum to 0, so pos_sum > 0 detects them).
     undecided = ((total == 0) & (pos_sum > 0)).nonzero().squeeze(1)

@@ -12,6 +12,13 @@ A technique is a frozen dataclass: its fields are its hyperparameters (so ``data
 - sequential, :meth:`SequentialTechnique.step`: folds one expert into a running merge and returns the state to carry
   to the next step (OPCM), so a TIME run merges each new expert once instead of re-merging all of them.
 
+An element-wise technique whose merge over experts 1..t is a left fold of per-entry running state (sums, sign
+counts, the running maximum; SLERP's running fold per tensor) is ``incremental``: it says what the state is
+(:meth:`Technique.state_fields`), what each expert adds (:meth:`Technique.contributions`), how it is added
+(:meth:`Technique.fold`) and how the merge is read off (:meth:`Technique.finish`). Its :meth:`Technique.merge_chunk`
+is those four steps over every expert, and ``engine.update`` is the same steps over the state on disk and the new
+experts only, so an `all` protocol's boundary reads one expert whatever t is and gives the full merge's bits.
+
 Every kind gives the same bits whether its inputs were files or state dicts.
 """
 
@@ -28,6 +35,7 @@ import torch
 
 if TYPE_CHECKING:
     from timelit.merging.chunks import Chunk, TensorJob
+    from timelit.merging.running import Running
     from timelit.merging.sources import Source
 
 Scope = Literal["model", "tower", "tensor"]
@@ -122,6 +130,9 @@ class Technique:
     order_statistics: ClassVar[bool] = False
     hints: ClassVar[dict[str, str]] = {}
     """Explanations for hyperparameter names from other code bases, shown when a user passes one."""
+    incremental: ClassVar[bool] = False
+    """Whether the merge over experts 1..t is running state updated with expert t alone (``engine.update``); the
+    module docstring of a technique that is not says why."""
     aliases: ClassVar[dict[str, str]] = {}
     """Other names ``validate`` accepts for a field (alias -> field), e.g. MERGING.md's Breadcrumbs ``beta``."""
 
@@ -153,8 +164,50 @@ class Technique:
 
     def merge_chunk(self, chunk: Chunk) -> torch.Tensor | Elected:
         """The merged slice (weights or task vector, see :attr:`space`). It may live in a workspace buffer
-        (``chunk.buffer("result")``): the engine uses it up before it asks for the next chunk."""
+        (``chunk.buffer("result")``): the engine uses it up before it asks for the next chunk.
+
+        An incremental technique folds every expert's contribution into its state and finishes it."""
+        fields = self.state_fields()
+        if not fields:
+            raise NotImplementedError
+        state = {field: chunk.buffer(buffer) for field, buffer in fields.items()}
+        for i, contribution in enumerate(self.contributions(chunk, 0)):
+            self.fold(state, contribution, i == 0, chunk)
+        return self.finish(state, chunk)
+
+    # The running state of an incremental technique (see the module docstring).
+
+    def state_fields(self) -> dict[str, str]:
+        """Per merged entry, the float32 fields of the running state, each mapped to the workspace buffer that holds
+        it while a chunk is merged; empty for a technique that is not incremental."""
+        return {}
+
+    def contributions(self, chunk: Chunk, first: int) -> Iterator[torch.Tensor]:
+        """What each of the chunk's experts folds into the state, in store order (its task vector, trimmed or
+        masked: each overwrites the previous one); ``first`` is the store index of the chunk's first expert, on
+        which seeded masks depend."""
+        return chunk.task_vectors()
+
+    def fold(self, state: dict[str, torch.Tensor], contribution: torch.Tensor, first: bool, chunk: Chunk) -> None:
+        """Add one expert's contribution to the state in place (scratch buffers from ``chunk``); ``first``: the state
+        holds nothing yet and is initialised from it (not zeroed and added to, which could differ, e.g. -0.0)."""
         raise NotImplementedError
+
+    def finish(self, state: dict[str, torch.Tensor], chunk: Chunk) -> torch.Tensor | Elected:
+        """The merged slice read off the state; it may overwrite the state's buffers."""
+        raise NotImplementedError
+
+    def update_tensor(self, job: TensorJob, running: Running) -> Iterator[tuple[Chunk, torch.Tensor | Elected]]:
+        """:meth:`merge_tensor` for ``engine.update``: the job's experts are the new ones; each chunk's state is
+        read from the previous state file, the new contributions are folded in, and the state is written to the
+        next file before it is finished."""
+        fields = self.state_fields()
+        for chunk in job.chunks():
+            state = running.load(chunk, fields)
+            for i, contribution in enumerate(self.contributions(chunk, running.folded)):
+                self.fold(state, contribution, running.folded + i == 0, chunk)
+            running.store(chunk, state)
+            yield chunk, self.finish(state, chunk)
 
     def hparams(self, n_experts: int | None = None) -> dict[str, Any]:
         """The hyperparameters the merge used, as plain values (the provenance in a merged file's metadata).

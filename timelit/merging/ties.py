@@ -19,18 +19,24 @@ theta = theta_0 + lam * tau_m.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import ClassVar
 
+import torch
+
 from timelit.merging.chunks import Chunk
-from timelit.merging.task_vectors import Elected, elect_disjoint_mean, keep_magnitudes
+from timelit.merging.task_vectors import SignElected, keep_magnitudes
 from timelit.merging.technique import TaskVectorTechnique, check_range
 
 
 @dataclass(frozen=True, kw_only=True)
-class Ties(TaskVectorTechnique):
+class Ties(SignElected, TaskVectorTechnique):
     """TIES with k = the fraction of each task vector KEPT (paper default 0.2; the TIME configs use 0.3).
+
+    Incremental: each expert's trim threshold is its own, so an `all` merge carries the four accumulators of the
+    sign election (positive and negative sums and counts) and folds in the newest trimmed task vector only.
 
     Args:
         k: fraction of entries of each |tau_i| kept by the trim, in [0, 1].
@@ -55,9 +61,9 @@ class Ties(TaskVectorTechnique):
     def ranks(self, n: int) -> tuple[int, ...]:
         return (kept_count(self.k, n),)
 
-    def merge_chunk(self, chunk: Chunk) -> Elected:
+    def contributions(self, chunk: Chunk, first: int) -> Iterator[torch.Tensor]:
         bounds = ((threshold, math.inf) for (threshold,) in chunk.thresholds)
-        return elect_disjoint_mean(chunk, keep_magnitudes(chunk, bounds))
+        return keep_magnitudes(chunk, bounds)
 
 
 def kept_count(fraction: float, n: int) -> int:

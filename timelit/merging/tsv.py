@@ -17,6 +17,9 @@ dropped per tensor first (``spectral``); with one expert left, tau is its task v
 four steps give when all r triplets are kept and the bases are already orthonormal. Each expert's SVD is taken as it
 is read and only its k kept columns are held, so a matrix costs the stacks (at most rows x r and columns x r) plus
 one expert's factors, whatever N is.
+
+Not incremental: it takes the SVD of every expert's matrices and keeps r/N of each, so an `all` protocol reads every
+expert again at each boundary.
 """
 
 from __future__ import annotations
