@@ -40,7 +40,7 @@ _FUNCTION_COMMANDS: dict[str, Any] = {
         "verify": ("timelit.data.verify", "verify_command"),
         "stream": ("timelit.data.stream_tools", "stream_command"),
     },
-    "merge": ("timelit.merging.command", "merge_command"),
+    "merge": ("timelit.commands.merge", "merge_command"),
     "budget": ("timelit.commands.budget", "budget_command"),
     "sweep": ("timelit.commands.sweep", "sweep_command"),
     "report": ("timelit.commands.report", "report_command"),
@@ -155,7 +155,7 @@ def _run(args: list[str]) -> None:
 
         args = ["report", *report_argv(args[1:])]
     if args[0] == "merge":  # `timelit merge --experts a b c`: the paths a shell glob expands to
-        from timelit.merging.command import merge_argv
+        from timelit.commands.merge import merge_argv
 
         args = ["merge", *merge_argv(args[1:])]
     CLI(commands, args=args, as_positional=False, parser_class=Parser)

@@ -60,6 +60,10 @@ BAD_INPUTS = {
          "--out", "{empty}/merged.safetensors"],
         "{empty}/expert_0000.safetensors",
     ),
+    "merge: empty experts folder": (
+        ["merge", "--base", BASE, "--experts", "{empty}", "--method", "ties", "--out", "{empty}/m.safetensors"],
+        "{empty}: no expert_NNNN.safetensors files in this folder",
+    ),
     "merge: misspelt method": (
         ["merge", "--base", BASE, "--experts", BASE, "--method", "tiez", "--out", "{empty}/m.safetensors"],
         "method: 'tiez' is not valid (did you mean 'ties'?)",

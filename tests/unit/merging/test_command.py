@@ -1,4 +1,5 @@
-"""``merge_command`` end to end: safetensors and Lightning checkpoints in and out, through jsonargparse."""
+"""`timelit merge` end to end (timelit/commands/merge.py over merging/command.py): safetensors and Lightning
+checkpoints in and out, through jsonargparse."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import lightning
 import pytest
 import torch
 
+from timelit.commands.merge import merge_argv, merge_command
 from timelit.merging import ExpertStore, load_weights, merge, read_metadata
-from timelit.merging.command import merge_argv, merge_command
 from timelit.merging.safetensors_io import file_sha256
 
 
