@@ -30,8 +30,10 @@ from timelit import early_signals, errors
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
 
-# Subcommand -> (module, function). Only the module of the command being run is imported: the merge and budget
-# commands pull in torch and Lightning (several seconds), which `timelit sweep` and `timelit report` never need.
+# Subcommand -> (module, function), one module of timelit/commands per subcommand. Only the module of the command
+# being run is imported: the merge and budget commands pull in torch and Lightning (several seconds), which
+# `timelit sweep` and `timelit report` never need. The data commands other than synth are still defined in timelit/data
+# (issue 19 item 3).
 _FUNCTION_COMMANDS: dict[str, Any] = {
     "data": {
         "synth": ("timelit.commands.data", "synth_command"),
@@ -45,6 +47,9 @@ _FUNCTION_COMMANDS: dict[str, Any] = {
     "sweep": ("timelit.commands.sweep", "sweep_command"),
     "report": ("timelit.commands.report", "report_command"),
 }
+# Subcommand -> its module's function that gathers the words a shell gives a list option (`timelit report RUN...`,
+# `timelit merge --experts a b c`) into the one token jsonargparse reads for a list.
+_GATHER_LISTS = {"report": "report_argv", "merge": "merge_argv"}
 
 
 def run_lightning(args: list[str]) -> Any:
@@ -150,12 +155,7 @@ def _run(args: list[str]) -> None:
     class Parser(errors.OneLineParserErrors, ArgumentParser):
         pass
 
-    if args[0] == "report":  # `timelit report RUN... --out DIR`: run folders as positional arguments
-        from timelit.commands.report import report_argv
-
-        args = ["report", *report_argv(args[1:])]
-    if args[0] == "merge":  # `timelit merge --experts a b c`: the paths a shell glob expands to
-        from timelit.commands.merge import merge_argv
-
-        args = ["merge", *merge_argv(args[1:])]
+    if args[0] in _GATHER_LISTS:
+        module = importlib.import_module(_FUNCTION_COMMANDS[args[0]][0])
+        args = [args[0], *getattr(module, _GATHER_LISTS[args[0]])(args[1:])]
     CLI(commands, args=args, as_positional=False, parser_class=Parser)

@@ -44,3 +44,10 @@ def test_the_overview_shows_each_tools_own_docstring(capsys):
         assert f"  {name:<22}{function.__doc__.strip().splitlines()[0]}\n" in out
     for lightning_command in cli.LIGHTNING_SUBCOMMANDS:
         assert f"\n  {lightning_command} " in out
+
+
+def test_python_dash_m_timelit_is_the_timelit_command():
+    result = subprocess.run([sys.executable, "-m", "timelit", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("usage: timelit SUBCOMMAND")
+    result = subprocess.run([sys.executable, "-m", "timelit", "fitt"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "did you mean 'fit'" in result.stderr
