@@ -109,7 +109,9 @@ def torch_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 @pytest.mark.slow
 def test_other_techniques_reach_the_merge_engine(tiny_benchmark, tmp_path, stream_fit):
-    """TIES over all experts (the paper's all/all TIES row) and TA-EMA write what timelit.merging computes."""
+    """TIES over all experts (the paper's all/all TIES row) and TA-EMA write what timelit.merging computes; `all`,
+    carried as running state from boundary to boundary (protocol.fold_all), has the bits of the merge of every
+    expert, and the state files of tasks older than the last two are gone."""
     from timelit.merging import merge
 
     probe, run = run_protocol(
@@ -119,7 +121,9 @@ def test_other_techniques_reach_the_merge_engine(tiny_benchmark, tmp_path, strea
     experts = [str(run / "experts" / f"expert_{t:04d}.safetensors") for t in range(TASKS)]
     for task in range(TASKS):
         reference = merge(base, experts[: task + 1], "ties", k=0.3) if task else load_file(experts[0])
-        assert close(probe.evaluated[task], reference)
+        assert torch_equal(probe.evaluated[task], reference)
+    states = sorted(p.name for p in (run / "experts").glob("all_state_*.safetensors"))
+    assert states == [f"all_state_{t:04d}.safetensors" for t in (TASKS - 2, TASKS - 1)]
 
 
 @pytest.mark.slow
