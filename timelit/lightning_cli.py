@@ -267,6 +267,9 @@ def quiet_lightning() -> None:
 # pipeline's batches are a function of the seed, not of the number of workers).
 _EXPERIMENT_KEYS = ("seed_everything", "model", "data", "protocol", "budget")
 _NEUTRAL_KEYS = {"data.init_args.num_workers", "data.init_args.eval_batch_size", "data.init_args.synthesize_if_missing"}
+# Settings added after runs were saved, with the value a config without them meant: a run started before
+# `data.images` existed resumes under the default, not as another experiment.
+_ADDED_KEYS = {"data.init_args.images": "host"}
 
 
 def config_differences(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -279,6 +282,10 @@ def config_differences(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
     old = {k: v for key in _EXPERIMENT_KEYS for k, v in flatten(saved.get(key), key).items()}
     cur = {k: v for key in _EXPERIMENT_KEYS for k, v in flatten(new.get(key), key).items()}
+    for config in (old, cur):
+        for key, implied in _ADDED_KEYS.items():
+            if key.split(".init_args.")[0] + ".class_path" in config:
+                config.setdefault(key, implied)
     return [
         f"{key}: {old.get(key)!r} -> {cur.get(key)!r}"
         for key in sorted(old.keys() | cur.keys())

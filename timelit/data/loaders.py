@@ -6,6 +6,10 @@ Lightning stores in the fit loop of every checkpoint and hands back before the l
 pure function of (seed, task, i, rank layout): a worker builds whole batches, round-robin, so resuming at batch k only
 changes where the workers start. Random crops and caption choices are seeded per sample from its place in the
 *global* batch, so they do not depend on the number of ranks or workers either.
+
+What a batch's `image` holds is the transform's and `collate`'s choice: float images from open_clip's transforms
+(`data.images: host`), or uint8 crops and their geometry that the training device resamples
+(`data.images: device`, `timelit.data.device_images`).
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
+from timelit.data.device_images import stack_images
 from timelit.data.mixture import _SOURCE_CODES, SourceSequence
-from timelit.data.samples import Sample, decode
+from timelit.data.samples import Sample, decode, decode_image
 from timelit.data.shards import CorruptSampleError, ShardIndex
 from timelit.data.skips import Skip
 from timelit.seeding import mix_seed, seed_torch_cpu
@@ -77,16 +82,19 @@ class SampleReader:
     or shard once for the whole run (timelit.data.skips, timelit.callbacks.skipped).
     """
 
-    def __init__(self, indexes: list[ShardIndex], on_corrupt: OnCorrupt):
+    def __init__(
+        self, indexes: list[ShardIndex], on_corrupt: OnCorrupt, image_decoder: Callable[[bytes], Any] = decode_image
+    ):
         self.indexes = indexes
         self.on_corrupt = on_corrupt
+        self.image_decoder = image_decoder
         self.skipped: list[Skip] = []
 
     def read(self, sample_id: int) -> Sample | None:
         number, position = decode_id(sample_id)
         index = self.indexes[number]
         try:
-            return decode(index.read(position))
+            return decode(index.read(position), self.image_decoder)
         except CorruptSampleError as error:
             if self.on_corrupt == "raise":
                 raise
@@ -112,9 +120,11 @@ class TaskBatches(IterableDataset):
         transform: Callable[[Any], torch.Tensor],
         tokenizer: Callable[[list[str]], torch.Tensor],
         seed: int,
+        collate: Callable[[list[Any]], dict[str, torch.Tensor]] = stack_images,
     ):
         self.task, self.steps, self.parts = task, steps, parts
         self.reader, self.transform, self.tokenizer, self.seed = reader, transform, tokenizer, seed
+        self.collate = collate
         self.start = 0
 
     def __len__(self) -> int:
@@ -153,7 +163,7 @@ class TaskBatches(IterableDataset):
                     sources.append(_SOURCE_CODES[part.name])
                     keys.append(sample.key)
         return {
-            "image": torch.stack(images),
+            **self.collate(images),
             "text": self.tokenizer(captions),
             "source": torch.tensor(sources, dtype=torch.int8),
             "keys": keys,
@@ -236,10 +246,13 @@ class EvalBatches(IterableDataset):
         tokenizer: Callable[[list[str]], torch.Tensor],
         on_corrupt: OnCorrupt,
         scope: Scope = "subset",
+        image_decoder: Callable[[bytes], Any] = decode_image,
+        collate: Callable[[list[Any]], dict[str, torch.Tensor]] = stack_images,
     ):
         self.dataset, self.task_type, self.index = dataset, task_type, index
         self.batch_size, self.transform, self.tokenizer = batch_size, transform, tokenizer
-        self.reader = SampleReader([index], on_corrupt)
+        self.reader = SampleReader([index], on_corrupt, image_decoder)
+        self.collate = collate
         self.scoped_positions = positions
         self.use(scope)
 
@@ -279,7 +292,7 @@ class EvalBatches(IterableDataset):
                 captions.extend(sample.captions)
                 owners.extend([int(position)] * len(sample.captions))
         batch: dict[str, Any] = {
-            "image": torch.stack(images) if images else torch.empty(0),
+            **self.collate(images),
             "label": torch.tensor(labels, dtype=torch.long),
             "position": torch.tensor(kept, dtype=torch.long),
             "skipped": self.reader.take_skipped(),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ from timelit.data.shards import IMAGE_EXTENSIONS, CorruptSampleError
 @dataclass
 class Sample:
     key: str
-    image: Image.Image
+    image: Any  # a PIL image (`decode_image`), or C x H x W uint8 pixels (`device_images.decode_pixels`)
     caption: str
     meta: dict[str, Any]
 
@@ -71,16 +72,17 @@ def describe(raw: dict[str, Any]) -> str:
     return f"source '{source}', {where}" if source else where
 
 
-def decode(raw: dict[str, Any]) -> Sample:
+def decode(raw: dict[str, Any], image_decoder: Callable[[bytes], Any] = decode_image) -> Sample:
     """Decode a raw sample from `ShardIndex.read`; anything unreadable raises `CorruptSampleError` naming the source
-    file (when the sample's JSON records it), the key and the shard."""
+    file (when the sample's JSON records it), the key and the shard. `image_decoder` turns the image member's bytes
+    into what the transform takes (a PIL image by default)."""
     key = raw.get("__key__", "?")
     where = describe(raw)
     image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
     if image_ext is None:
         raise CorruptSampleError(f"{where} has no image member ({'/'.join(IMAGE_EXTENSIONS)})")
     try:
-        image = decode_image(raw[image_ext])
+        image = image_decoder(raw[image_ext])
     except Exception as error:  # PIL raises many types for broken files
         raise CorruptSampleError(f"{where}: image does not decode ({image_error(error)})") from error
     try:
