@@ -125,10 +125,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         _run(args)
     except Exception as error:
-        if debug or not errors.is_user_error(error):
+        user_error = errors.find_user_error(error)
+        if debug or user_error is None:
             raise
         command = " ".join(args[:2] if args[:1] == ["data"] else args[:1])
-        print(f"timelit {command}: error: {errors.describe(error)}", file=sys.stderr, flush=True)
+        print(f"timelit {command}: error: {errors.describe(user_error)}", file=sys.stderr, flush=True)
         raise SystemExit(errors.EXIT_CODE) from None
 
 

@@ -20,6 +20,7 @@ import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 from torch import nn
 
+from timelit.errors import UserError
 from timelit.resources import MODEL_CONFIGS_DIR
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,10 @@ def register_model_configs() -> None:
     if not _registered:
         open_clip.add_model_config(MODEL_CONFIGS_DIR)
         _registered = True
+
+
+class ModelNameError(UserError, ValueError):
+    """A `model_name` that is no open_clip architecture; the message lists the nearest."""
 
 
 @dataclass
@@ -53,7 +58,7 @@ def _check_model_name(model_name: str) -> None:
     if model_name.replace("/", "-") not in known:
         close = difflib.get_close_matches(model_name, known, n=3)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise ValueError(
+        raise ModelNameError(
             f"model_name '{model_name}' is not an open_clip architecture.{hint} "
             f"Known names: `python -c 'import open_clip; print(open_clip.list_models())'`; timelit adds "
             f"{sorted(p.stem for p in MODEL_CONFIGS_DIR.glob('*.json'))}."

@@ -39,6 +39,17 @@ def is_user_error(error: BaseException) -> bool:
     return isinstance(error, (UserError, FileNotFoundError, NotADirectoryError))
 
 
+def find_user_error(error: BaseException) -> BaseException | None:
+    """`error` if it is a user error, else the first user error it was raised from (`raise ... from`): jsonargparse
+    wraps what a class raises while it builds a config's objects (an unknown `model_name`) in errors of its own."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if is_user_error(seen):
+            return seen
+        seen = seen.__cause__
+    return None
+
+
 def did_you_mean(name: str, choices: Iterable[str], n: int = 3) -> str:
     """` (did you mean 'ties'?)` for the choices closest to `name`, or '' when none is close."""
     close = difflib.get_close_matches(name, list(choices), n=n)

@@ -72,6 +72,10 @@ BAD_INPUTS = {
     "fit: misspelt key": (
         ["fit", "--config", "quickstart.yaml", "--protocol.tehcnique", "ties"], "(did you mean '--protocol.technique'?)"
     ),
+    "fit: unknown model": (
+        ["fit", "--config", "quickstart.yaml", "--model.init_args.model_name", "ViT-B-61"],
+        "model_name 'ViT-B-61' is not an open_clip architecture. Did you mean 'ViT-B-16'",
+    ),
     "fit: unknown method": (["fit", "--config", "quickstart.yaml", "--protocol.technique", "tiez"], "'ties'"),
     "fit: unknown dataset": (
         ["fit", "--config", "quickstart.yaml", *MICRO, "--data.init_args.data_root", "{bench}",
@@ -86,6 +90,7 @@ BAD_INPUTS = {
     "report: empty folder": (["report", "{empty}"], "no results.json under {empty}"),
     "data verify: empty folder": (["data", "verify", "--data_root", "{empty}"], "{empty}"),
     "budget: missing config": (["budget", "--fit_config", "nope.yaml"], "config 'nope.yaml'"),
+    "budget: unknown model": (["budget", "--model_name", "ViT-B-61"], "'ViT-B-61' is not an open_clip architecture"),
     "sweep: unknown grid": (["sweep", "--grid", "compte"], "'compte' is neither a file nor a shipped grid (did you"),
     "unknown command": (["fitt"], "did you mean 'fit'"),
 }  # fmt: skip

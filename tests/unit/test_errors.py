@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from timelit.errors import describe, did_you_mean, is_user_error, parse_error_message
+from timelit.errors import UserError, describe, did_you_mean, find_user_error, is_user_error, parse_error_message
 
 TECHNIQUES = "'average', 'interpolation', 'slerp', 'task_arithmetic', 'ties', 'dare'"
 
@@ -74,3 +74,19 @@ def test_an_oserror_names_its_path_and_only_user_errors_count():
     assert is_user_error(FileNotFoundError("x")) and is_user_error(NotADirectoryError("x"))
     assert not is_user_error(ValueError("x")) and not is_user_error(RuntimeError("x"))
     assert did_you_mean("tiez", ["ties", "dare"]) == " (did you mean 'ties'?)" and did_you_mean("q", ["ties"]) == ""
+
+
+def test_a_user_error_is_found_behind_the_errors_raised_from_it():
+    """jsonargparse raises its own ValueError from what a class raised while it was built (`timelit fit` with an
+    unknown model_name): the one line names the user's mistake, not the wrapper."""
+    cause = UserError("model_name 'ViT-B-61' is not an open_clip architecture")
+    try:
+        try:
+            raise cause
+        except UserError as error:
+            raise ValueError("Does not validate against any of the Union subtypes") from error
+    except ValueError as wrapper:
+        assert find_user_error(wrapper) is cause
+    bug = RuntimeError("a bug")
+    bug.__context__ = FileNotFoundError("x")  # raised while handling one, not from it: still a bug
+    assert find_user_error(bug) is None and find_user_error(ValueError("x")) is None
