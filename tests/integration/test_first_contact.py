@@ -64,6 +64,11 @@ BAD_INPUTS = {
         ["merge", "--base", BASE, "--experts", "{empty}", "--method", "ties", "--out", "{empty}/m.safetensors"],
         "{empty}: no expert_NNNN.safetensors files in this folder",
     ),
+    "merge: misspelt hyperparameter": (
+        ["merge", "--base", BASE, "--experts", BASE, "--method", "ties", "--hparams", '{{"kk": 0.3}}',
+         "--out", "{empty}/m.safetensors"],
+        "--hparams: unknown hyperparameter 'kk' for 'ties'; did you mean 'k'?",
+    ),
     "merge: misspelt method": (
         ["merge", "--base", BASE, "--experts", BASE, "--method", "tiez", "--out", "{empty}/m.safetensors"],
         "method: 'tiez' is not valid (did you mean 'ties'?)",

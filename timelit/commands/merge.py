@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from timelit.merging import MergeMethod, validate
-from timelit.merging.command import merge_files
+from timelit.merging.command import MergeInputError, merge_files
 from timelit.merging.engine import DEFAULT_CHUNK_SIZE, DEFAULT_THREADS
 
 
@@ -60,7 +60,10 @@ def merge_command(
     Returns:
         The path written.
     """
-    technique = validate(method, hparams or {})  # fail before reading any weights
+    try:
+        technique = validate(method, hparams or {})  # fail before reading any weights
+    except ValueError as error:  # a hyperparameter the technique does not take, or a value out of its range
+        raise MergeInputError(f"--hparams: {error}") from error
     paths = [experts] if isinstance(experts, (str, os.PathLike)) else experts
     return merge_files(Path(base), [Path(p) for p in paths], technique, Path(out), chunk_size, threads, progress)
 

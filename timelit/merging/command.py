@@ -28,7 +28,8 @@ OUTPUT_SUFFIXES = (".safetensors", ".ckpt")
 
 
 class MergeInputError(UserError, ValueError):
-    """A file or folder given to a merge that cannot be one of its inputs or its output; the message names it."""
+    """What a merge was given and cannot use (a file or folder that holds no weights of the kind expected, an output
+    of another kind, hyperparameters the technique does not take); the message names it."""
 
 
 def merge_files(
