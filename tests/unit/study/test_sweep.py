@@ -87,6 +87,7 @@ def complete(run_dir: str, done: bool = True) -> None:
 
 def test_a_grid_expands_to_every_combination_with_arguments_in_order(grid, tmp_path):
     points = expand(load_grid(grid), tmp_path / "runs", overrides=["--data.init_args.num_workers=0"])
+    assert not (tmp_path / "runs").exists()  # planning writes nothing: the launchers do
     assert [p.name for p in points] == ["size=tiny,seed=0", "size=micro,seed=0", "size=micro,seed=1"]
     assert [p.index for p in points] == [0, 1, 2]
     micro = points[2]
