@@ -14,7 +14,10 @@ and the merged files of task N - 2 the protocol needs; the boundary of task N - 
 3. swaps the deployed weights in for the evaluation and the live ones back after it (on_validation_start/end),
 4. loads the next task's init weights (start_task),
 
-timed separately by wrapping the functions TimeMerge calls (no behaviour changes). Also shown: a task-end
+timed separately by wrapping the functions TimeMerge calls (no behaviour changes). all/all TIES is incremental since
+issue 17 (`protocol.fold_all`); here no running state of the previous task is on disk, so its boundary rebuilds the
+state from every expert, which costs what the full recompute costs: bench/boundary_incremental.py measures the
+boundary with the previous state in place, side by side with the full recompute. Also shown: a task-end
 checkpoint of the weights and the AdamW moments (`torch.save`, what StreamCheckpoint writes at every task end, but
 without the callbacks' small state). The page cache is as the run leaves it: experts are written just before, so
 they are cached while they fit in RAM (24 GB here) and read from disk beyond that.
@@ -133,7 +136,7 @@ def instrumented(timings: Timings):
     """Wrap the merge, save and copy functions in TimeMerge's namespace so each is timed under its phase."""
     import timelit.callbacks.time_merge as tm
 
-    saved = {name: getattr(tm, name) for name in ("pairwise", "merge_all", "save_weights")}
+    saved = {name: getattr(tm, name) for name in ("pairwise", "merge_all", "fold_all", "save_weights")}
     store_add = tm.ExpertStore.add
 
     def wrap(name: str, phase: str):
@@ -151,6 +154,7 @@ def instrumented(timings: Timings):
 
     tm.pairwise = wrap("pairwise", "EMA merge")
     tm.merge_all = wrap("merge_all", "all merge")
+    tm.fold_all = wrap("fold_all", "all merge")
 
     def timed_save(path: Any, *args: Any, **kwargs: Any) -> Any:
         phase = f"write {Path(path).name.split('_')[0]} (+ sha256)"

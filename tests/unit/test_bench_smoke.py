@@ -154,3 +154,11 @@ def test_gpu_throughput(bench, tiny_benchmark: Path, tmp_path: Path) -> None:
     assert report["best"]["samples_per_s"] > 0
     if not torch.cuda.is_available():
         assert report["rows"][0]["mfu"] is None and "CPU" in report["note"]
+
+
+def test_boundary_incremental(bench, tmp_path: Path) -> None:
+    bench("boundary_incremental").main(["--quick", "--out", str(tmp_path), "--tmp", str(tmp_path)])
+    report = written(tmp_path, "boundary_incremental")
+    assert [(r["t"], r["identical"]) for r in report["results"]] == [(3, True), (5, True)]
+    assert all(r["full_s"] > 0 and r["incremental_s"] > 0 and r["state_mb"] > 0 for r in report["results"])
+    assert not list(tmp_path.glob("boundary_incremental_*")), "the experts' temporary folder is removed"
