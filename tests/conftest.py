@@ -79,10 +79,11 @@ def fit_stream(
     tasks: int,
     steps: int,
     ckpt_path: str | None = "last",
+    data_options: dict | None = None,
     **model_options,
 ) -> None:
-    """A stream fit through the Python API (the Trainer timelit's CLI builds), with the given callbacks and
-    CLIPFineTuner options."""
+    """A stream fit through the Python API (the Trainer timelit's CLI builds), with the given callbacks,
+    TimeDataModule options (`data_options`) and CLIPFineTuner options."""
     import lightning as L
 
     L.seed_everything(0)
@@ -99,10 +100,10 @@ def fit_stream(
         enable_model_summary=False,
         log_every_n_steps=1,
     )
-    trainer.fit(*stream_modules(benchmark, tasks, steps, **model_options), ckpt_path=ckpt_path)
+    trainer.fit(*stream_modules(benchmark, tasks, steps, data_options, **model_options), ckpt_path=ckpt_path)
 
 
-def stream_modules(benchmark: Path, tasks: int, steps: int, **model_options) -> tuple:
+def stream_modules(benchmark: Path, tasks: int, steps: int, data_options: dict | None = None, **model_options) -> tuple:
     """The CLIPFineTuner and TimeDataModule of `fit_stream`."""
     from timelit.data.datamodule import TimeDataModule
     from timelit.model import CLIPFineTuner
@@ -112,6 +113,7 @@ def stream_modules(benchmark: Path, tasks: int, steps: int, **model_options) -> 
     data = TimeDataModule(
         data_root=str(benchmark), manifests=str(benchmark), stream="random", num_tasks=tasks, batch_size=16,
         pretraining_pool="SYNTH_POOL", steps_per_task=steps, num_workers=0, eval_batch_size=64,
+        **(data_options or {}),
     )  # fmt: skip
     return model, data
 

@@ -95,7 +95,7 @@ class TimeDataModule(L.LightningDataModule):
         images: where images are resized and normalised. `host`: open_clip's transforms in the loader workers (PIL,
             float batches; what every shipped config runs). `device`: the workers decode and draw the same crop
             boxes, batches carry uint8 crops, and the resize (the same antialiased bicubic filter, in float32) and
-            normalisation run on the training device after the batch is copied: ~4x less CPU per sample
+            normalisation run on the training device after the batch is copied: ~3x less CPU per sample
             (bench/README.md, section 2b). Pixels differ from `host` by rounding (0.2 level of 255 on average,
             unbiased), so runs with `device` are not bitwise those with `host`; a choice of the experiment.
     """
@@ -145,6 +145,7 @@ class TimeDataModule(L.LightningDataModule):
             raise ValueError(f"data.images must be 'host' or 'device', got {images!r}")
         self.images = images
         self._device_transform: DeviceTransform | None = None
+        self._warned_cpu = False
         if mixture.pretraining > 0 and not pretraining_pool:
             raise ValueError("data.mixture.pretraining > 0 needs data.pretraining_pool (a pool of the manifest set)")
         self.preprocessing: Preprocessing | None = None
@@ -274,6 +275,12 @@ class TimeDataModule(L.LightningDataModule):
         """With `data.images: device`, resize and normalise the batch's uint8 crops on the device it was copied to
         (Lightning calls this for training and evaluation batches); host batches pass through."""
         if isinstance(batch, dict) and "image_geometry" in batch:
+            if batch["image"].device.type == "cpu" and not self._warned_cpu and batch["image"].shape[1] > 64:
+                self._warned_cpu = True
+                log.warning(
+                    "data.images=device on a CPU: the resize runs in the training process, with dense matrices "
+                    "(~25 ms per 224-px sample on one core, bench/README.md section 2b); it is meant for GPUs"
+                )
             batch = dict(batch)
             batch["image"] = self.device_transform().resample(batch["image"], batch.pop("image_geometry"))
         return batch
