@@ -100,9 +100,18 @@ def sweep_command(
         local.run(spec, sweep_dir, len(points), chosen, text, parallel or 1, dry_run)
     else:
         slurm.submit(
-            spec, sweep_dir, len(points), chosen, text, concurrency, user_sbatch, signal_seconds, script, dry_run,
-            ignore_queue,
-        )  # fmt: skip
+            spec,
+            sweep_dir,
+            len(points),
+            chosen,
+            text,
+            concurrency=concurrency,
+            sbatch=user_sbatch,
+            signal_seconds=signal_seconds,
+            script=script,
+            dry_run=dry_run,
+            ignore_queue=ignore_queue,
+        )
 
 
 # Options only sbatch reads, and what to use instead under the local launcher.
