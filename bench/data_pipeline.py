@@ -23,7 +23,14 @@ the parent after fork are counted once). The configurations alternate and repeat
    cost, and from it the workers one GPU needs at a ViT-B/16 training rate (measured by bench/gpu_throughput.py
    where a GPU was available, else an estimate from an assumed MFU, labelled so).
 
-Prints tables and writes bench/results/data_pipeline.json.
+4. Side by side (issue 17): a naive loop (tarfile + PIL + open_clip's train transform + tokenizer), timelit's
+   pipeline as the shipped configs run it (`data.images: host`) and with `data.images: device` (the worker half;
+   the device half timed apart), over the same 320x240 JPEGs, one process, one core, rounds alternated; ms per
+   sample, the ratio to the naive loop, the workers one GPU needs at 3,000-6,000 samples/s, the readers (timelit's
+   index, webdataset.WebDataset, tarfile) and the naive loop's stages.
+
+Prints tables and writes bench/results/data_pipeline.json (`--sections` runs a subset and writes
+data_pipeline_<sections>.json).
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ H100_BF16_DENSE_TFLOPS = 989.4  # H100 SXM5, dense bf16 tensor-core peak (NVIDIA
 # --------------------------------------------------------------------------- one measurement, in a subprocess
 
 
+SECTIONS = ("throughput", "memory", "hires", "side_by_side")
 BEFORE = "before fixes (torch.manual_seed, tarfile)"
 BEFORE_TAR = "before the tar fix (tarfile)"
 
@@ -187,9 +195,6 @@ def check_tar(spec: dict[str, Any]) -> dict[str, Any]:
     return {"identical": now == before, "samples_compared": len(positions)}
 
 
-WORKERS = {"loader": measure_loader, "tasks": measure_tasks, "model": measure_model, "check": check_tar}
-
-
 def run_worker(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Run one measurement in a fresh interpreter (clean memory, no warm state carried over); in this process with
     --quick (fast; memory figures then include everything the process has loaded)."""
@@ -200,6 +205,252 @@ def run_worker(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
     if result.returncode:
         raise RuntimeError(f"measurement {spec} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- side by side: naive, today, new
+
+
+TODAY = "timelit today (data.images=host, PIL + open_clip transforms)"
+NEW = "timelit new (data.images=device, worker half)"
+NAIVE = "naive loop (tarfile + PIL + open_clip transform + tokenizer)"
+
+
+def photo_shard(target: Path, count: int, width: int, height: int, seed: int = 0) -> dict[str, Any]:
+    """`count` photograph-like JPEGs (smooth regions, edges, sensor noise; quality 90) with a distinct caption
+    each, in one webdataset shard with timelit's index."""
+    import numpy as np
+    from PIL import Image
+
+    from timelit.data.shards import ShardWriter, sample_key
+
+    rng = np.random.default_rng(seed)
+    sizes = []
+    with ShardWriter(target / "PHOTOS", "train", samples_per_shard=count) as writer:
+        for i in range(count):
+            coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+            image = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
+            pixels = np.asarray(image, dtype=np.float32) + rng.normal(0.0, 8.0, (height, width, 3))
+            buffer = io.BytesIO()
+            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
+            sizes.append(buffer.tell())
+            caption = f"a photo of object {i}, a kind of thing number {i % 37} seen from the side"
+            writer.add(sample_key("PHOTOS", "train", i), buffer.getvalue(), "jpg", caption, {"label": i % 10})
+    return {"directory": str(target / "PHOTOS"), "mean_jpeg_bytes": float(np.mean(sizes))}
+
+
+def _task_batches(index: Any, bundle: Any, batch: int, device: bool, tokenizer: Any) -> Any:
+    """timelit's TaskBatches over every sample of `index` once (one source, one pass of its seeded order)."""
+    import numpy as np
+
+    from timelit.data.device_images import DeviceTransform, collate_regions, decode_pixels
+    from timelit.data.loaders import SampleReader, SourcePart, TaskBatches, encode
+    from timelit.data.mixture import SourceSequence
+
+    sequence = SourceSequence(encode(0, np.arange(len(index))), 0, 0, "current")
+    parts = [SourcePart("current", sequence, 0, batch, 0, batch)]
+    steps = len(index) // batch
+    if not device:
+        reader = SampleReader([index], "raise")
+        return TaskBatches(0, steps, parts, reader, bundle.train_transform, tokenizer, 0)
+    transform = DeviceTransform.from_transforms(bundle.train_transform, bundle.eval_transform)
+    reader = SampleReader([index], "raise", decode_pixels)
+    return TaskBatches(0, steps, parts, reader, transform.train_region, tokenizer, 0, collate_regions)
+
+
+def _naive(shard: Path, bundle: Any, batch: int) -> int:
+    """What a user writes first: tarfile over the shard, PIL, open_clip's preprocess per image, its tokenizer per
+    batch (no index, no seeding, no mixture)."""
+    import tarfile
+
+    import torch
+    from PIL import Image
+
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(shard) as tar:
+        for member in tar:
+            key, ext = member.name.split(".", 1)
+            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    images, captions, done = [], [], 0
+    for members in samples.values():
+        images.append(bundle.train_transform(Image.open(io.BytesIO(members["jpg"])).convert("RGB")))
+        captions.append(members["txt"].decode())
+        if len(images) == batch:
+            torch.stack(images), bundle.tokenizer(captions)
+            done += len(images)
+            images, captions = [], []
+    return done
+
+
+def measure_side_by_side(spec: dict[str, Any]) -> dict[str, Any]:
+    """One process, one core, no workers: the three pipelines over the same samples, alternated in rounds; the
+    device half of the new pipeline timed on this CPU; readers compared; stage costs of the naive loop."""
+    import torch
+    import torchvision.transforms.functional as tvf
+    import webdataset as wds
+    from PIL import Image
+
+    from timelit.clip import build_clip
+    from timelit.data.device_images import CachedTokenizer, DeviceTransform, decode_pixels
+    from timelit.data.shards import ShardIndex
+
+    torch.set_num_threads(1)
+    bundle = build_clip(spec["model"], device="meta")
+    directory = Path(spec["directory"])
+    index = ShardIndex.load(directory, "train")
+    shard = directory / index.shards[0]
+    batch, count = spec["batch"], len(index) // spec["batch"] * spec["batch"]
+
+    def today() -> int:
+        batches = _task_batches(index, bundle, batch, False, bundle.tokenizer)
+        return sum(len(batches.batch(b)["keys"]) for b in range(batches.steps))
+
+    def new() -> int:  # a fresh token cache every round: each caption is new to it, as in a worker's first pass
+        batches = _task_batches(index, bundle, batch, True, CachedTokenizer(bundle.tokenizer))
+        return sum(len(batches.batch(b)["keys"]) for b in range(batches.steps))
+
+    pipelines = {NAIVE: lambda: _naive(shard, bundle, batch), TODAY: today, NEW: new}
+    times: dict[str, list[float]] = {name: [] for name in pipelines}
+    for round_ in range(spec["rounds"] + 1):  # round 0 warms caches and lazy imports up, and is not counted
+        order = list(pipelines) if round_ % 2 == 0 else list(reversed(pipelines))
+        for name in order:
+            began = time.perf_counter()
+            done = pipelines[name]()
+            if round_:
+                times[name].append((time.perf_counter() - began) * 1e3 / done)
+    # The device half, here on the CPU (a GPU does it in on_after_batch_transfer): the new batches' resample.
+    transform = DeviceTransform.from_transforms(bundle.train_transform, bundle.eval_transform)
+    new_batches = _task_batches(index, bundle, batch, True, bundle.tokenizer)
+    raw = [new_batches.batch(b) for b in range(new_batches.steps)]
+    began = time.perf_counter()
+    resampled = [transform.resample(b["image"], b["image_geometry"]) for b in raw]
+    resample_ms = (time.perf_counter() - began) * 1e3 / count
+    host = _task_batches(index, bundle, batch, False, bundle.tokenizer).batch(0)["image"]
+    std = torch.tensor(transform.std).view(1, 3, 1, 1)
+    difference = (resampled[0] - host) * std * 255
+    shipped = sum(b["image"].numel() for b in raw) / count
+    # Readers: raw members of every sample, no decoding.
+    positions = range(len(index))
+    readers = {
+        "timelit ShardIndex.read (one pread per sample)": lambda: [index.read(p) for p in positions],
+        "webdataset.WebDataset (sequential tar stream)": lambda: list(wds.WebDataset(str(shard), shardshuffle=False)),
+        "tarfile (the naive loop's reader)": lambda: _naive_read(shard),
+    }
+    reader_ms = {name: [] for name in readers}
+    for _ in range(spec["rounds"]):
+        for name, read in readers.items():
+            began = time.perf_counter()
+            read()
+            reader_ms[name].append((time.perf_counter() - began) * 1e3 / len(index))
+    # Stages of the naive loop and of the new worker half, each over every sample.
+    jpegs = [index.read(p)["jpg"] for p in positions]
+    captions = [index.read(p)["txt"].decode() for p in positions]
+    pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in jpegs]
+    crop = bundle.train_transform.transforms[0]
+    cropped = [crop(im) for im in pil]
+    tensors = [tvf.to_tensor(im) for im in cropped]
+    normalize = bundle.train_transform.transforms[-1]
+    stages = {
+        "PIL decode + RGB": lambda: [Image.open(io.BytesIO(b)).convert("RGB") for b in jpegs],
+        "torchvision decode_jpeg (new)": lambda: [decode_pixels(b) for b in jpegs],
+        "RandomResizedCrop, PIL bicubic": lambda: [crop(im) for im in pil],
+        "ToTensor": lambda: [tvf.to_tensor(im) for im in cropped],
+        "Normalize": lambda: [normalize(t) for t in tensors],
+        "tokenizer, per batch": lambda: [bundle.tokenizer(captions[i : i + batch]) for i in range(0, count, batch)],
+    }
+    stage_ms = {}
+    for name, stage in stages.items():
+        runs = []
+        for _ in range(spec["rounds"]):
+            began = time.perf_counter()
+            stage()
+            runs.append((time.perf_counter() - began) * 1e3 / len(jpegs))
+        stage_ms[name] = median(runs)
+    return {
+        "ms_per_sample": {name: median(values) for name, values in times.items()},
+        "runs_ms_per_sample": times,
+        "device_half_on_this_cpu_ms_per_sample": resample_ms,
+        "device_half_gflops_per_sample": _resample_gflops(raw, transform),
+        "bytes_to_device_per_sample": {TODAY: 4 * 3 * transform.size[0] * transform.size[1], NEW: shipped},
+        "new_vs_today_first_batch_levels": {
+            "mean_abs": float(difference.abs().mean()),
+            "signed_mean": float(difference.mean()),
+            "max_abs": float(difference.abs().max()),
+        },
+        "reader_ms_per_sample": {name: median(values) for name, values in reader_ms.items()},
+        "stage_ms_per_sample": stage_ms,
+        "samples": count,
+        "load": os.getloadavg()[0],
+    }
+
+
+def _naive_read(shard: Path) -> list[bytes]:
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        return [tar.extractfile(member).read() for member in tar]
+
+
+def _resample_gflops(raw: list[dict[str, Any]], transform: Any) -> float:
+    """GFLOP per sample of the device half: its matrices span each batch's padded crops."""
+    from timelit.data.device_images import gflops_per_sample
+
+    padded = [(b["image"].shape[1], b["image"].shape[2]) for b in raw for _ in b["image_geometry"]]
+    return median(gflops_per_sample(p, transform.size) for p in padded)
+
+
+def side_by_side(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    print(f"writing {args.photos} {args.photo_width}x{args.photo_height} JPEGs ...", flush=True)
+    shard = photo_shard(tmp / "photos", args.photos, args.photo_width, args.photo_height)
+    spec = {
+        "kind": "side_by_side",
+        "directory": shard["directory"],
+        "model": args.hires_model,
+        "batch": args.photo_batch,
+        "rounds": args.rounds,
+    }
+    result = run_worker(spec, args) | {"mean_jpeg_bytes": shard["mean_jpeg_bytes"], "model": args.hires_model}
+    ms = result["ms_per_sample"]
+    result["ratio_to_naive"] = {name: value / ms[NAIVE] for name, value in ms.items()}
+    result["workers_per_gpu"] = {
+        name: {rate: math.ceil(rate * value / 1e3) for rate in args.gpu_rates} for name, value in ms.items()
+    }
+    return result
+
+
+def render_side_by_side(s: dict[str, Any]) -> str:
+    naive = s["ms_per_sample"][NAIVE]
+    rates = list(next(iter(s["workers_per_gpu"].values())))
+    rows = [
+        [name, f"{value:.2f}", f"{value / naive:.2f}x", *(s["workers_per_gpu"][name][r] for r in rates)]
+        for name, value in s["ms_per_sample"].items()
+    ]
+    head = (
+        f"\nside by side, one core, no workers: {s['samples']} JPEGs of {s['mean_jpeg_bytes'] / 1e3:.1f} kB, "
+        f"{s['model']} train input"
+    )
+    lines = table(["pipeline", "ms/sample", "x naive", *(f"workers/GPU at {r:,} samples/s" for r in rates)], rows)
+    diff = s["new_vs_today_first_batch_levels"]
+    readers = "; ".join(f"{k}: {v:.3f}" for k, v in s["reader_ms_per_sample"].items())
+    stages = "; ".join(f"{k}: {v:.3f}" for k, v in s["stage_ms_per_sample"].items())
+    bytes_ = s["bytes_to_device_per_sample"]
+    return (
+        f"{head}\n{lines}\n"
+        f"device half (resize + normalise) on this CPU: {s['device_half_on_this_cpu_ms_per_sample']:.3f} ms/sample, "
+        f"{s['device_half_gflops_per_sample']:.3f} GFLOP/sample on a GPU\n"
+        f"bytes to the device per sample: today {bytes_[TODAY]:,.0f}, new {bytes_[NEW]:,.0f}\n"
+        f"new vs today pixels (levels of 255, first batch): mean |d| {diff['mean_abs']:.3f}, "
+        f"signed mean {diff['signed_mean']:+.4f}, max {diff['max_abs']:.1f}\n"
+        f"readers, ms/sample: {readers}\nstages, ms/sample: {stages}"
+    )
+
+
+WORKERS = {
+    "loader": measure_loader,
+    "tasks": measure_tasks,
+    "model": measure_model,
+    "check": check_tar,
+    "side_by_side": measure_side_by_side,
+}
 
 
 # --------------------------------------------------------------------------- benchmark copies
@@ -307,16 +558,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="data_pipeline_", dir=args.tmp))
     report: dict[str, Any] = {"machine": machine(), "settings": vars(args) | {"model": model}}
     try:
-        report["throughput"] = throughput(args, root, model)
-        print(render_throughput(report["throughput"]), flush=True)
-        report["memory"] = memory_scaling(args, root, model, tmp)
-        print(render_memory(report["memory"]), flush=True)
-        report["hires"] = hires(args, root, tmp)
-        print(render_hires(report["hires"]), flush=True)
+        if "throughput" in args.sections:
+            report["throughput"] = throughput(args, root, model)
+            print(render_throughput(report["throughput"]), flush=True)
+        if "memory" in args.sections:
+            report["memory"] = memory_scaling(args, root, model, tmp)
+            print(render_memory(report["memory"]), flush=True)
+        if "hires" in args.sections:
+            report["hires"] = hires(args, root, tmp)
+            print(render_hires(report["hires"]), flush=True)
+        if "side_by_side" in args.sections:
+            report["side_by_side"] = side_by_side(args, tmp)
+            print(render_side_by_side(report["side_by_side"]), flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
-    path = write_report("data_pipeline", report, Path(args.out))
+    every = len(args.sections) == len(SECTIONS)
+    name = "data_pipeline" if every else "data_pipeline_" + "_".join(args.sections)
+    path = write_report(name, report, Path(args.out))
     print(f"\nwrote {path}")
     return report
 
@@ -606,6 +865,20 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--hires-batches", type=int, default=6)
     parser.add_argument("--hires-per-split", type=int, default=300)
     parser.add_argument("--hires-pool", type=int, default=2000)
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        choices=SECTIONS,
+        default=list(SECTIONS),
+        help="which measurements to run; "
+        "a subset writes data_pipeline_<sections>.json, so data_pipeline.json always holds a full run",
+    )
+    parser.add_argument("--photos", type=int, default=512, help="side by side: JPEGs in the shard")
+    parser.add_argument("--photo-width", type=int, default=320)
+    parser.add_argument("--photo-height", type=int, default=240)
+    parser.add_argument("--photo-batch", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5, help="side by side: alternated rounds (median)")
+    parser.add_argument("--gpu-rates", type=int, nargs="+", default=[3000, 6000], help="ViT-B/16 samples/s on one GPU")
     parser.add_argument("--assumed-mfu", type=float, default=0.4, help="for the GPU-rate estimate without a GPU")
     parser.add_argument("--keep", action="store_true", help="keep the benchmark copies")
     parser.add_argument("--tmp", default=None)
@@ -618,6 +891,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         args.fix_workers, args.mem_workers, args.copies, args.task_counts = 1, 0, 2, [2]
         args.hires_size, args.hires_model, args.hires_batch, args.hires_batches = 64, "timelit-micro-ViT", 16, 2
         args.hires_per_split, args.hires_pool, args.sweep_batches = 40, 64, 1
+        args.photos, args.photo_width, args.photo_height, args.photo_batch, args.rounds = 32, 96, 72, 16, 1
         if args.data_root == parser.get_default("data_root"):
             args.data_root = str(Path(tempfile.gettempdir()) / "timelit_bench_quick")
     return args

@@ -94,6 +94,10 @@ def test_data_pipeline(bench, tiny_benchmark: Path, tmp_path: Path) -> None:
     hires = report["hires"]
     assert hires["mean_jpeg_bytes"] > 0 and all(n >= 1 for n in hires["workers_needed"].values())
     assert "ESTIMATE" in hires["gpu"]["source"] or "measured" in hires["gpu"]["source"]
+    side = report["side_by_side"]  # naive vs today vs new on the same JPEGs, and the workers one GPU needs
+    assert len(side["ms_per_sample"]) == 3 and all(ms > 0 for ms in side["ms_per_sample"].values())
+    assert all(n >= 1 for rates in side["workers_per_gpu"].values() for n in rates.values())
+    assert side["new_vs_today_first_batch_levels"]["max_abs"] <= 6.5
 
 
 def test_before_fixes_puts_the_old_behaviour_back_and_restores(bench) -> None:
