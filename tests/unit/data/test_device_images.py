@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import random
 from unittest import mock
 
 import numpy as np
@@ -32,6 +33,7 @@ from timelit.data.device_images import (
     resized_size,
 )
 from timelit.data.loaders import SampleReader, TaskLoader
+from timelit.data.mixture import _SOURCE_CODES
 from timelit.data.samples import decode_image
 from timelit.lightning_cli import config_differences
 from timelit.seeding import mix_seed, seed_torch_cpu
@@ -271,6 +273,25 @@ def test_device_batches_are_the_host_batches_after_transfer(tiny_benchmark, prep
     reference = host.eval_batches(spec).batch(spec.subset[:5])
     assert evaluated["image"].shape == reference["image"].shape
     assert torch.equal(evaluated["label"], reference["label"])
+
+
+def test_host_batches_are_open_clips_transform_and_tokenizer_bit_for_bit(tiny_benchmark, preprocessing):
+    """The default (`data.images: host`, with the token cache) is what it was: every slot is open_clip's transform
+    of the decoded image under the slot's seed, and the tokens are the tokenizer's, bit for bit."""
+    dm = make(tiny_benchmark, preprocessing, "host")
+    batches = dm.task_batches(1)
+    batch = batches.batch(2)
+    images, captions = [], []
+    for part in batches.parts:
+        first = part.start + 2 * part.per_batch + part.rank_offset
+        for slot in range(part.rank_count):
+            sample = batches._fill_slot(part, first + slot)
+            seed = mix_seed(0, 1, 2, _SOURCE_CODES[part.name], part.rank_offset + slot)
+            torch.manual_seed(seed)
+            images.append(preprocessing.train_transform(sample.image))
+            captions.append(sample.training_caption(random.Random(seed)))
+    assert torch.equal(batch["image"], torch.stack(images))
+    assert torch.equal(batch["text"], preprocessing.tokenizer(captions))
 
 
 @pytest.mark.parametrize("workers", [0, 2])
