@@ -47,7 +47,12 @@ def test_the_overview_shows_each_tools_own_docstring(capsys):
 
 
 def test_python_dash_m_timelit_is_the_timelit_command():
-    result = subprocess.run([sys.executable, "-m", "timelit", "--help"], capture_output=True, text=True, timeout=120)
+    def timelit(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "timelit", *args], capture_output=True, text=True, timeout=120)
+
+    result = timelit("--help")
     assert result.returncode == 0 and result.stdout.startswith("usage: timelit SUBCOMMAND")
-    result = subprocess.run([sys.executable, "-m", "timelit", "fitt"], capture_output=True, text=True, timeout=120)
+    result = timelit("sweep", "--help")
+    assert result.returncode == 0 and result.stdout.startswith("usage: timelit [options] sweep")
+    result = timelit("fitt")
     assert result.returncode == 2 and "did you mean 'fit'" in result.stderr
