@@ -25,7 +25,9 @@ The images are not bit-identical to `host`: PIL computes the two passes in 8-bit
 here they are computed in float32 and rounded once. On photographs the two differ by 0.2 level of 255 on average,
 without bias, by more than one level in under 0.5 % of values and by a few levels at most
 (tests/unit/data/test_device_images.py states and checks the tolerance). The crop boxes are identical. That is why
-`host` stays the default: the shipped configs' results do not move.
+`host` stays the default: the shipped configs' results do not move. With
+`torch.set_float32_matmul_precision("high")` (TF32) the products carry ~0.1 level of error before rounding, so a few
+more values round the other way; results stay deterministic on one device.
 
 The batch is uint8 (a quarter of the float batch's bytes per pixel to copy to the device; 230 kB instead of 602 kB
 per 320x240 sample), and the worker's work per sample is a JPEG decode and a copy. The resize costs ~0.2 GFLOP per
@@ -110,6 +112,13 @@ class DeviceTransform:
                         f"model's has {type(step).__name__}; use data.images=host"
                     )
                 found[(name, type(step))] = step
+        needed = [("train", T.RandomResizedCrop), ("train", T.Normalize), ("eval", T.Resize), ("eval", T.CenterCrop)]
+        needed += [("eval", T.Normalize)]
+        if missing := [f"{where} {kind.__name__}" for where, kind in needed if (where, kind) not in found]:
+            raise ValueError(
+                f"data.images=device needs open_clip's plain transforms; this model's lack {', '.join(missing)}; "
+                f"use data.images=host"
+            )
         crop, resize = found[("train", T.RandomResizedCrop)], found[("eval", T.Resize)]
         center = found[("eval", T.CenterCrop)]
         norm, eval_norm = found[("train", T.Normalize)], found[("eval", T.Normalize)]
@@ -165,12 +174,14 @@ class DeviceTransform:
         device = pixels.device
         mean = torch.tensor(self.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        geometry = geometry.to(device=device, dtype=torch.float64)
+        # The weights are computed in float64, which MPS lacks: there on the CPU, then copied.
+        geometry = geometry.to(device="cpu" if device.type == "mps" else device, dtype=torch.float64)
         out = []
         for start in range(0, pixels.shape[0], _CHUNK):
             chunk, geo = pixels[start : start + _CHUNK], geometry[start : start + _CHUNK]
             rows = filter_matrix(geo[:, 0], geo[:, 2], geo[:, 4], self.size[0], chunk.shape[1], self.interpolation)
             cols = filter_matrix(geo[:, 1], geo[:, 3], geo[:, 5], self.size[1], chunk.shape[2], self.interpolation)
+            rows, cols = rows.to(device), cols.to(device)
             image = chunk.permute(0, 3, 1, 2).to(torch.float32)  # B x C x H x W, values 0..255
             image = rows.unsqueeze(1) @ image @ cols.unsqueeze(1).transpose(-1, -2)
             # As the host path: an 8-bit image (rounded, clamped), then ToTensor's /255 and Normalize, op for op.

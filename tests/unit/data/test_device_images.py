@@ -216,6 +216,8 @@ def test_unsupported_transforms_are_refused(vit_b16):
     )
     with pytest.raises(ValueError, match="ColorJitter"):
         DeviceTransform.from_transforms(jitter, bundle.eval_transform)
+    with pytest.raises(ValueError, match="eval CenterCrop"):
+        DeviceTransform.from_transforms(bundle.train_transform, T.Compose(bundle.eval_transform.transforms[:1]))
 
 
 # ----------------------------------------------------------------------------------------- tokens and configs
