@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from timelit.merging.chunks import Chunk
-from timelit.merging.tall_masks import CONSENSUS_HINTS, check_agreement_possible, check_consensus, consensus_drop
+from timelit.merging.tall_masks import CONSENSUS_HINTS, Consensus, consensus_drop
 from timelit.merging.task_vectors import Elected, sum_in_order
 from timelit.merging.ties import Ties
 
 
 @dataclass(frozen=True, kw_only=True)
-class ConsensusTies(Ties):
+class ConsensusTies(Consensus, Ties):
     """TIES (``k``, ``lam``, ``scope``, LiNeS as in :class:`Ties`) masked by the TALL consensus.
 
     Args:
@@ -34,20 +34,9 @@ class ConsensusTies(Ties):
         min_agree: experts whose masks must hold an entry for it to be kept (default 2; 0 = TIES).
     """
 
-    mask_lambda: float = 0.4
-    min_agree: int = 2
-
     name: ClassVar[str] = "consensus_ties"
     incremental: ClassVar[bool] = False  # the consensus compares every tau_i with the final sum: every expert, again
     hints: ClassVar[dict[str, str]] = {**Ties.hints, **CONSENSUS_HINTS}
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_consensus(self.name, self.mask_lambda, self.min_agree)
-
-    def check_experts(self, n: int) -> None:
-        super().check_experts(n)
-        check_agreement_possible(self.name, self.min_agree, n)
 
     def merge_chunk(self, chunk: Chunk) -> Elected:
         elected = super().merge_chunk(chunk)

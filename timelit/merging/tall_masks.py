@@ -70,7 +70,24 @@ def consensus_drop(chunk: Chunk, mask_lambda: float, min_agree: int, total: torc
 
 
 @dataclass(frozen=True, kw_only=True)
-class TallMasks(TaskVectorTechnique):
+class Consensus:
+    """The TALL consensus's hyperparameters and their checks, mixed into a technique before its base class (as
+    :class:`TallMasks` and ``consensus_ties.ConsensusTies`` are), whose docstring documents them."""
+
+    mask_lambda: float = 0.4
+    min_agree: int = 2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()  # type: ignore[misc]
+        check_consensus(self.name, self.mask_lambda, self.min_agree)  # type: ignore[attr-defined]
+
+    def check_experts(self, n: int) -> None:
+        super().check_experts(n)  # type: ignore[misc]
+        check_agreement_possible(self.name, self.min_agree, n)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TallMasks(Consensus, TaskVectorTechnique):
     """Consensus merging of the task-arithmetic sum; lam, scope and LiNeS as in :class:`TaskVectorTechnique`.
 
     Args:
@@ -80,19 +97,8 @@ class TallMasks(TaskVectorTechnique):
             every entry, which is task arithmetic). More than the number of experts is an error at merge time.
     """
 
-    mask_lambda: float = 0.4
-    min_agree: int = 2
-
     name: ClassVar[str] = "tall_masks"
     hints: ClassVar[dict[str, str]] = CONSENSUS_HINTS
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_consensus(self.name, self.mask_lambda, self.min_agree)
-
-    def check_experts(self, n: int) -> None:
-        super().check_experts(n)
-        check_agreement_possible(self.name, self.min_agree, n)
 
     def merge_chunk(self, chunk: Chunk) -> torch.Tensor:
         total = sum_in_order(chunk.task_vectors(), out=chunk.buffer("result"))
