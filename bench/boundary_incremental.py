@@ -65,6 +65,7 @@ def boundary(
 ) -> tuple[float, str]:
     """Seconds of the boundary of task n - 1 (n experts after it) in `mode`, and the sha256 of its `all` file."""
     import timelit.callbacks.time_merge as tm
+    import timelit.protocol as rules
 
     store = work / "store"
     shutil.rmtree(store, ignore_errors=True)
@@ -80,15 +81,15 @@ def boundary(
     index = [{"task": t, "file": f"expert_{t:04d}.safetensors", "sha256": hashes[t]} for t in range(task)]
     callback.store.load_state_dict({"experts": index}, verify=False)
     callback.finished_task, callback.started_task = task - 1, task
-    incremental_all = tm.incremental_all
+    incremental_all = rules.incremental_all
     if mode == "full":
-        tm.incremental_all = lambda technique: False  # TimeMerge before issue 17: merge_all over every expert
+        rules.incremental_all = lambda technique: False  # TimeMerge before issue 17: merge_all over every expert
     try:
         began = time.perf_counter()
         callback.finish_task(trainer, module, task)
         seconds = time.perf_counter() - began
     finally:
-        tm.incremental_all = incremental_all
+        rules.incremental_all = incremental_all
     if mode == "incremental":
         assert (store / f"all_state_{task:04d}.safetensors").exists(), "the incremental path was not taken"
     digest = hashlib.sha256((store / f"all_{task:04d}.safetensors").read_bytes()).hexdigest()

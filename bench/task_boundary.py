@@ -133,11 +133,14 @@ class Timings:
 
 @contextmanager
 def instrumented(timings: Timings):
-    """Wrap the merge, save and copy functions in TimeMerge's namespace so each is timed under its phase."""
-    import timelit.callbacks.time_merge as tm
+    """Wrap the merge, save and copy functions TimeMerge's boundary calls (in timelit.protocol and
+    timelit.merging.merged_files) so each is timed under its phase."""
+    import timelit.merging.merged_files as files
+    import timelit.protocol as protocol
 
-    saved = {name: getattr(tm, name) for name in ("pairwise", "merge_all", "fold_all", "save_weights")}
-    store_add = tm.ExpertStore.add
+    saved = {name: getattr(protocol, name) for name in ("pairwise", "merge_all", "fold_all")}
+    save_weights = files.save_weights
+    store_add = files.ExpertStore.add
 
     def wrap(name: str, phase: str):
         original = saved[name]
@@ -152,23 +155,24 @@ def instrumented(timings: Timings):
         with timings.measure("store expert (write + sha256)"):
             return store_add(self, *args, **kwargs)
 
-    tm.pairwise = wrap("pairwise", "EMA merge")
-    tm.merge_all = wrap("merge_all", "all merge")
-    tm.fold_all = wrap("fold_all", "all merge")
+    protocol.pairwise = wrap("pairwise", "EMA merge")
+    protocol.merge_all = wrap("merge_all", "all merge")
+    protocol.fold_all = wrap("fold_all", "all merge")
 
     def timed_save(path: Any, *args: Any, **kwargs: Any) -> Any:
         phase = f"write {Path(path).name.split('_')[0]} (+ sha256)"
         with timings.measure(phase):
-            return saved["save_weights"](path, *args, **kwargs)
+            return save_weights(path, *args, **kwargs)
 
-    tm.save_weights = timed_save
-    tm.ExpertStore.add = timed_add
+    files.save_weights = timed_save
+    files.ExpertStore.add = timed_add
     try:
         yield
     finally:
         for name, value in saved.items():
-            setattr(tm, name, value)
-        tm.ExpertStore.add = store_add
+            setattr(protocol, name, value)
+        files.save_weights = save_weights
+        files.ExpertStore.add = store_add
 
 
 def boundary(

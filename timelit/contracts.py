@@ -16,14 +16,17 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import lightning as L
 
 __all__ = [
+    "CheckpointFolder",
     "EvaluatingModule",
     "EvaluationSets",
     "ExpertStoreOwner",
+    "ExpertWeightsSource",
     "ResultsRecordSource",
     "RunRecordSource",
     "TaskRecordSource",
     "TaskStream",
     "TrainingBatches",
+    "ZeroShotModule",
     "callbacks_with",
     "datamodule_as",
 ]
@@ -71,13 +74,19 @@ class TrainingBatches(Protocol):
 
 
 @runtime_checkable
-class EvaluatingModule(Protocol):
+class ZeroShotModule(Protocol):
+    """The LightningModule's θ0, which TimeMerge merges against (`timelit.model.CLIPFineTuner` provides it)."""
+
+    # θ0, captured in setup before any checkpoint is restored; None before setup.
+    zero_shot_weights: dict[str, Any] | None
+
+
+@runtime_checkable
+class EvaluatingModule(ZeroShotModule, Protocol):
     """The LightningModule as the callbacks read it (`timelit.model.CLIPFineTuner` provides it)."""
 
     # The figures of the evaluation just run ({"scope", "datasets"}); the results callback takes and clears them.
     last_evaluation: dict[str, Any] | None
-    # θ0, captured in setup before any checkpoint is restored; None before setup.
-    zero_shot_weights: dict[str, Any] | None
 
 
 @runtime_checkable
@@ -106,6 +115,22 @@ class ExpertStoreOwner(Protocol):
     """A callback that keeps files in a folder of the run besides the checkpoints (TimeMerge's expert store)."""
 
     def store_directory(self, run_dir: Path) -> Path: ...
+
+
+@runtime_checkable
+class ExpertWeightsSource(Protocol):
+    """A callback whose weights are the task's expert instead of the live ones (`timelit.callbacks.ema.StepEMA`):
+    TimeMerge stores what the first such callback returns."""
+
+    def averaged_weights(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class CheckpointFolder(Protocol):
+    """The trainer's checkpoint callback as TimeMerge reads it: the folder of last.ckpt, whose size a boundary
+    reserves (`timelit.callbacks.checkpoint.StreamCheckpoint`, a ModelCheckpoint, provides it)."""
+
+    dirpath: str | Path | None
 
 
 def datamodule_as(trainer: L.Trainer, contract: type[T]) -> T | None:

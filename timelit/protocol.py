@@ -1,4 +1,4 @@
-"""TIME protocols as pure rules: which weights start a task, which are deployed after it.
+"""TIME protocols as pure rules: which weights start a task, which are deployed after it, what a boundary merges.
 
     python -m pytest tests/unit/test_protocol.py tests/integration/test_time_merge.py -q
 
@@ -11,20 +11,11 @@ TIME (arXiv 2412.06712, §3) separates *initialization* of the next expert from 
             ft_zs   the last expert merged with the base, f([θ0, θ_{t-1}]) (the pipeline's FT-Merge, `ft_paint`)
     deploy  ft, ema, all, ft_zs   the same quantities after the task (with θ_t included)
 
-f is the protocol's merge technique. With `interpolation` (the default, and the pipeline's) the EMA weight of the new
-expert is `ema_weight` (fixed 0.5: the EMA forgets geometrically, not as 1/t), and `all` is a weighted average
-(uniform, or by recency as the pipeline's offline merge). Other techniques (task arithmetic, TIES, ...) merge the
-pair or the set of task vectors against θ0, as the pipeline's `ema_paint` / `offline_merge` do with them.
-
-`all` is O(1) in t where the technique is incremental (`Technique.incremental`: task arithmetic, LiNeS, TIES, DARE,
-DARE-TIES, Breadcrumbs, Breadcrumbs-TIES, MagMax, SLERP's fold): `fold_all` keeps the merge's running state in a
-file beside the experts and folds in the newest expert only, with the bits of `merge_all`. Every other technique
-merges all experts again at each boundary (docs/ARCHITECTURE.md, "The task boundary in O(1)", says why each is not
-incremental).
-
-"Best-in-TIME" is init=ema, deploy=ema. The pipeline's named protocols map to: finetune = ft/ft, ZS-Merge
-(`zs_paint`) = zs/ema, EMA-Merge (`ema_paint`) = ema/ema, FT-Merge (`ft_paint`) = ft_zs/ft_zs, offline merge =
-zs/all, and `double_merge_<init>_<deploy>` = init/deploy with `ema_start="first_expert"` and the base excluded.
+f is the protocol's merge technique. `ProtocolSettings` holds a protocol; `init_weights`, `deployed_weights` and
+`boundary_plan` decide from it and a task index which stored weights a task starts from, which are deployed, and what
+a boundary merges; `realise` computes one planned merge. Nothing here knows Lightning: `TimeMerge`
+(timelit/callbacks/time_merge.py) calls these at its hooks, and `timelit.merging.merged_files` names and keeps the
+files. docs/ARCHITECTURE.md ("The task boundary in O(1)", "Decisions" 6) has the design and the pipeline's names.
 """
 
 from __future__ import annotations
@@ -33,12 +24,22 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple, Protocol
 
 import torch
 
-from timelit.merging import TECHNIQUES, MergeMethod, merge, validate
+from timelit.merging import (
+    TECHNIQUES,
+    MergeMethod,
+    MergeState,
+    SequentialTechnique,
+    load_weights,
+    merge,
+    merge_step,
+    validate,
+)
 from timelit.merging.engine import state_members, update
 from timelit.merging.running import HPARAMS_KEY, TECHNIQUE_KEY, hparams_record
 
@@ -195,7 +196,217 @@ def _holds(path: str | os.PathLike[str], technique: str, hparams: str, members: 
 
 def _materialise(weights: WeightsLike) -> dict[str, torch.Tensor]:
     if isinstance(weights, (str, os.PathLike)):
-        from timelit.merging import load_weights
-
         return load_weights(weights)
     return {k: v.clone() for k, v in weights.items()}
+
+
+# ---------------------------------------------------------------- a protocol's decisions
+
+MERGED_KINDS = ("ema", "all", "ft_zs")
+"""The kinds of weights a boundary merges and writes (`ft` is the expert itself, `zs` is θ0)."""
+
+
+@dataclass(frozen=True)
+class ProtocolSettings:
+    """One TIME protocol (the `protocol:` section of a fit; TimeMerge's Args say what each setting means), checked
+    when it is built: settings that would be ignored, or fail only at the first task boundary, are refused."""
+
+    init: Init = "ema"
+    deploy: Deploy = "ema"
+    technique: MergeMethod = "interpolation"
+    hparams: Mapping[str, Any] = field(default_factory=dict)
+    ema_weight: float = 0.5
+    ema_start: EmaStart = "base"
+    all_weighting: Weighting = "uniform"
+    all_include_base: bool = False
+
+    def __post_init__(self) -> None:
+        if self.ema_start not in ("base", "first_expert"):
+            raise ValueError(f"protocol.ema_start must be 'base' or 'first_expert', got '{self.ema_start}'")
+        if not 0.0 <= self.ema_weight <= 1.0:
+            raise ValueError(f"protocol.ema_weight must lie in [0, 1], got {self.ema_weight}")
+        check_technique(self.technique, self.hparams)
+        uses_all = "all" in (self.init, self.deploy)
+        for name, value, default in (
+            ("all_weighting", self.all_weighting, "uniform"),
+            ("all_include_base", self.all_include_base, False),
+        ):
+            if value != default and not uses_all:
+                raise ValueError(
+                    f"protocol.{name}={value!r} has no effect: neither init ({self.init}) nor deploy ({self.deploy}) "
+                    "is 'all'"
+                )
+        if self.all_weighting != "uniform" and self.technique not in WEIGHTED_ALL:
+            raise ValueError(
+                f"protocol.all_weighting={self.all_weighting!r} weights an average; technique '{self.technique}' "
+                f"merges task vectors (use one of {list(WEIGHTED_ALL)}, or all_weighting: uniform)"
+            )
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The merged weights every boundary writes: those init and deploy read, in `MERGED_KINDS` order."""
+        return tuple(kind for kind in MERGED_KINDS if kind in (self.init, self.deploy))
+
+    @property
+    def sequential(self) -> bool:
+        """Whether the technique folds one expert per boundary into a running merge (`opcm`): `ema` and `all` are
+        then that one merge."""
+        return issubclass(TECHNIQUES[self.technique], SequentialTechnique)
+
+    @property
+    def folds_all(self) -> bool:
+        """Whether `all` is carried as running state (`fold_all`) rather than merged again at every boundary."""
+        return "all" in self.kinds and not self.sequential and incremental_all(self.technique)
+
+
+class Stored(NamedTuple):
+    """Weights a protocol reads: `kind` (`ft`: the expert, `ema`, `all`, `ft_zs`) after `task`, or θ0 (`BASE`)."""
+
+    kind: str
+    task: int
+
+
+BASE = Stored("base", -1)
+
+
+def init_weights(settings: ProtocolSettings, task: int) -> Stored | None:
+    """The weights `task` starts from; None for the first task, which every protocol starts from θ0, the weights
+    the model is built with."""
+    if task == 0:
+        return None
+    return BASE if settings.init == "zs" else Stored(settings.init, task - 1)
+
+
+def deployed_weights(settings: ProtocolSettings, task: int) -> Stored:
+    """The weights evaluated after `task` (and, after the last one, shipped as the final model)."""
+    return Stored(settings.deploy, task)
+
+
+@dataclass(frozen=True)
+class Pairwise:
+    """f([older, θ_t]) against θ0, the newer model weighted `weight` (`pairwise`)."""
+
+    older: Stored
+    weight: float
+
+
+@dataclass(frozen=True)
+class Expert:
+    """θ_t itself (the EMA's first member under `ema_start: first_expert`)."""
+
+
+@dataclass(frozen=True)
+class MergeAll:
+    """The merge of the experts of `members` (tasks, oldest first), with θ0 first if `include_base` (`merge_all`)."""
+
+    members: tuple[int, ...]
+    weighting: Weighting
+    include_base: bool
+
+
+@dataclass(frozen=True)
+class FoldAll:
+    """`MergeAll` as running state (`fold_all`): the state after `previous_state` (None: none) plus θ_t, written as
+    the state after `state`."""
+
+    members: tuple[int, ...]
+    previous_state: int | None
+    state: int
+    include_base: bool
+
+
+@dataclass(frozen=True)
+class Step:
+    """A sequential technique's running merge `previous` (None before the first expert) with θ_t folded in."""
+
+    previous: Stored | None
+
+
+Rule = Pairwise | Expert | MergeAll | FoldAll | Step
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One merge of a boundary and the kinds of weights it is (a sequential merge is both `ema` and `all`)."""
+
+    kinds: tuple[str, ...]
+    rule: Rule
+
+
+def boundary_plan(settings: ProtocolSettings, task: int, experts: Sequence[int]) -> list[Planned]:
+    """What the boundary of `task` merges, in order, given the tasks whose experts are stored (`task`'s included).
+
+    The EMA step reads the previous task's `ema`; `all` merges every stored expert up to `task`, or folds the newest
+    into the previous task's running state; `ft_zs` merges θ_t with θ0; a sequential technique folds θ_t into the
+    previous task's merged file once, for `ema` and `all` alike.
+    """
+    kinds, plan = settings.kinds, []
+    members = tuple(t for t in experts if t <= task)
+    carried = tuple(k for k in kinds if k in ("ema", "all")) if settings.sequential else ()
+    if carried:
+        plan.append(Planned(carried, Step(None if task == 0 else Stored(carried[0], task - 1))))
+    if "ema" in kinds and "ema" not in carried:
+        if task > 0:
+            rule: Rule = Pairwise(Stored("ema", task - 1), settings.ema_weight)
+        else:
+            rule = Expert() if settings.ema_start == "first_expert" else Pairwise(BASE, settings.ema_weight)
+        plan.append(Planned(("ema",), rule))
+    if "all" in kinds and "all" not in carried:
+        if settings.folds_all:
+            rule = FoldAll(members, task - 1 if task else None, task, settings.all_include_base)
+        else:
+            rule = MergeAll(members, settings.all_weighting, settings.all_include_base)
+        plan.append(Planned(("all",), rule))
+    if "ft_zs" in kinds:
+        plan.append(Planned(("ft_zs",), Pairwise(BASE, settings.ema_weight)))
+    return plan
+
+
+class WeightFiles(Protocol):
+    """Where `realise` finds stored weights (`timelit.merging.merged_files.MergedFiles` provides it)."""
+
+    def path(self, kind: str, task: int) -> Path: ...
+
+    def state(self, task: int) -> Path: ...
+
+    def fingerprints(self, tasks: Sequence[int]) -> list[str]: ...
+
+
+def realise(
+    rule: Rule,
+    settings: ProtocolSettings,
+    base: StateDict,
+    expert: StateDict,
+    files: WeightFiles,
+    merge_state: MergeState | None = None,
+) -> tuple[dict[str, torch.Tensor], MergeState | None]:
+    """Compute one planned merge of a boundary: its weights, and a sequential technique's state after it
+    (`merge_state` unchanged for the other rules). θ0 and θ_t are in memory, every other member is read from
+    `files`."""
+    technique, hparams = settings.technique, settings.hparams
+
+    def stored(ref: Stored) -> WeightsLike:
+        return base if ref == BASE else str(files.path(ref.kind, ref.task))
+
+    if isinstance(rule, Step):
+        previous = None if rule.previous is None else stored(rule.previous)
+        return merge_step(base, previous, expert, technique, merge_state, **hparams)
+    if isinstance(rule, Expert):
+        return dict(expert), merge_state  # the same tensors: written as they are
+    if isinstance(rule, Pairwise):
+        return pairwise(base, stored(rule.older), expert, technique, hparams, rule.weight), merge_state
+    experts = [str(files.path("ft", t)) for t in rule.members]
+    if isinstance(rule, FoldAll):
+        previous_state = None if rule.previous_state is None else files.state(rule.previous_state)
+        folded = fold_all(
+            base,
+            experts,
+            files.fingerprints(rule.members),
+            technique,
+            hparams,
+            previous_state,
+            files.state(rule.state),
+            rule.include_base,
+        )
+        return folded, merge_state
+    return merge_all(base, experts, technique, hparams, rule.weighting, rule.include_base), merge_state

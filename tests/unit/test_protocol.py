@@ -1,12 +1,32 @@
-"""The protocol rules on their own: recency weights, the `all` merge, the pairwise step, and settings refused early."""
+"""The protocol rules on their own, without Lightning: recency weights, the `all` merge, the pairwise step, settings
+refused early, and what each task starts from, deploys and merges at its boundary."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from timelit.callbacks.time_merge import TimeMerge
-from timelit.protocol import check_technique, merge_all, pairwise, recency_weights
+from timelit.merging import ExpertStore, load_weights, merge
+from timelit.merging.merged_files import MergedFiles
+from timelit.protocol import (
+    BASE,
+    Expert,
+    FoldAll,
+    MergeAll,
+    Pairwise,
+    Planned,
+    ProtocolSettings,
+    Step,
+    Stored,
+    boundary_plan,
+    check_technique,
+    deployed_weights,
+    init_weights,
+    merge_all,
+    pairwise,
+    realise,
+    recency_weights,
+)
 
 
 def models(*values: float) -> list[dict[str, torch.Tensor]]:
@@ -69,10 +89,93 @@ def test_a_pair_weight_in_hparams_is_refused_for_ema_weight(technique, name):
 )
 def test_settings_that_would_be_ignored_or_fail_later_are_refused_at_configuration(settings, message):
     with pytest.raises(ValueError, match=message):
-        TimeMerge(**settings)
+        ProtocolSettings(**settings)
 
 
-def test_offline_merge_settings_are_accepted_and_recorded():
-    merge = TimeMerge(init="zs", deploy="all", all_weighting="linear", all_include_base=True)
-    recorded = merge.run_record(None)["protocol"]
-    assert recorded["all_weighting"] == "linear" and recorded["all_include_base"] is True
+def test_offline_merge_settings_are_accepted():
+    settings = ProtocolSettings(init="zs", deploy="all", all_weighting="linear", all_include_base=True)
+    assert settings.kinds == ("all",) and not settings.folds_all  # the recency-weighted average is merged again
+
+
+@pytest.mark.parametrize("init", ["zs", "ft", "ema", "all", "ft_zs"])
+def test_every_protocol_starts_the_first_task_from_the_models_own_weights(init):
+    settings = ProtocolSettings(init=init, deploy="ft")
+    assert init_weights(settings, 0) is None
+    assert init_weights(settings, 3) == (BASE if init == "zs" else Stored(init, 2))
+    assert deployed_weights(settings, 3) == Stored("ft", 3)
+
+
+@pytest.mark.parametrize(
+    ("settings", "kinds"),
+    [
+        ({"init": "ft", "deploy": "ft"}, ()),
+        ({"init": "zs", "deploy": "ema"}, ("ema",)),
+        ({"init": "all", "deploy": "ema"}, ("ema", "all")),
+        ({"init": "ft_zs", "deploy": "all"}, ("all", "ft_zs")),
+    ],
+)
+def test_a_boundary_writes_the_merged_kinds_init_and_deploy_read(settings, kinds):
+    assert ProtocolSettings(**settings).kinds == kinds
+
+
+def test_the_ema_starts_at_the_base_or_the_first_expert_and_steps_from_the_previous_ema():
+    settings = ProtocolSettings(init="ema", deploy="ema", ema_weight=0.25)
+    assert boundary_plan(settings, 0, [0]) == [Planned(("ema",), Pairwise(BASE, 0.25))]
+    assert boundary_plan(settings, 2, [0, 1, 2]) == [Planned(("ema",), Pairwise(Stored("ema", 1), 0.25))]
+    first = ProtocolSettings(init="ema", deploy="ema", ema_start="first_expert")
+    assert boundary_plan(first, 0, [0]) == [Planned(("ema",), Expert())]
+
+
+def test_all_merges_the_experts_up_to_the_task_or_folds_the_newest_into_the_previous_state():
+    average = ProtocolSettings(init="zs", deploy="all", technique="average", all_weighting="linear")
+    assert boundary_plan(average, 1, [0, 1, 2]) == [Planned(("all",), MergeAll((0, 1), "linear", False))]
+    ties = ProtocolSettings(init="all", deploy="all", technique="ties", all_include_base=True)
+    assert ties.folds_all
+    assert boundary_plan(ties, 0, [0]) == [Planned(("all",), FoldAll((0,), None, 0, True))]
+    assert boundary_plan(ties, 2, [0, 1, 2]) == [Planned(("all",), FoldAll((0, 1, 2), 1, 2, True))]
+
+
+def test_a_sequential_technique_folds_once_for_ema_and_all_and_ft_zs_merges_the_expert_with_the_base():
+    opcm = ProtocolSettings(init="all", deploy="ema", technique="opcm")
+    assert opcm.sequential and not opcm.folds_all
+    assert boundary_plan(opcm, 0, [0]) == [Planned(("ema", "all"), Step(None))]
+    assert boundary_plan(opcm, 3, [0, 1, 2, 3]) == [Planned(("ema", "all"), Step(Stored("ema", 2)))]
+    ft_zs = ProtocolSettings(init="ft_zs", deploy="ft_zs", ema_weight=0.3)
+    assert boundary_plan(ft_zs, 4, range(5)) == [Planned(("ft_zs",), Pairwise(BASE, 0.3))]
+    assert boundary_plan(ProtocolSettings(init="ft", deploy="ft"), 4, range(5)) == []
+
+
+def _stream(settings, files, base, experts):
+    """Every boundary of a stream as TimeMerge runs it: the expert stored, each planned merge realised and saved."""
+    state = None
+    for task, expert in enumerate(experts):
+        files.store.add(task, expert)
+        for planned in boundary_plan(settings, task, files.store.tasks):
+            weights, state = realise(planned.rule, settings, base, expert, files, state)
+            for kind in planned.kinds:
+                files.save(kind, task, weights, {})
+    return state
+
+
+def test_realised_plans_are_the_ema_recurrence_and_the_merge_of_every_expert(tmp_path):
+    base, *experts = models(0.0, 4.0, 8.0, 16.0)
+    files = MergedFiles(ExpertStore(tmp_path), ("ema", "all"))
+    settings = ProtocolSettings(init="ema", deploy="all", technique="task_arithmetic")
+    _stream(settings, files, base, experts)
+    # task arithmetic (lam 1) of the pair [m_{t-1}, θ_t] against θ0: m_t = m_{t-1} + θ_t - θ0 from m_0 = θ0
+    assert torch.equal(load_weights(files.path("ema", 2))["w"], torch.full((3,), 28.0))
+    assert torch.equal(load_weights(files.path("all", 2))["w"], merge(base, experts, "task_arithmetic")["w"])
+    assert sorted(files.hashes) == [f"{kind}_{t:04d}.safetensors" for kind in ("all", "ema") for t in range(3)]
+
+
+def test_a_realised_sequential_plan_is_the_technique_over_every_expert(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(6, 4, generator=generator), "b": torch.randn(4, generator=generator)}
+    experts = [{k: v + 0.1 * torch.randn(v.shape, generator=generator) for k, v in base.items()} for _ in range(3)]
+    files = MergedFiles(ExpertStore(tmp_path), ("ema", "all"))
+    state = _stream(ProtocolSettings(init="all", deploy="ema", technique="opcm"), files, base, experts)
+    assert state is not None and state["count"] == 3
+    over_all = merge(base, experts, "opcm")
+    for kind in ("ema", "all"):
+        written = load_weights(files.path(kind, 2))
+        assert all(torch.equal(written[k], v) for k, v in over_all.items())

@@ -27,6 +27,10 @@ _NAME = re.compile(r"^expert_(\d{4,})\.safetensors$")
 TASK_KEY = "timelit.task"
 
 
+def expert_name(task: int) -> str:
+    return f"expert_{task:04d}.safetensors"
+
+
 class ExpertStore:
     """A directory holding ``expert_{task:04d}.safetensors`` files, listed in task order.
 
@@ -48,7 +52,7 @@ class ExpertStore:
         self._hashes = dict(sorted(self._hashes.items()))
 
     def path(self, task: int) -> Path:
-        return self.directory / f"expert_{task:04d}.safetensors"
+        return self.directory / expert_name(task)
 
     def add(self, task: int, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Path:
         """Write the expert of ``task`` atomically (replacing an earlier file of the same task) and return its path.

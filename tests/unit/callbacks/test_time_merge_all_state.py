@@ -106,12 +106,12 @@ def test_a_boundary_that_dies_while_folding_resumes_to_the_same_files(stream, tm
 
         monkeypatch.setattr(running.StateWriter, "write", dying_write)
     else:
-        import timelit.callbacks.time_merge as tm
+        import timelit.merging.merged_files as merged_files
 
         def dying_save(path, *args: Any, **kwargs: Any) -> str:
             raise Died
 
-        monkeypatch.setattr(tm, "save_weights", dying_save)
+        monkeypatch.setattr(merged_files, "save_weights", dying_save)
     with pytest.raises(Died):
         _boundaries(killed, base, experts, range(3, 4))
     assert (tmp_path / "b" / "all_state_0002.safetensors").exists()
