@@ -55,7 +55,7 @@ def peak_tflops(device_name: str | None, override: float | None) -> float | None
 
 def ensure_images(root: Path) -> Path:
     """A small quickstart benchmark to draw in-memory batches from (its base model is not used)."""
-    from timelit.data.synth import is_ready, synthesize
+    from timelit.data.synth.benchmark import is_ready, synthesize
 
     if not is_ready(root):
         synthesize(root, scale=0.2, base_model="timelit-micro-ViT", base_steps=1)

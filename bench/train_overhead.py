@@ -47,7 +47,7 @@ BEFORE = ", before fixes"
 
 def ensure_data(root: Path, quick: bool) -> Path:
     """The quickstart benchmark at `root` (written if missing: full size, or 5% with a micro base in --quick)."""
-    from timelit.data.synth import is_ready, synthesize
+    from timelit.data.synth.benchmark import is_ready, synthesize
 
     root = root.expanduser()
     if not is_ready(root):

@@ -21,7 +21,7 @@ MICRO = "timelit-micro-ViT"
 def tiny_benchmark(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The science-size benchmark (12 adaptation datasets, a retrieval one among them) at 5% size with a micro base
     model (a few seconds); read-only for tests."""
-    from timelit.data.synth import synthesize
+    from timelit.data.synth.benchmark import synthesize
 
     root = tmp_path_factory.mktemp("benchmark") / "quickstart"
     synthesize(root, scale=0.05, base_model=MICRO, base_steps=5, size="science")

@@ -32,15 +32,14 @@ LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
 
 # Subcommand -> (module, function), one module of timelit/commands per subcommand. Only the module of the command
 # being run is imported: the merge and budget commands pull in torch and Lightning (several seconds), which
-# `timelit sweep` and `timelit report` never need. The data commands other than synth are still defined in timelit/data
-# (issue 19 item 3).
+# `timelit sweep` and `timelit report` never need.
 _FUNCTION_COMMANDS: dict[str, Any] = {
     "data": {
         "synth": ("timelit.commands.data", "synth_command"),
-        "new": ("timelit.data.new", "new_command"),
-        "prepare": ("timelit.data.prepare", "prepare_command"),
-        "verify": ("timelit.data.verify", "verify_command"),
-        "stream": ("timelit.data.stream_tools", "stream_command"),
+        "new": ("timelit.commands.data", "new_command"),
+        "prepare": ("timelit.commands.data", "prepare_command"),
+        "verify": ("timelit.commands.data", "verify_command"),
+        "stream": ("timelit.commands.data", "stream_command"),
     },
     "merge": ("timelit.commands.merge", "merge_command"),
     "budget": ("timelit.commands.budget", "budget_command"),

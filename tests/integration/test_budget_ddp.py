@@ -107,7 +107,7 @@ if __name__ == "__main__":
 
 @pytest.fixture(scope="session")
 def benchmark(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from timelit.data.synth import synthesize
+    from timelit.data.synth.benchmark import synthesize
 
     # Shared with tests/unit/callbacks/test_budget.py through the session's base folder (synthesize is idempotent).
     root = tmp_path_factory.getbasetemp() / "budget_benchmark"

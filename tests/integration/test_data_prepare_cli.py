@@ -16,12 +16,11 @@ import yaml
 from PIL import Image
 from webdataset import TarWriter
 
+from timelit.commands.data import prepare_command, verify_command
 from timelit.data.datamodule import Preprocessing, TimeDataModule
 from timelit.data.mixture import Mixture
-from timelit.data.prepare import prepare_command
 from timelit.data.samples import decode
 from timelit.data.shards import CorruptSampleError, ShardIndex
-from timelit.data.verify import verify_command
 
 CLS = ["cat", "dog", "water / carbon"]
 RET = ["sky", "sea"]

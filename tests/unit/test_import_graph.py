@@ -36,7 +36,7 @@ def import_graph(root: Path = PACKAGE) -> dict[str, set[str]]:
                 if node.level:  # relative: from . import x / from .y import z
                     anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                     base = ".".join([*anchor, *([base] if base else [])])
-                # `from timelit.data import synth_draw` imports the submodule; `from timelit.merging import merge`
+                # `from timelit.data.synth import draw` imports the submodule; `from timelit.merging import merge`
                 # imports the package.
                 targets |= {f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names}
         graph[name] = {target for target in targets if target in modules and target != name}

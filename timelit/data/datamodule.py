@@ -156,7 +156,7 @@ class TimeDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         if self.synthesize_if_missing:
-            from timelit.data.synth import synthesize
+            from timelit.data.synth.benchmark import synthesize
 
             synthesize(self.data_root, size=self.synthesize_size)
 

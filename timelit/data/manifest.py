@@ -107,14 +107,32 @@ def _require(data: dict[str, Any], key: str, kind: type | tuple[type, ...], wher
     return value
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_document(
+    path: Path,
+    expected: type,
+    problem: str,
+    syntax: Literal["JSON", "YAML"] = "JSON",
+    error: type[Exception] = ManifestError,
+    where: str | None = None,
+) -> Any:
+    """The JSON or YAML document in `path`, checked to be an `expected` at its top level.
+
+    A file that does not parse, or holds something else, raises `error` naming the file (or `where`): `not valid
+    JSON: <the parser's message>`, or `problem`, which says what a valid file holds.
+    """
+    where = where or str(path)
+    text = path.read_text()
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ManifestError(f"{path}: not valid YAML: {error}") from error
-    if not isinstance(data, dict):
-        raise ManifestError(f"{path}: expected a mapping at the top level")
+        data = yaml.safe_load(text) if syntax == "YAML" else json.loads(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as parse_error:
+        raise error(f"{where}: not valid {syntax}: {parse_error}") from parse_error
+    if not isinstance(data, expected):
+        raise error(f"{where}: {problem}")
     return data
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    return read_document(path, dict, "expected a mapping at the top level", "YAML")
 
 
 def _read_classnames(reference: str, manifest_path: Path) -> tuple[str, ...]:
@@ -122,12 +140,10 @@ def _read_classnames(reference: str, manifest_path: Path) -> tuple[str, ...]:
     where = f"{manifest_path}: key 'classnames' ({path})"
     if not path.is_file():
         raise ManifestError(f"{manifest_path}: key 'classnames' points to '{reference}', which does not exist ({path})")
-    try:
-        names = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ManifestError(f"{where}: not valid JSON: {error}") from error
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise ManifestError(f"{where}: expected a JSON list of class-name strings")
+    problem = "expected a JSON list of class-name strings"
+    names = read_document(path, list, problem, where=where)
+    if not all(isinstance(n, str) for n in names):
+        raise ManifestError(f"{where}: {problem}")
     return tuple(names)
 
 

@@ -10,12 +10,11 @@ every training sample of its concepts.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from timelit.data.manifest import ManifestError, ManifestSet, load_manifests
+from timelit.data.manifest import ManifestError, ManifestSet, load_manifests, read_document
 
 SEPARATOR = "+++"
 
@@ -143,12 +142,7 @@ def load_stream(
     """
     manifest_set = manifests if isinstance(manifests, ManifestSet) else load_manifests(manifests)
     path = manifest_set.stream_path(str(stream))
-    try:
-        entries = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ManifestError(f"{path}: not valid JSON: {error}") from error
-    if not isinstance(entries, list):
-        raise ManifestError(f"{path}: a stream is a JSON list of 'DATASET{SEPARATOR}classname' strings")
+    entries = read_document(path, list, f"a stream is a JSON list of 'DATASET{SEPARATOR}classname' strings")
     concepts = parse_concepts(entries, path)
     tasks = chunk(concepts, num_tasks) if boundaries == "equal" else by_dataset(concepts, num_tasks, path)
     return Stream(name=path.stem, tasks=tasks, labels=[resolve(task, manifest_set, path) for task in tasks])

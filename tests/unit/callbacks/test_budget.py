@@ -20,7 +20,7 @@ from timelit.callbacks.budget import ComputeBudget
 from timelit.callbacks.checkpoint import StreamCheckpoint
 from timelit.callbacks.results import TaskResults
 from timelit.data.datamodule import TimeDataModule
-from timelit.data.synth import synthesize
+from timelit.data.synth.benchmark import synthesize
 from timelit.flops import measure_step, steps_for_budget
 from timelit.lightning_cli import TimeLightningCLI, run_lightning
 from timelit.model import CLIPFineTuner

@@ -11,9 +11,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from timelit.data.layouts import LayoutError
 from timelit.data.manifest import ManifestError, load_manifests
-from timelit.data.new import new_dataset
+from timelit.data.prepare.new import new_dataset
+from timelit.data.prepare.records import LayoutError
 from timelit.data.streams import load_stream
 
 

@@ -11,9 +11,11 @@ import yaml
 from PIL import Image
 from webdataset import TarWriter
 
-from timelit.data.prepare import prepare
+from timelit.commands.data import verify_command
+from timelit.data.prepare.options import PrepareOptions
+from timelit.data.prepare.run import prepare
+from timelit.data.prepare.verify import format_checks, verify
 from timelit.data.shards import ShardIndex, index_path
-from timelit.data.verify import format_checks, verify, verify_command
 
 CLASSES = ["ant", "bee", "cow"]
 
@@ -41,7 +43,7 @@ def prepared(tmp_path: Path) -> dict[str, Path]:
             "num_classes": len(CLASSES),
             "prompt_templates": ["a photo of a {}."],
             "splits": {s: {"num_samples": None} for s in splits},
-            "source": {"test": "tests/unit/data/test_verify.py"},
+            "source": {"test": "tests/unit/data/prepare/test_verify.py"},
             "license": "test data",
         }
         (manifests / "datasets" / f"{name}.yaml").write_text(yaml.safe_dump(manifest))
@@ -55,9 +57,18 @@ def prepared(tmp_path: Path) -> dict[str, Path]:
     (source / "ADAPT" / "train" / "bee" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n but not an image at all")
     for name in ("ADAPT", "HELD"):
         prepare(
-            str(source / name), data, layout="imagefolder", datasets=[name], manifests=manifests,
-            samples_per_shard=4, workers=0, progress=False, decode=False,
-        )  # fmt: skip
+            PrepareOptions(
+                str(source / name),
+                data,
+                layout="imagefolder",
+                datasets=[name],
+                manifests=manifests,
+                samples_per_shard=4,
+                workers=0,
+                decode=False,
+            ),
+            progress=False,
+        )
     return {"manifests": manifests, "data": data, "root": tmp_path}
 
 
@@ -167,7 +178,9 @@ def _pool(prepared: dict[str, Path], count: int | None, pairs: int) -> None:
     with TarWriter(str(folder / "00000.tar")) as writer:
         for i in range(pairs):
             writer.write({"__key__": f"{i:09d}", "jpg": _png((i, i, i)), "txt": f"pair {i}", "json": {"i": i}})
-    prepare(str(folder), prepared["data"], layout="pool", datasets=["POOL"], manifests=prepared["manifests"])
+    prepare(
+        PrepareOptions(str(folder), prepared["data"], layout="pool", datasets=["POOL"], manifests=prepared["manifests"])
+    )
 
 
 def test_pools_are_optional_unless_named_and_their_counts_only_warn(prepared):

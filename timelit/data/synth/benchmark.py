@@ -7,7 +7,7 @@ Version 2 is built so that the TIME protocols can be told apart on it (docs/scie
 measured). As in FoMo-in-Flux:
 
 * a pretraining pool of captioned images (shapes, eight colours, six textures) on which a tiny CLIP is trained from
-  scratch (seeded; `synth_base.py`) and cached as `base_model.safetensors`: it stands for the base model's web-scale
+  scratch (seeded; `base_model.py`) and cached as `base_model.safetensors`: it stands for the base model's web-scale
   pretraining data, and replaying it is the pipeline's pretraining replay;
 * held-out datasets of skills that pretraining gives (SHAPES, COLOURS, TEXTURES): the base scores ~88 % on them, so
   forgetting shows as a fall of A_ZS;
@@ -43,8 +43,8 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from timelit.atomic import write_text
-from timelit.data import synth_draw as draw
 from timelit.data.shards import ShardWriter, sample_key
+from timelit.data.synth import draw
 from timelit.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -552,7 +552,7 @@ def _write(root: Path, seed: int, scale: float, base_model: str, base_steps: int
         _write_manifest(spec, counts, root)
     _write_pool(root, max(64, round(POOL_SIZE * scale)), seed)
     _write_streams(root, specs, seed)
-    from timelit.data.synth_base import train_base
+    from timelit.data.synth.base_model import train_base
 
     report = train_base(root, POOL_NAME, BASE_MODEL_FILE, model_name=base_model, steps=base_steps, seed=seed)
     write_text(  # atomic: a kill mid-write must not leave a READY.json that is_ready cannot parse

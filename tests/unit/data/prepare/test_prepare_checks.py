@@ -14,11 +14,13 @@ import yaml
 from PIL import Image
 from webdataset import TarWriter
 
-from timelit.data.layouts import LayoutError
+from timelit.commands.data import prepare_command
 from timelit.data.manifest import ManifestError
-from timelit.data.prepare import PrepareError, prepare, prepare_command
+from timelit.data.prepare.options import PrepareOptions
+from timelit.data.prepare.records import LayoutError
+from timelit.data.prepare.run import PrepareError, prepare
+from timelit.data.prepare.verify import verify
 from timelit.data.shards import ShardIndex
-from timelit.data.verify import verify
 
 CLASSES = ["0", "1", "2"]
 TRUNCATED = "2/2_1.png"  # train image whose file is cut short
@@ -47,10 +49,16 @@ def folder(tmp_path: Path) -> dict[str, Path]:
     bad = source / "train" / TRUNCATED
     bad.write_bytes(bad.read_bytes()[:60])
     manifest = {
-        "name": "DIGITS", "role": "adapt", "task": "classification", "classnames": "../classnames/DIGITS.json",
-        "num_classes": 3, "prompt_templates": ["a photo of the digit {}."],
-        "splits": {"train": {"num_samples": 9}, "test": {"num_samples": 6}}, "source": {}, "license": "test data",
-    }  # fmt: skip
+        "name": "DIGITS",
+        "role": "adapt",
+        "task": "classification",
+        "classnames": "../classnames/DIGITS.json",
+        "num_classes": 3,
+        "prompt_templates": ["a photo of the digit {}."],
+        "splits": {"train": {"num_samples": 9}, "test": {"num_samples": 6}},
+        "source": {},
+        "license": "test data",
+    }
     (manifests / "datasets" / "DIGITS.yaml").write_text(yaml.safe_dump(manifest))
     (manifests / "classnames" / "DIGITS.json").write_text(json.dumps(CLASSES))
     (manifests / "pools" / "POOL.yaml").write_text(yaml.safe_dump({"name": "POOL", "num_samples": None}))
@@ -59,9 +67,17 @@ def folder(tmp_path: Path) -> dict[str, Path]:
 
 def _prepare(folder: dict[str, Path], **kwargs):
     return prepare(
-        str(folder["source"]), folder["data"], layout="imagefolder", datasets=["DIGITS"],
-        manifests=folder["manifests"], samples_per_shard=4, progress=False, **{"workers": 0, **kwargs},
-    )  # fmt: skip
+        PrepareOptions(
+            str(folder["source"]),
+            folder["data"],
+            layout="imagefolder",
+            datasets=["DIGITS"],
+            manifests=folder["manifests"],
+            samples_per_shard=4,
+            **{"workers": 0, **kwargs},
+        ),
+        progress=False,
+    )
 
 
 def test_a_truncated_image_stops_prepare_naming_its_source_file(folder):
@@ -77,9 +93,15 @@ def test_skip_bad_leaves_it_out_and_lists_it_in_a_report_and_the_summary(folder,
     with pytest.raises(PrepareError):
         _prepare(folder)
     prepare_command(
-        str(folder["source"]), str(folder["data"]), layout="imagefolder", datasets="DIGITS",  # one name, no brackets
-        manifests=str(folder["manifests"]), samples_per_shard=4, workers=0, skip_bad=True,
-    )  # fmt: skip
+        source=str(folder["source"]),
+        data_root=str(folder["data"]),
+        layout="imagefolder",
+        datasets="DIGITS",  # one name, no brackets
+        manifests=str(folder["manifests"]),
+        samples_per_shard=4,
+        workers=0,
+        skip_bad=True,
+    )
     out = capsys.readouterr().out
     source = folder["source"] / "train" / TRUNCATED
     assert f"DIGITS/train: skipped 1 bad image(s): {source}" in out  # the summary line
@@ -111,13 +133,18 @@ def test_a_class_folder_the_manifest_lacks_is_counted_in_images(folder):
 
 def test_layouts_of_one_dataset_take_a_name_without_brackets_and_say_so(folder):
     with pytest.raises(LayoutError, match=r"pass --datasets NAME"):
-        prepare(str(folder["source"]), folder["data"], layout="imagefolder", manifests=folder["manifests"])
+        prepare(
+            PrepareOptions(str(folder["source"]), folder["data"], layout="imagefolder", manifests=folder["manifests"])
+        )
 
 
 def test_a_forgotten_manifests_option_is_one_error_naming_the_fix(folder):
     _prepare(folder, skip_bad=True)
     with pytest.raises(ManifestError, match=r"^unknown dataset 'DIGITS' in .*\(the shipped FoMo-in-Flux set\)\. Pass "):
-        prepare(str(folder["source"]), folder["data"], layout="imagefolder", datasets="DIGITS", progress=False)
+        prepare(
+            PrepareOptions(str(folder["source"]), folder["data"], layout="imagefolder", datasets="DIGITS"),
+            progress=False,
+        )
     # verify against the shipped set: one line instead of a "not prepared" row for each of its 104 splits
     with pytest.raises(ManifestError, match=r"holds none of the 63 datasets .*\(it holds DIGITS\); pass --manifests"):
         verify(folder["data"])
@@ -154,7 +181,10 @@ def test_a_pool_reads_in_key_order_whatever_the_order_of_its_members(folder):
     for seed in (None, 1, 2):
         source, data = folder["root"] / f"pool_{seed}", folder["root"] / f"data_{seed}"
         _pool(source, seed)
-        prepare(str(source), data, layout="pool", datasets="POOL", manifests=folder["manifests"], progress=False)
+        prepare(
+            PrepareOptions(str(source), data, layout="pool", datasets="POOL", manifests=folder["manifests"]),
+            progress=False,
+        )
         runs[seed] = _pool_samples(data)
     assert [key for key, _, _ in runs[None]] == sorted(key for key, _, _ in runs[None])
     assert runs[1] == runs[None] and runs[2] == runs[None]  # the same samples, bytes and order
@@ -166,9 +196,13 @@ def test_a_bad_pool_image_is_named_by_its_url_or_left_out_of_the_index(folder):
     source = folder["root"] / "pool"
     _pool(source, 3, bad_key="000010003")
     with pytest.raises(PrepareError, match=r"POOL/train: bad image https://example.invalid/000010003.png: image does"):
-        prepare(str(source), folder["data"], layout="pool", datasets=["POOL"], manifests=folder["manifests"])
+        prepare(
+            PrepareOptions(str(source), folder["data"], layout="pool", datasets=["POOL"], manifests=folder["manifests"])
+        )
     results = prepare(
-        str(source), folder["data"], layout="pool", datasets=["POOL"], manifests=folder["manifests"], skip_bad=True
+        PrepareOptions(
+            str(source), folder["data"], layout="pool", datasets=["POOL"], manifests=folder["manifests"], skip_bad=True
+        )
     )
     assert results[0].samples == 9 and results[0].skipped[0][0] == "https://example.invalid/000010003.png"
     assert "000010003" not in [key for key, _, _ in _pool_samples(folder["data"])]

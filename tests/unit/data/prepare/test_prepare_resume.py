@@ -16,8 +16,9 @@ import pytest
 import yaml
 from PIL import Image
 
-import timelit.data.prepare as prepare_module
-from timelit.data.prepare import prepare
+import timelit.data.prepare.shard_jobs as shard_jobs
+from timelit.data.prepare.options import PrepareOptions
+from timelit.data.prepare.run import prepare
 from timelit.data.shards import ShardIndex, index_path
 
 CLASSES = ["circle", "square", "star"]
@@ -38,7 +39,7 @@ def release(tmp_path: Path) -> dict[str, Path]:
         "num_classes": len(CLASSES),
         "prompt_templates": ["a {} shape."],
         "splits": {"train": {"num_samples": 12}, "test": {"num_samples": 3}},
-        "source": {"test": "tests/unit/data/test_prepare_resume.py"},
+        "source": {"test": "tests/unit/data/prepare/test_prepare_resume.py"},
         "license": "test data",
     }
     (manifests / "datasets" / "SHAPES.yaml").write_text(yaml.safe_dump(manifest))
@@ -58,7 +59,9 @@ def release(tmp_path: Path) -> dict[str, Path]:
 
 def _run(release: dict[str, Path], data: Path, workers: int = 0) -> list:
     return prepare(
-        str(release["release"]), data, manifests=release["manifests"], samples_per_shard=PER_SHARD, workers=workers
+        PrepareOptions(
+            str(release["release"]), data, manifests=release["manifests"], samples_per_shard=PER_SHARD, workers=workers
+        )
     )
 
 
@@ -81,7 +84,7 @@ def _assert_same_as_uninterrupted(release: dict[str, Path], data: Path) -> None:
 
 def test_an_interrupted_prepare_resumes_without_rewriting_finished_shards(release, monkeypatch):
     data = release["root"] / "data"
-    write = prepare_module._write_dataset_shard
+    write = shard_jobs._write_dataset_shard
     calls = {"n": 0}
 
     def dies_on_the_fourth_shard(job):
@@ -92,7 +95,7 @@ def test_an_interrupted_prepare_resumes_without_rewriting_finished_shards(releas
             raise KeyboardInterrupt("killed")
         return write(job)
 
-    monkeypatch.setattr(prepare_module, "_write_dataset_shard", dies_on_the_fourth_shard)
+    monkeypatch.setattr(shard_jobs, "_write_dataset_shard", dies_on_the_fourth_shard)
     with pytest.raises(KeyboardInterrupt):
         _run(release, data)
     folder = data / "SHAPES"
@@ -100,7 +103,7 @@ def test_an_interrupted_prepare_resumes_without_rewriting_finished_shards(releas
     assert len(finished) == 3 and not index_path(folder, "train").exists()  # no index: the split reads as unprepared
     before = {path.name: _identity(path) for path in finished}
 
-    monkeypatch.setattr(prepare_module, "_write_dataset_shard", write)
+    monkeypatch.setattr(shard_jobs, "_write_dataset_shard", write)
     results = _run(release, data)
     status = {r.split: (r.status, r.samples, r.written) for r in results}
     train_done = sum(name.startswith("train") for name in before)
@@ -130,13 +133,15 @@ def test_a_deleted_shard_is_written_again(release):
 
 _CHILD = """
 import sys, time
-import timelit.data.prepare as p
-write = p._write_dataset_shard
+import timelit.data.prepare.shard_jobs as jobs
+from timelit.data.prepare.options import PrepareOptions
+from timelit.data.prepare.run import prepare
+write = jobs._write_dataset_shard
 def slow(job):
     write(job)
     time.sleep(0.4)
-p._write_dataset_shard = slow
-p.prepare(sys.argv[1], sys.argv[2], manifests=sys.argv[3], samples_per_shard=2, workers=2, progress=False)
+jobs._write_dataset_shard = slow
+prepare(PrepareOptions(sys.argv[1], sys.argv[2], manifests=sys.argv[3], samples_per_shard=2, workers=2), progress=False)
 """
 
 

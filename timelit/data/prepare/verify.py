@@ -33,7 +33,7 @@ from timelit.data.manifest import (
     load_manifests,
     names,
 )
-from timelit.data.prepare import read_plan, skipped_path
+from timelit.data.prepare.plans import read_plan, skipped_path
 from timelit.data.samples import decode as decode_sample
 from timelit.data.shard_sizes import shard_sizes
 from timelit.data.shards import CorruptSampleError, ShardIndex, index_path
@@ -191,7 +191,7 @@ def verify(
     decode: bool | float = False,
     seed: int = 0,
 ) -> list[SplitCheck]:
-    """Check `data_root`; returns one `SplitCheck` per split (see `verify_command`)."""
+    """Check `data_root`; returns one `SplitCheck` per split (see `timelit.commands.data.verify_command`)."""
     fraction = 1.0 if decode is True else float(decode or 0.0)
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"decode must be true/false or a fraction in [0, 1], got {decode}")
@@ -239,28 +239,3 @@ def format_checks(checks: list[SplitCheck]) -> str:
         extra = f", {decoded} images decoded" if decoded else ""
         lines += ["", f"all {len(checks)} split(s) ok{extra}"]
     return "\n".join(lines)
-
-
-def verify_command(
-    data_root: str,
-    manifests: str = "fomo_in_flux",
-    datasets: list[str] | str | None = None,
-    pools: list[str] | str | None = None,
-    decode: bool | float = False,
-    seed: int = 0,
-) -> None:
-    """Check prepared shards against the manifests; print one table; exit with status 1 if anything is wrong.
-
-    Args:
-        data_root: the folder of prepared shards (the data module's data_root).
-        manifests: the manifest set: fomo_in_flux (shipped) or a folder.
-        datasets: datasets to check, as NAME or [NAME,...] (default: every dataset of the manifest set).
-        pools: pretraining pools to check, as NAME or [NAME,...] (default: those present under DATA_ROOT; absent
-            ones are optional).
-        decode: also decode images: true for every image, or a fraction (0.05) for a seeded random sample.
-        seed: seed of the decoded sample.
-    """
-    checks = verify(data_root, manifests, datasets, pools, decode, seed)
-    print(format_checks(checks), flush=True)
-    if any(c.problems for c in checks):
-        raise SystemExit(1)

@@ -15,8 +15,9 @@ import yaml
 from PIL import Image
 from webdataset import TarWriter
 
-from timelit.data.layouts import LayoutError
-from timelit.data.prepare import PrepareError, prepare
+from timelit.data.prepare.options import PrepareOptions
+from timelit.data.prepare.records import LayoutError
+from timelit.data.prepare.run import PrepareError, prepare
 from timelit.data.samples import decode
 from timelit.data.shards import ShardIndex
 
@@ -38,7 +39,7 @@ def _dataset(root: Path, name: str, role: str, task: str, classes: list[str] | N
         "num_classes": len(classes) if classes else None,
         "prompt_templates": ["a photo of a {}." if classes else "{}"],
         "splits": splits,
-        "source": {"test": "tests/unit/data/test_prepare.py"},
+        "source": {"test": "tests/unit/data/prepare/test_prepare.py"},
         "license": "test data",
         **extra,
     }
@@ -108,12 +109,17 @@ def _samples(directory: Path, split: str) -> list[tuple[dict, object]]:
 
 def test_release_layout_keeps_labels_captions_and_image_bytes(bench):
     results = prepare(
-        str(bench["release"]), bench["data"], manifests=bench["manifests"], samples_per_shard=4, workers=0
+        PrepareOptions(
+            str(bench["release"]), bench["data"], manifests=bench["manifests"], samples_per_shard=4, workers=0
+        )
     )
     assert {(r.dataset, r.split, r.samples) for r in results} == {
-        ("FAKECLS", "train", 9), ("FAKECLS", "test", 6), ("FAKERET", "train", 4), ("FAKERET", "test", 4),
+        ("FAKECLS", "train", 9),
+        ("FAKECLS", "test", 6),
+        ("FAKERET", "train", 4),
+        ("FAKERET", "test", 4),
         ("FAKECOCO", "test", 3),
-    }  # fmt: skip
+    }
     metadata = json.loads((bench["release"] / "00_info" / "FAKECLS_train.json").read_text())
     samples = _samples(bench["data"] / "FAKECLS", "train")
     assert len(ShardIndex.load(bench["data"] / "FAKECLS", "train").shards) == 3  # 9 samples, 4 per shard
@@ -128,14 +134,24 @@ def test_release_layout_keeps_labels_captions_and_image_bytes(bench):
 
 
 def test_release_split_names_map_to_timelit_splits(bench):
-    prepare(str(bench["release"]), bench["data"], manifests=bench["manifests"], datasets=["FAKECLS"], workers=0)
+    prepare(
+        PrepareOptions(
+            str(bench["release"]), bench["data"], manifests=bench["manifests"], datasets=["FAKECLS"], workers=0
+        )
+    )
     refs = [s.meta["source_path"] for _, s in _samples(bench["data"] / "FAKECLS", "test")]
     assert refs and all(ref.startswith("images/val/") for ref in refs)
 
 
 def test_retrieval_sets_keep_every_caption_and_own_labels(bench):
     prepare(
-        str(bench["release"]), bench["data"], manifests=bench["manifests"], datasets=["FAKECOCO", "FAKERET"], workers=0
+        PrepareOptions(
+            str(bench["release"]),
+            bench["data"],
+            manifests=bench["manifests"],
+            datasets=["FAKECOCO", "FAKERET"],
+            workers=0,
+        )
     )
     samples = [s for _, s in _samples(bench["data"] / "FAKECOCO", "test")]
     assert [s.meta["label"] for s in samples] == [0, 1, 2]
@@ -154,23 +170,38 @@ def test_auto_variant_reads_the_resized_copy_when_it_exists(bench):
         _image(release / "FAKECLS" / "FAKECLS_val_224" / ref, (1, 2, 3), size=(8, 8))
         resized[f"FAKECLS_val_224/{ref}"] = entry
     (release / "00_info" / "FAKECLS_val_224.json").write_text(json.dumps(resized))
-    prepare(str(release), bench["data"], manifests=bench["manifests"], datasets=["FAKECLS"], splits=["test"], workers=0)
+    prepare(
+        PrepareOptions(
+            str(release), bench["data"], manifests=bench["manifests"], datasets=["FAKECLS"], splits=["test"], workers=0
+        )
+    )
     samples = [s for _, s in _samples(bench["data"] / "FAKECLS", "test")]
     assert all(s.meta["source_path"].startswith("FAKECLS_val_224/") and s.image.size == (8, 8) for s in samples)
     forced = bench["root"] / "forced"
     prepare(
-        str(release), forced, manifests=bench["manifests"], datasets=["FAKECLS"], splits=["test"], variant="original"
+        PrepareOptions(
+            str(release),
+            forced,
+            manifests=bench["manifests"],
+            datasets=["FAKECLS"],
+            splits=["test"],
+            variant="original",
+        )
     )
     assert all(s.image.size == (24, 16) for _, s in _samples(forced / "FAKECLS", "test"))
 
 
 def test_release_archives_are_read_in_place_and_give_the_same_shards(bench):
     from_folders = bench["root"] / "from_folders"
-    prepare(str(bench["release"]), from_folders, manifests=bench["manifests"], datasets=["FAKECLS"], workers=0)
+    prepare(
+        PrepareOptions(
+            str(bench["release"]), from_folders, manifests=bench["manifests"], datasets=["FAKECLS"], workers=0
+        )
+    )
     with tarfile.open(bench["release"] / "FAKECLS.tar", "w") as archive:  # as the pipeline's dataset.tar=True reads
         archive.add(bench["release"] / "FAKECLS", arcname="FAKECLS")
     shutil.rmtree(bench["release"] / "FAKECLS")
-    results = prepare(str(bench["release"]), bench["data"], manifests=bench["manifests"], workers=0)
+    results = prepare(PrepareOptions(str(bench["release"]), bench["data"], manifests=bench["manifests"], workers=0))
     assert {r.dataset for r in results} == {"FAKECLS", "FAKERET", "FAKECOCO"}
     assert all("from FAKECLS.tar" in r.notes[0] for r in results if r.dataset == "FAKECLS")
     for split in ("train", "test"):
@@ -183,9 +214,11 @@ def test_metadata_may_live_outside_the_release(bench):
     moved.parent.mkdir()
     (bench["release"] / "00_info").rename(moved)
     with pytest.raises(PrepareError, match=r"no metadata file FAKECLS_train\.json.*pass --metadata_dir"):
-        prepare(str(bench["release"]), bench["data"], manifests=bench["manifests"], workers=0)
+        prepare(PrepareOptions(str(bench["release"]), bench["data"], manifests=bench["manifests"], workers=0))
     results = prepare(
-        str(bench["release"]), bench["data"], manifests=bench["manifests"], metadata_dir=str(moved), workers=0
+        PrepareOptions(
+            str(bench["release"]), bench["data"], manifests=bench["manifests"], metadata_dir=str(moved), workers=0
+        )
     )
     assert len(results) == 5
 
@@ -199,7 +232,7 @@ def test_unknown_class_names_are_listed_together_and_nothing_is_written(bench):
     path.write_text(json.dumps(metadata))
     (bench["release"] / "FAKERET" / "sketches" / "test" / "sea1.jpg").unlink()
     with pytest.raises(PrepareError) as caught:
-        prepare(str(bench["release"]), bench["data"], manifests=bench["manifests"], workers=0)
+        prepare(PrepareOptions(str(bench["release"]), bench["data"], manifests=bench["manifests"], workers=0))
     message = str(caught.value)
     assert "'kat'" in message and "did you mean 'cat'" in message and "'wolf'" in message
     assert "sea1.jpg" in message  # the missing image of another dataset, reported in the same error
@@ -212,7 +245,7 @@ def test_counts_that_differ_from_the_manifest_fail_after_writing(bench):
     manifest["splits"]["test"]["num_samples"] = 5
     manifest_path.write_text(yaml.safe_dump(manifest))
     with pytest.raises(PrepareError, match=r"FAKECOCO/test: 3 samples, the manifest states 5"):
-        prepare(str(bench["release"]), bench["data"], manifests=bench["manifests"], workers=0)
+        prepare(PrepareOptions(str(bench["release"]), bench["data"], manifests=bench["manifests"], workers=0))
 
 
 def test_imagefolder_layout_maps_folder_names_to_the_class_list(bench):
@@ -222,7 +255,9 @@ def test_imagefolder_layout_maps_folder_names_to_the_class_list(bench):
             for i in range(count):
                 _image(source / split / name.replace("/", "-") / "sub" / f"{i}.png", COLOURS[name])
     results = prepare(
-        str(source), bench["data"], layout="imagefolder", datasets=["FAKECLS"], manifests=bench["manifests"]
+        PrepareOptions(
+            str(source), bench["data"], layout="imagefolder", datasets=["FAKECLS"], manifests=bench["manifests"]
+        )
     )
     assert sorted((r.split, r.samples) for r in results) == [("test", 3), ("train", 6)]
     samples = [s for _, s in _samples(bench["data"] / "FAKECLS", "train")]
@@ -236,7 +271,11 @@ def test_imagefolder_rejects_unknown_class_folders(bench):
     _image(source / "train" / "cat" / "0.png", (0, 0, 0))
     _image(source / "train" / "cow" / "0.png", (0, 0, 0))
     with pytest.raises(PrepareError, match=r"'cow'"):
-        prepare(str(source), bench["data"], layout="imagefolder", datasets=["FAKECLS"], manifests=bench["manifests"])
+        prepare(
+            PrepareOptions(
+                str(source), bench["data"], layout="imagefolder", datasets=["FAKECLS"], manifests=bench["manifests"]
+            )
+        )
 
 
 def test_csv_layout_groups_captions_per_image_and_reads_labels(bench):
@@ -248,7 +287,11 @@ def test_csv_layout_groups_captions_per_image_and_reads_labels(bench):
         writer.writerow(["path", "caption"])
         for i in (0, 1, 2, 0, 1):
             writer.writerow([f"img/{i}.jpg", f"a caption, number {i}"])
-    prepare(str(source / "test.csv"), bench["data"], layout="csv", datasets=["FAKECOCO"], manifests=bench["manifests"])
+    prepare(
+        PrepareOptions(
+            str(source / "test.csv"), bench["data"], layout="csv", datasets=["FAKECOCO"], manifests=bench["manifests"]
+        )
+    )
     samples = [s for _, s in _samples(bench["data"] / "FAKECOCO", "test")]
     assert [s.meta["label"] for s in samples] == [0, 1, 2]
     assert samples[0].captions == ["a caption, number 0", "a caption, number 0"]
@@ -258,7 +301,14 @@ def test_csv_layout_groups_captions_per_image_and_reads_labels(bench):
             [["img/0.jpg", "a cat", "cat"], ["img/1.jpg", "a dog", "1"], ["img/2.jpg", "x", "2"]]
         )
     prepare(
-        str(source), bench["data"], layout="csv", datasets=["FAKECLS"], splits=["train"], manifests=bench["manifests"]
+        PrepareOptions(
+            str(source),
+            bench["data"],
+            layout="csv",
+            datasets=["FAKECLS"],
+            splits=["train"],
+            manifests=bench["manifests"],
+        )
     )
     assert [s.meta["label"] for _, s in _samples(bench["data"] / "FAKECLS", "train")] == [0, 1, 2]
 
@@ -268,7 +318,9 @@ def test_csv_layout_reports_every_bad_row(bench):
     _image(source / "a.png", (0, 0, 0))
     (source / "train.csv").write_text("a.png,one,cat\na.png,two,dog\nmissing.png,three,cat\nb.png\n")
     with pytest.raises(PrepareError) as caught:
-        prepare(str(source), bench["data"], layout="csv", datasets=["FAKECLS"], manifests=bench["manifests"])
+        prepare(
+            PrepareOptions(str(source), bench["data"], layout="csv", datasets=["FAKECLS"], manifests=bench["manifests"])
+        )
     message = str(caught.value)
     assert "label 1 here but 0" in message and "missing.png" in message and "line 4" in message
 
@@ -278,7 +330,14 @@ def test_resize_shrinks_large_images_and_keeps_small_ones(bench):
     _image(source / "train" / "cat" / "big.jpg", COLOURS["cat"], size=(300, 200), fmt="JPEG")
     _image(source / "train" / "dog" / "small.png", COLOURS["dog"], size=(20, 10))
     prepare(
-        str(source), bench["data"], layout="imagefolder", datasets=["FAKECLS"], manifests=bench["manifests"], resize=64
+        PrepareOptions(
+            str(source),
+            bench["data"],
+            layout="imagefolder",
+            datasets=["FAKECLS"],
+            manifests=bench["manifests"],
+            resize=64,
+        )
     )
     (big_raw, big), (small_raw, _) = _samples(bench["data"] / "FAKECLS", "train")
     assert big.image.size == (96, 64) and "jpg" in big_raw
@@ -288,15 +347,21 @@ def test_resize_shrinks_large_images_and_keeps_small_ones(bench):
 def test_formats_outside_jpg_png_webp_are_stored_as_png(bench):
     source = bench["root"] / "folder"
     _image(source / "train" / "cat" / "0.bmp", COLOURS["cat"], fmt="BMP")
-    prepare(str(source), bench["data"], layout="imagefolder", datasets=["FAKECLS"], manifests=bench["manifests"])
+    prepare(
+        PrepareOptions(
+            str(source), bench["data"], layout="imagefolder", datasets=["FAKECLS"], manifests=bench["manifests"]
+        )
+    )
     ((raw, sample),) = _samples(bench["data"] / "FAKECLS", "train")
     assert "png" in raw and sample.image.getpixel((3, 3)) == COLOURS["cat"]
 
 
 def test_worker_processes_write_the_same_shards_as_one_process(bench):
     serial, parallel = bench["root"] / "serial", bench["root"] / "parallel"
-    prepare(str(bench["release"]), serial, manifests=bench["manifests"], samples_per_shard=2, workers=0)
-    prepare(str(bench["release"]), parallel, manifests=bench["manifests"], samples_per_shard=2, workers=2)
+    prepare(PrepareOptions(str(bench["release"]), serial, manifests=bench["manifests"], samples_per_shard=2, workers=0))
+    prepare(
+        PrepareOptions(str(bench["release"]), parallel, manifests=bench["manifests"], samples_per_shard=2, workers=2)
+    )
     files = sorted(p.relative_to(serial) for p in serial.rglob("*.tar"))
     assert len(files) == 14
     assert all((serial / f).read_bytes() == (parallel / f).read_bytes() for f in files)
@@ -306,24 +371,40 @@ def test_worker_processes_write_the_same_shards_as_one_process(bench):
 
 
 def test_a_rerun_with_other_settings_needs_overwrite(bench):
-    prepare(str(bench["release"]), bench["data"], manifests=bench["manifests"], datasets=["FAKECOCO"], workers=0)
+    prepare(
+        PrepareOptions(
+            str(bench["release"]), bench["data"], manifests=bench["manifests"], datasets=["FAKECOCO"], workers=0
+        )
+    )
     with pytest.raises(PrepareError, match=r"FAKECOCO/test: .*different source or with other settings.*--overwrite"):
         prepare(
+            PrepareOptions(
+                str(bench["release"]),
+                bench["data"],
+                manifests=bench["manifests"],
+                datasets=["FAKECOCO"],
+                samples_per_shard=1,
+            )
+        )
+    prepare(
+        PrepareOptions(
             str(bench["release"]),
             bench["data"],
             manifests=bench["manifests"],
             datasets=["FAKECOCO"],
             samples_per_shard=1,
+            overwrite=True,
         )
-    prepare(
-        str(bench["release"]), bench["data"], manifests=bench["manifests"], datasets=["FAKECOCO"], samples_per_shard=1,
-        overwrite=True,
-    )  # fmt: skip
+    )
     assert len(ShardIndex.load(bench["data"] / "FAKECOCO", "test").shards) == 3
 
 
 def test_index_is_readable_like_the_shards(bench):
-    prepare(str(bench["release"]), bench["data"], manifests=bench["manifests"], datasets=["FAKECOCO"], workers=0)
+    prepare(
+        PrepareOptions(
+            str(bench["release"]), bench["data"], manifests=bench["manifests"], datasets=["FAKECOCO"], workers=0
+        )
+    )
     folder = bench["data"] / "FAKECOCO"
     shard_mode = (folder / "test-000000.tar").stat().st_mode & 0o777
     assert (folder / "test.index.safetensors").stat().st_mode & 0o777 == shard_mode
@@ -361,12 +442,16 @@ def test_img2dataset_pool_is_indexed_in_place(bench):
     source = bench["root"] / "laion" / "shards"
     captions = _img2dataset_shards(source, 2, 3)
     before = sorted(p.name for p in source.iterdir())
-    results = prepare(str(source), bench["data"], layout="pool", datasets=["FAKEPOOL"], manifests=bench["manifests"])
+    results = prepare(
+        PrepareOptions(str(source), bench["data"], layout="pool", datasets=["FAKEPOOL"], manifests=bench["manifests"])
+    )
     assert results[0].samples == 6 and results[0].status == "prepared"
     assert sorted(p.name for p in source.iterdir()) == before  # the user's folder is left alone
     index = ShardIndex.load(bench["data"] / "FAKEPOOL", "train")
     assert [decode(index.read(i)).caption for i in range(len(index))] == captions
-    again = prepare(str(source), bench["data"], layout="pool", datasets=["FAKEPOOL"], manifests=bench["manifests"])
+    again = prepare(
+        PrepareOptions(str(source), bench["data"], layout="pool", datasets=["FAKEPOOL"], manifests=bench["manifests"])
+    )
     assert again[0].status == "up to date"
 
 
@@ -375,7 +460,11 @@ def test_pool_shard_patterns_are_copied_into_local_shards(bench):
     source = bench["root"] / "remote"
     captions = _img2dataset_shards(source, 2, 2)
     pattern = str(source / "{00000..00001}.tar")
-    prepare(pattern, bench["data"], layout="pool", datasets=["FAKEPOOL"], manifests=bench["manifests"], workers=0)
+    prepare(
+        PrepareOptions(
+            pattern, bench["data"], layout="pool", datasets=["FAKEPOOL"], manifests=bench["manifests"], workers=0
+        )
+    )
     folder = bench["data"] / "FAKEPOOL"
     assert (folder / "train-000001.tar").read_bytes() == (source / "00001.tar").read_bytes()
     index = ShardIndex.load(folder, "train")
@@ -387,10 +476,12 @@ def test_pool_count_differences_only_warn(bench):
     _with_pool(bench, 100)
     source = bench["root"] / "laion"
     _img2dataset_shards(source, 1, 2)
-    results = prepare(str(source), bench["data"], layout="pool", datasets=["FAKEPOOL"], manifests=bench["manifests"])
+    results = prepare(
+        PrepareOptions(str(source), bench["data"], layout="pool", datasets=["FAKEPOOL"], manifests=bench["manifests"])
+    )
     assert results[0].samples == 2 and "the manifest states 100" in " ".join(results[0].notes)
 
 
 def test_layouts_other_than_release_take_exactly_one_dataset(bench):
     with pytest.raises(LayoutError, match=r"prepares one dataset"):
-        prepare(str(bench["root"]), bench["data"], layout="imagefolder", manifests=bench["manifests"])
+        prepare(PrepareOptions(str(bench["root"]), bench["data"], layout="imagefolder", manifests=bench["manifests"]))

@@ -8,14 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from timelit.commands.data import stream_command
 from timelit.data.manifest import ManifestError, load_manifests
-from timelit.data.stream_tools import (
-    check_stream,
-    dataset_incremental_order,
-    generate_stream,
-    stream_command,
-    write_stream,
-)
+from timelit.data.prepare.stream_files import check_stream, dataset_incremental_order, generate_stream, write_stream
 from timelit.data.streams import chunk, load_stream
 
 CLASSES = {
@@ -39,7 +34,7 @@ def manifests(tmp_path: Path):
             "num_classes": len(classes),
             "prompt_templates": ["a photo of a {}."],
             "splits": {"train": {}, "test": {}},
-            "source": {"test": "tests/unit/data/test_stream_tools.py"},
+            "source": {"test": "tests/unit/data/prepare/test_stream_files.py"},
             "license": "test data",
         }
         (root / "datasets" / f"{name}.yaml").write_text(yaml.safe_dump(manifest))

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from timelit.data import synth
 from timelit.data.manifest import load_manifests
+from timelit.data.synth import benchmark as synth
 
 MICRO = "timelit-micro-ViT"
 
@@ -66,7 +66,7 @@ def _shard_bytes(root: Path, dataset: str) -> dict[str, bytes]:
 
 def test_the_generator_is_a_function_of_its_seed_and_sizes_share_their_datasets(tmp_path, monkeypatch):
     # Data only (the base model's training is the same code for every size and seed): the drawing is what varies.
-    monkeypatch.setattr("timelit.data.synth_base.train_base", lambda *a, **k: {})
+    monkeypatch.setattr("timelit.data.synth.base_model.train_base", lambda *a, **k: {})
     quick = synth.synthesize(tmp_path / "a", scale=0.02)
     again = synth.synthesize(tmp_path / "b", scale=0.02)
     science = synth.synthesize(tmp_path / "c", scale=0.02, size="science")
@@ -120,7 +120,7 @@ def test_a_second_writer_waits_for_the_first_instead_of_clearing_its_half_writte
     root = tmp_path / "quickstart"
     second = (
         "import logging; logging.basicConfig(level=logging.INFO)\n"
-        "from timelit.data import synth\n"
+        "from timelit.data.synth import benchmark as synth\n"
         f"synth.synthesize({str(root)!r}, scale=0.02, base_model={MICRO!r}, base_steps=2)\n"
     )
     with synth._writer_lock(root):  # this test is the first writer

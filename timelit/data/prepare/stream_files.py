@@ -1,6 +1,6 @@
 """Stream generators: the concept orders researchers use, written in the FoMo-in-Flux stream format.
 
-    python -c "from timelit.data.stream_tools import stream_command; stream_command('my_stream.json', 'random', seed=3)"
+    timelit data stream --out my_stream.json --ordering random --seed 3
 
 A stream is a JSON list of `DATASET+++classname` concepts (`timelit.data.streams`); the data module cuts it into T
 contiguous tasks. The orderings:
@@ -27,7 +27,7 @@ from typing import Literal
 
 from timelit.atomic import write_text
 from timelit.data.manifest import ManifestError, ManifestSet, load_manifests
-from timelit.data.streams import SEPARATOR, Concept, chunk, parse_concepts, resolve
+from timelit.data.streams import SEPARATOR, Concept, parse_concepts, resolve
 
 Ordering = Literal["random", "dataset_incremental", "class_incremental"]
 
@@ -177,42 +177,3 @@ def write_stream(entries: list[str], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, json.dumps(entries, indent=0, ensure_ascii=False) + "\n")
     return path
-
-
-def stream_command(
-    out: str,
-    ordering: Ordering = "random",
-    manifests: str = "fomo_in_flux",
-    seed: int = 0,
-    datasets: list[str] | None = None,
-    dataset_order: list[str] | None = None,
-    universe: str | None = None,
-    shuffle_classes: bool = False,
-    num_tasks: int | None = None,
-) -> None:
-    """Write a stream of concepts (FoMo-in-Flux JSON format) in one of the standard orderings.
-
-    Use it with `--data.stream OUT` (a path) or copy it into a manifest set's streams/ folder.
-
-    Args:
-        out: the JSON file to write.
-        ordering: random (seeded), dataset_incremental (datasets one after another), or class_incremental (every
-            dataset's classes spread evenly over the stream).
-        manifests: the manifest set: fomo_in_flux (shipped) or a folder.
-        seed: seed of every shuffle (dataset_incremental: of the dataset order unless DATASET_ORDER is given, and of
-            the classes with SHUFFLE_CLASSES); the same arguments always write the same stream.
-        datasets: adaptation datasets to include (default: all of them, or those of DATASET_ORDER).
-        dataset_order: explicit dataset order for dataset_incremental / class_incremental; with DATASETS it must
-            list exactly the same datasets.
-        universe: take the concepts of this stream (e.g. random_sequence_1) instead of every class of the datasets.
-        shuffle_classes: dataset_incremental: shuffle the classes within each dataset.
-        num_tasks: also print the datasets of each of this many tasks.
-    """
-    entries = generate_stream(ordering, manifests, seed, datasets, dataset_order, universe, shuffle_classes)
-    path = write_stream(entries, out)
-    datasets_seen = list(dict.fromkeys(e.split(SEPARATOR, 1)[0] for e in entries))
-    print(f"{path}: {len(entries)} concepts from {len(datasets_seen)} datasets ({ordering})")
-    if num_tasks:
-        for task, concepts in enumerate(chunk(entries, num_tasks)):
-            names = list(dict.fromkeys(e.split(SEPARATOR, 1)[0] for e in concepts))
-            print(f"  task {task:>3}: {len(concepts):>5} concepts, {len(names):>2} datasets: {', '.join(names[:6])}")

@@ -25,19 +25,19 @@ one's own datasets with the benchmark's.
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import yaml
 
 from timelit.atomic import write_text
-from timelit.data.layouts import IMAGE_SUFFIXES, LayoutError
-from timelit.data.manifest import ManifestError, ManifestSet, load_manifests, names, resolve_manifest_root
+from timelit.data.manifest import ManifestError, ManifestSet, load_manifests, resolve_manifest_root
+from timelit.data.prepare.csv_files import scan_csv
+from timelit.data.prepare.imagefolder import scan_imagefolder
+from timelit.data.prepare.records import Found, LayoutError
 from timelit.data.streams import SEPARATOR, chunk
 
 QUICKSTART = "~/.cache/timelit/quickstart"
@@ -50,22 +50,6 @@ SUBFOLDERS = ("datasets", "classnames", "streams", "pools")
 NewLayout = Literal["auto", "imagefolder", "csv"]
 
 
-def natural_key(name: str) -> list[int | str]:
-    """Sort key that orders numbers by value: class folders 0, 1, 2, ..., 10 rather than 0, 1, 10, 2."""
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
-
-
-@dataclass
-class Found:
-    """What a source holds: its layout, class names (None: a CSV without labels, a retrieval set) and the image count
-    of every split."""
-
-    layout: Literal["imagefolder", "csv"]
-    classnames: list[str] | None
-    counts: dict[str, int]
-    notes: list[str] = field(default_factory=list)
-
-
 def shown(path: Path) -> str:
     """A path as printed: relative to the working directory when it lies below it (what the user typed), else
     from ~ when it lies in the home folder."""
@@ -75,68 +59,6 @@ def shown(path: Path) -> str:
         except ValueError:
             continue
     return str(path)
-
-
-def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
-
-
-def scan_imagefolder(root: Path) -> Found:
-    """`<root>/<split>/<class>/<image>`: the classes of every split together, and the images per split (counted as
-    `timelit data prepare --layout imagefolder` reads them: image files anywhere under a class folder)."""
-    splits = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    counts: dict[str, int] = {}
-    classes: set[str] = set()
-    loose = sorted(p.name for p in root.iterdir() if _is_image(p))
-    for split in splits:
-        class_dirs = [p for p in split.iterdir() if p.is_dir() and not p.name.startswith(".")]
-        images = {c.name: sum(1 for p in c.rglob("*") if _is_image(p)) for c in class_dirs}
-        if not any(images.values()):
-            continue
-        counts[split.name] = sum(images.values())
-        classes.update(name for name, count in images.items() if count)
-    if not counts:
-        hint = f" (it holds {len(loose)} images directly: put them in <split>/<class>/ folders)" if loose else ""
-        raise LayoutError(
-            f"{root}: no images in <split>/<class>/ folders{hint}; an image folder is "
-            f"<source>/train/<class>/<image> and <source>/test/<class>/<image>"
-        )
-    return Found("imagefolder", sorted(classes, key=natural_key), counts)
-
-
-def _csv_rows(path: Path) -> list[tuple[int, str, str]]:
-    """(line, image path, label cell) of every row `path,caption[,label]`; an optional header row starts `path`."""
-    rows = []
-    with path.open(newline="", encoding="utf-8") as handle:
-        for line, row in enumerate(csv.reader(handle), start=1):
-            if not row or (line == 1 and row[0].strip().lower() == "path"):
-                continue
-            if len(row) < 2 or not row[0].strip() or not row[1].strip():
-                raise LayoutError(f"{path}: line {line}: expected path,caption[,label], got {row!r}")
-            rows.append((line, row[0].strip(), row[2].strip() if len(row) > 2 else ""))
-    if not rows:
-        raise LayoutError(f"{path}: no rows (expected path,caption[,label])")
-    return rows
-
-
-def scan_csv(files: dict[str, Path]) -> Found:
-    """CSV files per split: the label column's names as classes (all rows labelled, or none: a retrieval set whose
-    images are their own labels), and the distinct images per split (rows of one path are one image's captions)."""
-    counts: dict[str, int] = {}
-    labels: set[str] = set()
-    unlabelled: list[str] = []
-    for split, path in files.items():
-        rows = _csv_rows(path)
-        counts[split] = len({ref for _, ref, _ in rows})
-        labels.update(cell for _, _, cell in rows if cell)
-        unlabelled += [f"{path.name} line {line}" for line, _, cell in rows if not cell]
-    if labels and unlabelled:
-        raise LayoutError(
-            f"{len(unlabelled)} row(s) have no label while others do (e.g. {unlabelled[0]}); label every row "
-            f"path,caption,label, or none for a retrieval set"
-        )
-    classes = sorted(labels, key=natural_key) if labels else None
-    return Found("csv", classes, counts)
 
 
 def scan_source(source: Path, layout: NewLayout, role: str) -> Found:
@@ -344,7 +266,7 @@ def new_dataset(
     image_root: str | None = None,
     overwrite: bool = False,
 ) -> list[str]:
-    """Write or extend the manifest set `out` (see `new_command`); returns the lines to print."""
+    """Write or extend the manifest set `out` (see `timelit.commands.data.new_command`); returns the lines to print."""
     out = Path(out).expanduser().resolve()
     if not NAME_PATTERN.match(name) or SEPARATOR in name:
         raise ManifestError(
@@ -424,7 +346,7 @@ def new_dataset(
         write_text(stream_path, json.dumps(entries, indent=0, ensure_ascii=False) + "\n")
     manifest_set = load_manifests(out)  # the set as a run will read it: any mistake shows here, not at fit time
     if entries:
-        from timelit.data.stream_tools import check_stream
+        from timelit.data.prepare.stream_files import check_stream
 
         check_stream(str(stream_path), manifest_set)
         tasks = num_tasks if num_tasks is not None else min(_previous_tasks(out) or 4, len(entries))
@@ -450,56 +372,3 @@ def new_dataset(
             f"timelit fit --config quickstart.yaml --config {shown(out / FIT_CONFIG)}",
         ]
     return lines + ["next:"] + [f"  {step}" for step in next_steps]
-
-
-def new_command(
-    name: str,
-    out: str,
-    source: str | None = None,
-    layout: NewLayout = "auto",
-    role: Literal["adapt", "eval"] = "adapt",
-    prompt: str = DEFAULT_PROMPT,
-    held_out: list[str] | str | None = None,
-    quickstart: str = QUICKSTART,
-    num_tasks: int | None = None,
-    image_root: str | None = None,
-    overwrite: bool = False,
-) -> None:
-    """Write the manifest set of your own dataset (from an image folder or CSV), ready to prepare and run.
-
-    Writes OUT/datasets/NAME.yaml (classes, image counts, a prompt template to edit), OUT/classnames/NAME.json,
-    OUT/streams/stream.json (the classes of every adaptation dataset of OUT, cut into NUM_TASKS tasks by the run)
-    and OUT/fit.yaml, then prints the prepare, verify and fit commands. Run it again with another NAME to add a
-    dataset; without SOURCE, NAME is copied from the shipped FoMo-in-Flux set or the quickstart. docs/own_data.md
-    walks through it.
-
-    Args:
-        name: the dataset's name (files, shard folder, stream concepts NAME+++class).
-        out: the manifest set's folder, created or extended; prepared shards go there too.
-        source: an image folder (<split>/<class>/<image>, with train/ and test/), a folder of <split>.csv files or
-            one CSV (rows path,caption[,label]); none: copy NAME from FoMo-in-Flux or the quickstart.
-        layout: how SOURCE is organised (auto: CSV files, else an image folder).
-        role: adapt (streamed and trained on; A_KA) or eval (held out; A_ZS, needs only a test split).
-        prompt: the zero-shot prompt, '{}' = class name (edit it in the YAML later).
-        held_out: held-out sets to evaluate zero-shot retention on, as NAME or [NAME,...]: quickstart (its held-out
-            sets and pretraining pool, linked) or dataset names from the quickstart or FoMo-in-Flux.
-        quickstart: the quickstart benchmark's folder (`timelit data synth` writes it).
-        num_tasks: tasks the stream is cut into, in OUT/fit.yaml (default: the number there, else 4; never more than
-            the stream's concepts).
-        image_root: csv: folder that relative image paths start from (default: the CSV's folder).
-        overwrite: write NAME again when OUT has it already.
-    """
-    for line in new_dataset(
-        name,
-        out,
-        source,
-        layout,
-        role,
-        prompt,
-        names(held_out),
-        quickstart,
-        num_tasks,
-        image_root,
-        overwrite,
-    ):
-        print(line)
