@@ -4,14 +4,14 @@ alternates the two step by step inside one fit so that both see the same machine
     python bench/train_overhead.py --quick
 
 * `fit_args(...)` are the arguments of `timelit fit --config quickstart.yaml` with the data, model and run folder
-  of the benchmark; `timelit.cli.run_lightning` turns them into the Trainer with TimeMerge, ComputeBudget,
+  of the benchmark; `timelit.commands.cli.run_lightning` turns them into the Trainer with TimeMerge, ComputeBudget,
   TaskResults, StreamCheckpoint and Preemption, exactly as a user's command does.
 * `InMemoryTimeData` is TimeDataModule whose training loaders serve batches built once by the real pipeline
   (`task_batches`), so a step costs the model's work and Lightning's, and no decoding (or, with
   `serve_from_memory: false`, the real shard loaders, keeping the cache for the plain loop).
 * `PlainLoop` is the same training step written as a reader of nanoGPT would: forward, open_clip's ClipLoss,
   backward, gradient clipping at 1.0, AdamW with the same parameter groups and hyperparameters, warm-up + cosine.
-  It imports torch and open_clip only (timelit.clip just registers the tiny model configs).
+  It imports torch and open_clip only (timelit.training.clip just registers the tiny model configs).
 * `SideBySide` runs blocks of plain steps between blocks of timelit's steps, on the same batches, and times each
   step of both. A timelit step is the time from one `on_train_batch_end` to the next, less the plain block, so it
   holds everything a step of `timelit fit` does: data fetch, every hook, logging, the optimizer step, checkpoints.
@@ -141,7 +141,7 @@ def fit_args(
 
 def run_fit(args: list[str]) -> Any:
     """`timelit fit ARGS` in this process; returns the LightningCLI (its trainer holds the callbacks)."""
-    from timelit.cli import run_lightning
+    from timelit.commands.cli import run_lightning
 
     return run_lightning(args)
 
@@ -168,7 +168,7 @@ def plain_optimizer(
     fused: bool,
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW without decay on gains, biases and logit_scale, and warm-up + cosine restarted every task, written
-    without timelit's code (timelit.optim is what is being measured against)."""
+    without timelit's code (timelit.training.optim is what is being measured against)."""
     exempt = {n for n, p in model.named_parameters() if p.ndim < 2 or "logit_scale" in n}
     decay = [p for n, p in model.named_parameters() if n not in exempt]
     no_decay = [p for n, p in model.named_parameters() if n in exempt]
@@ -196,7 +196,7 @@ class PlainLoop:
     ):
         from open_clip.loss import ClipLoss
 
-        from timelit.clip import build_clip
+        from timelit.training.clip import build_clip
 
         self.model = build_clip(model_name).model.to(device)
         if weights is not None:
@@ -252,8 +252,8 @@ class BareLightning(L.LightningModule):
         super().__init__()
         from open_clip.loss import ClipLoss
 
-        from timelit.clip import build_clip
         from timelit.data.datamodule import Preprocessing
+        from timelit.training.clip import build_clip
 
         self.save_hyperparameters(ignore=["weights"])  # SideBySide builds its PlainLoop from these
         bundle = build_clip(model_name)
@@ -388,15 +388,15 @@ def _synchronised(pl_module: Any) -> float:
 
 
 def _seed_step_before(seed: int) -> None:
-    """CLIPFineTuner.on_train_batch_start's seeding before timelit.seeding: torch.manual_seed, which on a process
-    without CUDA queues a lazy seeding call per device type with `traceback.format_stack()`."""
+    """CLIPFineTuner.on_train_batch_start's seeding before timelit.training.seeding: torch.manual_seed, which on a
+    process without CUDA queues a lazy seeding call per device type with `traceback.format_stack()`."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
 def _every_step(trainer: Any) -> bool:
-    """`reaches_logger` before the fix (timelit.lightning_internals): every step logs every scalar."""
+    """`reaches_logger` before the fix (timelit.training.lightning_internals): every step logs every scalar."""
     return True
 
 
@@ -412,9 +412,9 @@ class BeforeFixes:
 
     * `seeding`: every sample's augmentation seed goes through `torch.manual_seed` (timelit.data.loaders'
       `seed_torch_cpu`), and every step's seed through random.seed, np.random.seed and `torch.manual_seed`
-      (timelit.model's `seed_step`);
+      (timelit.training.model's `seed_step`);
     * `logging`: CLIPFineTuner.training_step and ComputeBudget.on_train_batch_end log their scalars at every step
-      (`reaches_logger` is always true in timelit.model and timelit.callbacks.budget);
+      (`reaches_logger` is always true in timelit.training.model and timelit.training.callbacks.budget);
     * `tar`: ShardIndex.read opens every sample with tarfile (`tar_members` in timelit.data.shards returns None).
     """
 
@@ -427,10 +427,10 @@ class BeforeFixes:
         setattr(module, name, value)
 
     def __enter__(self) -> BeforeFixes:
-        import timelit.callbacks.budget as budget
         import timelit.data.loaders as loaders
         import timelit.data.shards as shards
-        import timelit.model as model
+        import timelit.training.callbacks.budget as budget
+        import timelit.training.model as model
 
         if self.seeding:
             self._patch(loaders, "seed_torch_cpu", torch.manual_seed)

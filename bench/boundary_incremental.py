@@ -53,7 +53,7 @@ MODES = ("full", "incremental")
 
 def prepare_state(protocol: dict[str, Any], base: dict, experts: list[Path], hashes: list[str], path: Path) -> float:
     """The running state of the experts before the boundary, as the previous boundary would have left it."""
-    from timelit.protocol import fold_all
+    from timelit.training.protocol import fold_all
 
     began = time.perf_counter()
     fold_all(base, [str(p) for p in experts], hashes, protocol["technique"], protocol["hparams"], None, path)
@@ -64,8 +64,8 @@ def boundary(
     protocol: dict[str, Any], mode: str, n: int, experts: Path, hashes: list[str], state: Path, work: Path, module: Any
 ) -> tuple[float, str]:
     """Seconds of the boundary of task n - 1 (n experts after it) in `mode`, and the sha256 of its `all` file."""
-    import timelit.callbacks.time_merge as tm
-    import timelit.protocol as rules
+    import timelit.training.callbacks.time_merge as tm
+    import timelit.training.protocol as rules
 
     store = work / "store"
     shutil.rmtree(store, ignore_errors=True)
@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
     import torch
 
-    from timelit.clip import build_clip
     from timelit.merging import save_weights
+    from timelit.training.clip import build_clip
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -13,8 +13,9 @@ the parent after fork are counted once). The configurations alternate and repeat
 1. Throughput with 0, 1, 2, 4 workers on the quickstart, against the samples per second the quickstart's model
    consumes (plain training steps, the same torch threads), and side by side with timelit's pipeline as it was
    before its two fixes, monkeypatched back in by `_fit.BeforeFixes`: `torch.manual_seed` for every sample's
-   augmentation seed (now `timelit.seeding.seed_torch_cpu`), and tarfile opening every sample in ShardIndex.read
-   (now `timelit.data.tar_members`); also with only the tar fix undone, to split the gain between the two.
+   augmentation seed (now `timelit.training.seeding.seed_torch_cpu`), and tarfile opening every sample in
+   ShardIndex.read (now `timelit.data.tar_members`); also with only the tar fix undone, to split the gain between the
+   two.
 2. Memory as shards and tasks grow: a copy of the quickstart with every split written 10 times (10x samples and
    shards, by ShardWriter), streams cut into 4 and 40 tasks; the last task replays all earlier ones. A second
    check iterates every task of the 40 in one process and records memory after each.
@@ -76,8 +77,8 @@ def _before_fixes(undone: list[str]) -> Any:
 
 
 def _preprocessing(model: str) -> Any:
-    from timelit.clip import build_clip
     from timelit.data.datamodule import Preprocessing
+    from timelit.training.clip import build_clip
 
     bundle = build_clip(model, device="meta")  # transforms and tokenizer only; no weights are allocated
     return Preprocessing(bundle.train_transform, bundle.eval_transform, bundle.tokenizer)
@@ -289,9 +290,9 @@ def measure_side_by_side(spec: dict[str, Any]) -> dict[str, Any]:
     import webdataset as wds
     from PIL import Image
 
-    from timelit.clip import build_clip
     from timelit.data.device_images import CachedTokenizer, DeviceTransform, decode_pixels
     from timelit.data.shards import ShardIndex
+    from timelit.training.clip import build_clip
 
     torch.set_num_threads(1)
     bundle = build_clip(spec["model"], device="meta")
@@ -694,7 +695,7 @@ def memory_scaling(args: argparse.Namespace, root: Path, model: str, tmp: Path) 
 
 
 def hires(args: argparse.Namespace, root: Path, tmp: Path) -> dict[str, Any]:
-    from timelit.flops import measure_step
+    from timelit.training.flops import measure_step
 
     print(f"writing {args.hires_size}-px JPEG copies ...", flush=True)
     data = hires_copy(root, tmp / f"jpeg{args.hires_size}", args.hires_size, args.hires_per_split, args.hires_pool)

@@ -53,10 +53,10 @@ def quickstart(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     import torch
     from torch.utils.data import DataLoader
 
-    from timelit.clip import build_clip, load_pretrained
     from timelit.data.datamodule import Preprocessing, TimeDataModule
     from timelit.data.loaders import loader_kwargs
-    from timelit.evaluation.evaluator import ZeroShotEvaluator
+    from timelit.training.clip import build_clip, load_pretrained
+    from timelit.training.evaluation.evaluator import ZeroShotEvaluator
 
     model_name = json.loads((root / "READY.json").read_text()).get("base_model", "timelit-tiny-ViT")
     bundle = build_clip(model_name)
@@ -123,10 +123,10 @@ def fomo_heads(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from timelit.clip import build_clip
     from timelit.data.manifest import load_manifests
-    from timelit.evaluation.zero_shot import encode_texts, text_tower_fingerprint
-    from timelit.flops import build_meta_model
+    from timelit.training.clip import build_clip
+    from timelit.training.evaluation.zero_shot import encode_texts, text_tower_fingerprint
+    from timelit.training.flops import build_meta_model
 
     manifests = load_manifests("fomo_in_flux")
     prompts = {"adapt": [], "eval": []}

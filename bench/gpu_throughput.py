@@ -4,14 +4,14 @@
     python bench/gpu_throughput.py --quick             # CPU, timelit-micro-ViT, a few steps (the smoke test)
 
 What runs: the same harness as bench/train_overhead.py (`_fit.py`): `timelit fit --config quickstart.yaml` through
-`timelit.cli.run_lightning` with `model.model_name ViT-B-16`, `pretrained null` (random weights: no download),
+`timelit.commands.cli.run_lightning` with `model.model_name ViT-B-16`, `pretrained null` (random weights: no download),
 `trainer.precision bf16-mixed` and every callback of a user's run, on in-memory batches (the quickstart's images
 through ViT-B-16's transforms, 224 px, decoded once, pinned), and `SideBySide` alternating blocks of timelit's steps
 with a plain loop's (same model copy, AdamW, ClipLoss, clip 1.0, `torch.autocast(bfloat16)`) on the same GPU.
 Steps are timed with `torch.cuda.synchronize()` at each step's end on both sides.
 
-MFU = samples/s x GFLOPs per sample (timelit.flops, counted as the reference does: 123.82 for ViT-B-16 at 224 px)
-/ the card's dense bf16 peak (a table of NVIDIA datasheet figures by device name; `--peak-tflops` overrides).
+MFU = samples/s x GFLOPs per sample (timelit.training.flops, counted as the reference does: 123.82 for ViT-B-16 at 224
+px) / the card's dense bf16 peak (a table of NVIDIA datasheet figures by device name; `--peak-tflops` overrides).
 
 The batch is 512 (the reference); on CUDA out-of-memory it is halved until it fits, and the table says which ran.
 Writes bench/results/gpu_throughput.json, whose `best` entry bench/data_pipeline.py and bench/task_boundary.py
@@ -66,7 +66,7 @@ def one_run(args: argparse.Namespace, batch: int) -> dict[str, Any]:
     import torch
     from _fit import SideBySide, fit_args, run_fit
 
-    from timelit.flops import measure_step
+    from timelit.training.flops import measure_step
 
     cost = measure_step(args.model, batch)
     run_dir = Path(tempfile.mkdtemp(prefix="gpu_throughput_", dir=args.tmp))

@@ -68,7 +68,7 @@ def model_shapes(model: str, scale: float) -> dict[str, tuple[int, ...]]:
     """The tensor shapes of open_clip architecture ``model`` (timelit's configs registered), first dims scaled."""
     import open_clip
 
-    from timelit.clip import register_model_configs
+    from timelit.training.clip import register_model_configs
 
     register_model_configs()
     state = open_clip.create_model(model, device="meta").state_dict()

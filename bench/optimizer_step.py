@@ -6,7 +6,7 @@
 Why. A profile of the quickstart's step found the optimizer at a sixth of it: timelit-tiny-ViT has 7.2M parameters,
 6.3M of them in the text token embedding, and torch's default AdamW on a CPU runs a dozen small ops per tensor.
 CLIPFineTuner now asks for the fused kernel (`model.fused: null` = fused except under mixed precision, see
-timelit/model.py). Two measurements, each variant alternated with the others:
+timelit/training/model.py). Two measurements, each variant alternated with the others:
 
 1. one `optimizer.step()` of the model's real parameter groups and gradients, per kernel;
 2. `timelit fit` on the quickstart's real pipeline (shards, loader workers, every callback), median step, with
@@ -38,8 +38,8 @@ def step_alone(model_name: str, batch: int, repeats: int, steps: int) -> dict[st
     import torch
     from open_clip.loss import ClipLoss
 
-    from timelit.clip import build_clip
-    from timelit.optim import parameter_groups
+    from timelit.training.clip import build_clip
+    from timelit.training.optim import parameter_groups
 
     bundle = build_clip(model_name)
     model = bundle.model.train()
@@ -66,7 +66,7 @@ def fit_steps(args: argparse.Namespace, data_root: Path) -> dict[str, list[dict[
     from _fit import SideBySide, fit_args, run_fit
     from train_overhead import _base_model
 
-    from timelit.flops import measure_step
+    from timelit.training.flops import measure_step
 
     cost = measure_step(args.model, args.batch_size)
     pretrained = data_root / "base_model.safetensors" if args.model == _base_model(data_root) else None

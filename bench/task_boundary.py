@@ -3,8 +3,8 @@
     python bench/task_boundary.py                     # ft/ft, ema/ema, zs/all average, all/all TIES at 20 and 100
     python bench/task_boundary.py --quick             # timelit-micro-ViT, 3 and 5 experts (the smoke test)
 
-What runs is TimeMerge's own code (timelit/callbacks/time_merge.py) with a stand-in trainer (one rank, no collective)
-and a LightningModule stand-in holding an open_clip ViT-B-16 (149.6M float32 parameters, random weights), on
+What runs is TimeMerge's own code (timelit/training/callbacks/time_merge.py) with a stand-in trainer (one rank, no
+collective) and a LightningModule stand-in holding an open_clip ViT-B-16 (149.6M float32 parameters, random weights), on
 safetensors files in a temporary folder. Before the boundary the store holds N - 1 experts (random, θ0 + N(0, 1e-3²))
 and the merged files of task N - 2 the protocol needs; the boundary of task N - 1 then
 
@@ -133,10 +133,10 @@ class Timings:
 
 @contextmanager
 def instrumented(timings: Timings):
-    """Wrap the merge, save and copy functions TimeMerge's boundary calls (in timelit.protocol and
+    """Wrap the merge, save and copy functions TimeMerge's boundary calls (in timelit.training.protocol and
     timelit.merging.merged_files) so each is timed under its phase."""
     import timelit.merging.merged_files as files
-    import timelit.protocol as protocol
+    import timelit.training.protocol as protocol
 
     saved = {name: getattr(protocol, name) for name in ("pairwise", "merge_all", "fold_all")}
     save_weights = files.save_weights
@@ -179,7 +179,7 @@ def boundary(
     protocol: dict[str, Any], n: int, experts_dir: Path, hashes: dict[int, str], work: Path, module: Any
 ) -> dict[str, float]:
     """The boundary of task n - 1 with n - 2 tasks finished before it, timed per phase."""
-    from timelit.callbacks.time_merge import TimeMerge
+    from timelit.training.callbacks.time_merge import TimeMerge
 
     store = work / "store"
     shutil.rmtree(store, ignore_errors=True)
@@ -261,8 +261,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
     import torch
 
-    from timelit.clip import build_clip
     from timelit.merging import save_weights
+    from timelit.training.clip import build_clip
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -3,7 +3,7 @@
     python bench/train_overhead.py                    # the quickstart's tiny model at batch 128 (~10 min)
     python bench/train_overhead.py --quick --data-root /tmp/bench --model timelit-micro-ViT --batch-size 16
 
-What runs. `timelit fit --config quickstart.yaml` through `timelit.cli.run_lightning`, so the Trainer has every
+What runs. `timelit fit --config quickstart.yaml` through `timelit.commands.cli.run_lightning`, so the Trainer has every
 callback a user's run has (TimeMerge, ComputeBudget with a GFLOP budget, TaskResults, StreamCheckpoint every 50
 steps, Preemption, the progress bar, TensorBoard), and a plain loop (`_fit.PlainLoop`: forward, ClipLoss, backward,
 clip at 1.0, AdamW, warm-up + cosine) on a copy of the same initial weights. Both take the same in-memory batches,
@@ -73,7 +73,7 @@ def one_fit(
     """One `timelit fit` with SideBySide (plain blocks unless `block` is 0); its timing summary and wall time."""
     from _fit import BeforeFixes, SideBySide, fit_args, run_fit
 
-    from timelit.flops import measure_step
+    from timelit.training.flops import measure_step
 
     steps = steps or args.steps
     block = args.block if block is None else block
@@ -121,7 +121,7 @@ def one_bare_fit(args: argparse.Namespace, data_root: Path, model: str, batch: i
     """The plain step as a bare LightningModule (`_fit.BareLightning`), side by side with the plain loop."""
     from _fit import BareLightning, InMemoryTimeData, bare_fit
 
-    from timelit.clip import read_state_dict
+    from timelit.training.clip import read_state_dict
 
     started = time.perf_counter()
     data = InMemoryTimeData(
@@ -139,15 +139,15 @@ def one_bare_fit(args: argparse.Namespace, data_root: Path, model: str, batch: i
 PROFILED = {
     "LightningModule.log (all calls)": ("lightning/pytorch/core/module.py", "log"),
     "torch.manual_seed (all calls)": ("torch/random.py", "manual_seed"),
-    "timelit.seeding.seed_step": ("timelit/seeding.py", "seed_step"),
-    "CLIPFineTuner.on_train_batch_start": ("timelit/model.py", "on_train_batch_start"),
-    "CLIPFineTuner.training_step (forward + loss + logging)": ("timelit/model.py", "training_step"),
+    "timelit.training.seeding.seed_step": ("timelit/training/seeding.py", "seed_step"),
+    "CLIPFineTuner.on_train_batch_start": ("timelit/training/model.py", "on_train_batch_start"),
+    "CLIPFineTuner.training_step (forward + loss + logging)": ("timelit/training/model.py", "training_step"),
     "batch to device (move_data_to_device)": ("lightning/fabric/utilities/apply_func.py", "move_data_to_device"),
     "callbacks: on_train_batch_start": ("lightning/pytorch/trainer/call.py", "_call_callback_hooks"),
-    "TimeMerge.on_train_batch_end": ("timelit/callbacks/time_merge.py", "on_train_batch_end"),
-    "ComputeBudget.on_train_batch_end": ("timelit/callbacks/budget.py", "on_train_batch_end"),
-    "Preemption.on_train_batch_end": ("timelit/callbacks/preemption.py", "on_train_batch_end"),
-    "StreamCheckpoint.on_train_batch_end": ("timelit/callbacks/checkpoint.py", "on_train_batch_end"),
+    "TimeMerge.on_train_batch_end": ("timelit/training/callbacks/time_merge.py", "on_train_batch_end"),
+    "ComputeBudget.on_train_batch_end": ("timelit/training/callbacks/budget.py", "on_train_batch_end"),
+    "Preemption.on_train_batch_end": ("timelit/training/callbacks/preemption.py", "on_train_batch_end"),
+    "StreamCheckpoint.on_train_batch_end": ("timelit/training/callbacks/checkpoint.py", "on_train_batch_end"),
     "progress bar on_train_batch_end": ("callbacks/progress/tqdm_progress.py", "on_train_batch_end"),
     "optimizer step (AdamW)": ("torch/optim/adamw.py", "step"),
     "backward": ("torch/autograd/__init__.py", "backward"),
@@ -194,8 +194,8 @@ def standalone_plain(args: argparse.Namespace, data_root: Path, model: str, batc
     """`steps` plain steps outside any Trainer (for the runs whose loader workers forbid interleaving)."""
     from _fit import InMemoryTimeData, PlainLoop, time_plain
 
-    from timelit.clip import build_clip, read_state_dict
     from timelit.data.datamodule import Preprocessing
+    from timelit.training.clip import build_clip, read_state_dict
 
     data = InMemoryTimeData(
         str(data_root),

@@ -106,7 +106,7 @@ def fit_stream(
 def stream_modules(benchmark: Path, tasks: int, steps: int, data_options: dict | None = None, **model_options) -> tuple:
     """The CLIPFineTuner and TimeDataModule of `fit_stream`."""
     from timelit.data.datamodule import TimeDataModule
-    from timelit.model import CLIPFineTuner
+    from timelit.training.model import CLIPFineTuner
 
     base = str(benchmark / "base_model.safetensors")
     model = CLIPFineTuner(model_name=MICRO, pretrained=base, lr=1e-3, **model_options)

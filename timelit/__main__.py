@@ -2,7 +2,7 @@
 
 import sys
 
-from timelit.cli import main
+from timelit.commands.cli import main
 
 if __name__ == "__main__":
     sys.argv[0] = "timelit"  # what --help and usage lines name, as under the `timelit` script

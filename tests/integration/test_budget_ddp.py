@@ -31,10 +31,10 @@ STEPS = 3  # per task, bought by the budget the test passes
 def main(argv: list[str]) -> None:
     import lightning as L
 
-    from timelit.callbacks.budget import ComputeBudget
-    from timelit.callbacks.checkpoint import StreamCheckpoint
     from timelit.data.datamodule import TimeDataModule
-    from timelit.model import CLIPFineTuner
+    from timelit.training.callbacks.budget import ComputeBudget
+    from timelit.training.callbacks.checkpoint import StreamCheckpoint
+    from timelit.training.model import CLIPFineTuner
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--root", required=True)
@@ -135,7 +135,7 @@ def _ranks(run_dir: Path, phase: str) -> list[dict[str, Any]]:
 @pytest.mark.ddp
 @pytest.mark.slow
 def test_every_rank_ends_every_task_at_the_budget_also_after_a_resume(benchmark: Path, tmp_path: Path) -> None:
-    from timelit.flops import measure_step
+    from timelit.training.flops import measure_step
 
     step_gflops = measure_step(MODEL, BATCH).gflops
     total = TASKS * (STEPS + 0.3) * step_gflops  # the extra third of a step rounds away

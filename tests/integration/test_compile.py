@@ -8,8 +8,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from timelit.callbacks.results import TaskResults
-from timelit.callbacks.time_merge import TimeMerge
+from timelit.training.callbacks.results import TaskResults
+from timelit.training.callbacks.time_merge import TimeMerge
 
 
 @pytest.mark.slow

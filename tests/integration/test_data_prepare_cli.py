@@ -109,7 +109,7 @@ def downloads(tmp_path: Path) -> dict[str, Path]:
 
 def _timelit(*args: str) -> None:
     """`timelit data ...` as a user runs it (through timelit's CLI once the lead has wired the commands there)."""
-    from timelit.cli import function_commands, main
+    from timelit.commands.cli import function_commands, main
 
     if "prepare" in function_commands().get("data", {}):
         main(list(args))

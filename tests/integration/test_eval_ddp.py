@@ -20,8 +20,8 @@ import pytest
 from lightning.pytorch.callbacks import Callback
 
 from timelit.data.datamodule import TimeDataModule
-from timelit.evaluation.subsets import SubsetRule
-from timelit.model import CLIPFineTuner
+from timelit.training.evaluation.subsets import SubsetRule
+from timelit.training.model import CLIPFineTuner
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "timelit-micro-ViT"
@@ -130,7 +130,7 @@ def read_scalars(log_dir: Path) -> dict[str, dict[int, float]]:
 @pytest.fixture(scope="module")
 def quickstart_run(benchmark: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`timelit fit --config quickstart.yaml` on the tiny benchmark: 2 tasks of 2 steps; returns the run directory."""
-    from timelit.cli import run_lightning
+    from timelit.commands.cli import run_lightning
 
     runs = tmp_path_factory.mktemp("quickstart") / "runs"
     with pytest.MonkeyPatch.context() as patch:

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from timelit.cli import main, run_lightning
-from timelit.errors import UsageError
-from timelit.resources import configs_dir
+from timelit.commands.cli import main, run_lightning
+from timelit.utilities.errors import UsageError
+from timelit.utilities.resources import configs_dir
 
 
 @pytest.mark.slow
@@ -98,7 +98,7 @@ def test_every_shipped_config_parses(config, capsys):
     with pytest.raises(SystemExit) as exited:
         main(["fit", *base, "--config", str(config), "--print_config"])
     assert exited.value.code == 0
-    assert yaml.safe_load(capsys.readouterr().out)["model"]["class_path"] == "timelit.model.CLIPFineTuner"
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["class_path"] == "timelit.training.model.CLIPFineTuner"
 
 
 FRAGMENTS = ["protocols/offline_merge.yaml", "data/multitask.yaml", "data/no_replay.yaml"]

@@ -20,8 +20,8 @@ import pytest
 from PIL import Image, ImageDraw
 from webdataset import TarWriter
 
-from timelit.cli import main
-from timelit.resources import PACKAGE_DIR
+from timelit.commands.cli import main
+from timelit.utilities.resources import PACKAGE_DIR
 
 GUIDE = PACKAGE_DIR.parent / "docs" / "own_data.md"
 MICRO = "timelit-micro-ViT"

@@ -31,7 +31,7 @@ def start(
 ) -> subprocess.Popen:
     """`timelit fit` of two tiny tasks; with `gates`, it waits for a signal mid task 0 (step 5) and at task 0's end
     (probes.SignalGate), so each signal lands at a known point however slow the machine. `launcher` replaces the
-    `timelit` executable (a script that calls timelit.cli.main with the rest of the command line)."""
+    `timelit` executable (a script that calls timelit.commands.cli.main with the rest of the command line)."""
     command = [
         *(launcher or [str(slurm_cluster.VENV_BIN / "timelit")]),
         "fit",
@@ -121,7 +121,7 @@ def test_stopped_twice_and_resumed_it_ends_with_the_weights_of_an_uninterrupted_
 
 _SIGNAL_DURING_STARTUP = """
 import os, signal, sys
-import timelit.cli as cli
+import timelit.commands.cli as cli
 
 start_lightning = cli.run_lightning
 
@@ -137,8 +137,8 @@ cli.main(sys.argv[1:])
 
 def test_a_requeue_signal_while_fit_starts_stops_it_at_the_first_batch(tiny_benchmark, tmp_path):
     """SIGUSR1 before Lightning is even imported (a requeued job warned of its time limit at once, or an early
-    `scancel --signal=USR1`): the run saves at its first batch and exits 138. Without timelit.early_signals the
-    default action of SIGUSR1 ended the process (status -10) and a Slurm job with it, never requeued."""
+    `scancel --signal=USR1`): the run saves at its first batch and exits 138. Without timelit.utilities.early_signals
+    the default action of SIGUSR1 ended the process (status -10) and a Slurm job with it, never requeued."""
     (tmp_path / "starting").mkdir()
     log = tmp_path / "fit.log"
     process = start(tiny_benchmark, tmp_path / "starting", log, launcher=[sys.executable, "-c", _SIGNAL_DURING_STARTUP])

@@ -28,8 +28,8 @@ SCRIPT = textwrap.dedent(
     from lightning.pytorch.callbacks import Callback
     from torch.utils.data import DataLoader, TensorDataset
 
-    from timelit.callbacks.checkpoint import StreamCheckpoint
-    from timelit.callbacks.preemption import Preempted, Preemption
+    from timelit.training.callbacks.checkpoint import StreamCheckpoint
+    from timelit.training.callbacks.preemption import Preempted, Preemption
 
     out, signal_rank, signum, where = Path(sys.argv[1]), int(sys.argv[2]), getattr(signal, sys.argv[3]), sys.argv[4]
 

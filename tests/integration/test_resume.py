@@ -14,11 +14,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
-from timelit.callbacks.budget import ComputeBudget
-from timelit.callbacks.checkpoint import StreamCheckpoint
-from timelit.callbacks.ema import StepEMA
-from timelit.callbacks.results import TaskResults
-from timelit.callbacks.time_merge import TimeMerge
+from timelit.training.callbacks.budget import ComputeBudget
+from timelit.training.callbacks.checkpoint import StreamCheckpoint
+from timelit.training.callbacks.ema import StepEMA
+from timelit.training.callbacks.results import TaskResults
+from timelit.training.callbacks.time_merge import TimeMerge
 
 TASKS, STEPS = 3, 4
 

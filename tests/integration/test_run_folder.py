@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import timelit.disk_space
-from timelit.cli import run_lightning
-from timelit.disk_space import DiskSpaceError
-from timelit.folder_lock import RunFolderBusy
+import timelit.utilities.disk_space
+from timelit.commands.cli import run_lightning
+from timelit.utilities.disk_space import DiskSpaceError
+from timelit.utilities.folder_lock import RunFolderBusy
 
 pytestmark = pytest.mark.slow
 
@@ -109,7 +109,7 @@ def test_a_kill_mid_write_of_any_file_resumes_to_the_same_bits_and_leaves_no_tem
 
     assert temporaries(run) == []
     assert "removed 1 temporary file(s) of writes that were killed midway, freeing " in caplog.text
-    assert timelit.disk_space.format_bytes(size) in caplog.text
+    assert timelit.utilities.disk_space.format_bytes(size) in caplog.text
     assert f"pid {killed.pid}" in caplog.text  # the dead fit's lock, taken over
     assert weights_files(run) == weights_files(uninterrupted)
     assert figures(run) == figures(uninterrupted)
@@ -118,14 +118,14 @@ def test_a_kill_mid_write_of_any_file_resumes_to_the_same_bits_and_leaves_no_tem
 def test_a_disk_too_full_for_a_boundary_stops_the_run_there_and_resumes_once_freed(
     tiny_benchmark, tmp_path, quick_fit_args, uninterrupted, monkeypatch
 ):
-    real_free = timelit.disk_space.free_bytes
+    real_free = timelit.utilities.disk_space.free_bytes
     boundaries = []
 
     def free_bytes(path):  # the second task boundary finds 900 bytes free
         boundaries.append(path)
         return real_free(path) if len(boundaries) == 1 else 900
 
-    monkeypatch.setattr(timelit.disk_space, "free_bytes", free_bytes)
+    monkeypatch.setattr(timelit.utilities.disk_space, "free_bytes", free_bytes)
     args = quick_fit_args(tiny_benchmark, tmp_path, *EVERY_STEP, tasks=TASKS, steps=STEPS)
     with pytest.raises(DiskSpaceError) as caught:
         run_lightning(args)
@@ -140,7 +140,7 @@ def test_a_disk_too_full_for_a_boundary_stops_the_run_there_and_resumes_once_fre
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3  # mid task 1
     assert temporaries(run) == []
 
-    monkeypatch.setattr(timelit.disk_space, "free_bytes", real_free)  # space freed
+    monkeypatch.setattr(timelit.utilities.disk_space, "free_bytes", real_free)  # space freed
     run_lightning(args)
     assert weights_files(run) == weights_files(uninterrupted)
     assert figures(run) == figures(uninterrupted)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from timelit.cli import run_lightning
+from timelit.commands.cli import run_lightning
 from timelit.data.shards import ShardIndex
 
 pytestmark = pytest.mark.slow

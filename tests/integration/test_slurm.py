@@ -42,7 +42,7 @@ def slurm():
 
 def run_sweep(args: list[str]) -> None:
     """`timelit sweep ARGS`, through the CLI once it has the subcommand, else through the function it will wire."""
-    from timelit import cli
+    from timelit.commands import cli
 
     if "sweep" in cli.function_commands():
         cli.main(["sweep", *args])

@@ -11,9 +11,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
-from timelit.callbacks.checkpoint import StreamCheckpoint
-from timelit.callbacks.results import TaskResults
-from timelit.callbacks.time_merge import TimeMerge
+from timelit.training.callbacks.checkpoint import StreamCheckpoint
+from timelit.training.callbacks.results import TaskResults
+from timelit.training.callbacks.time_merge import TimeMerge
 
 TASKS = 3
 

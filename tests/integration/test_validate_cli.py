@@ -15,7 +15,7 @@ from statistics import mean
 
 import pytest
 
-from timelit.cli import run_lightning
+from timelit.commands.cli import run_lightning
 
 
 def check_record(path: Path, datasets: set[str]) -> None:

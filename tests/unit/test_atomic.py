@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from timelit import atomic
-from timelit.atomic import Temporary, atomic_file, remove_temporaries, temporary_path, write_text
-from timelit.callbacks.checkpoint import AtomicCheckpointIO
-from timelit.disk_space import WriteError, format_bytes
 from timelit.merging.safetensors_io import save_weights
 from timelit.merging.store import ExpertStore
+from timelit.training.callbacks.checkpoint import AtomicCheckpointIO
+from timelit.utilities import atomic
+from timelit.utilities.atomic import Temporary, atomic_file, remove_temporaries, temporary_path, write_text
+from timelit.utilities.disk_space import WriteError, format_bytes
 
 HOST = socket.gethostname().split(".")[0]
 
@@ -54,7 +54,7 @@ def test_every_writer_names_its_temporary_file_so_that_the_cleanup_recognises_it
 KILLED_WRITER = """
 import sys, time
 from pathlib import Path
-from timelit.atomic import atomic_file
+from timelit.utilities.atomic import atomic_file
 with atomic_file(sys.argv[1]) as file:
     file.write(b"x" * 1_000_000)
     file.flush()

@@ -106,10 +106,10 @@ def test_before_fixes_puts_the_old_behaviour_back_and_restores(bench) -> None:
     bench("train_overhead")  # puts bench/ on sys.path for _fit
     import _fit
 
-    import timelit.callbacks.budget as budget
     import timelit.data.loaders as loaders
     import timelit.data.shards as shards
-    import timelit.model as model
+    import timelit.training.callbacks.budget as budget
+    import timelit.training.model as model
 
     names = [(loaders, "seed_torch_cpu"), (model, "seed_step"), (model, "reaches_logger"),
              (budget, "reaches_logger"), (shards, "tar_members")]  # fmt: skip

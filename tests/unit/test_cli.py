@@ -1,4 +1,4 @@
-"""timelit/cli.py: the dispatcher that every `timelit` command imports stays free of torch and Lightning."""
+"""timelit/commands/cli.py: the dispatcher that every `timelit` command imports stays free of torch and Lightning."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from timelit import cli
+from timelit.commands import cli
 
 HEAVY = ("torch", "lightning", "open_clip")
 
@@ -20,12 +20,12 @@ def modules_after(code: str) -> set[str]:
 
 
 def test_importing_the_dispatcher_imports_no_heavy_library():
-    assert modules_after("import timelit.cli") == set()
+    assert modules_after("import timelit.commands.cli") == set()
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["sweep", "--help"], ["report", "--help"]])
 def test_help_and_the_light_tools_start_without_torch(argv):
-    code = f"from timelit.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass"
+    code = f"from timelit.commands.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass"
     assert modules_after(code) == set()
 
 

@@ -1,4 +1,4 @@
-"""timelit.early_signals: requeue signals held while `timelit fit` starts, then adopted or given back."""
+"""timelit.utilities.early_signals: requeue signals held while `timelit fit` starts, then adopted or given back."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import signal
 import subprocess
 import sys
 
-from timelit import early_signals
+from timelit.utilities import early_signals
 
 
 def test_a_held_signal_is_recorded_and_taken_over_with_its_default_handler_back():
@@ -45,7 +45,7 @@ def test_a_handler_already_in_place_is_left_alone():
 def test_a_released_signal_that_arrived_is_delivered_again():
     code = (
         "import signal\n"
-        "from timelit import early_signals\n"
+        "from timelit.utilities import early_signals\n"
         "early_signals.hold()\n"
         "signal.raise_signal(signal.SIGUSR2)\n"
         "print('still running', flush=True)\n"
@@ -62,7 +62,7 @@ def test_a_fit_that_fails_while_starting_ends_with_its_error_not_with_the_held_s
     status 1, not a silent death by SIGUSR1."""
     code = (
         "import os, signal, sys\n"
-        "import timelit.cli as cli\n"
+        "import timelit.commands.cli as cli\n"
         "def failing(args):\n"
         "    os.kill(os.getpid(), signal.SIGUSR1)\n"
         "    raise ValueError('no such config key')\n"

@@ -1,11 +1,18 @@
-"""timelit/errors.py: jsonargparse's errors as one line with the nearest valid name, and user errors as the user
-reads them. The messages are jsonargparse's own (4.x), as `timelit fit` produced them."""
+"""timelit/utilities/errors.py: jsonargparse's errors as one line with the nearest valid name, and user errors as the
+user reads them. The messages are jsonargparse's own (4.x), as `timelit fit` produced them."""
 
 from __future__ import annotations
 
 import pytest
 
-from timelit.errors import UserError, describe, did_you_mean, find_user_error, is_user_error, parse_error_message
+from timelit.utilities.errors import (
+    UserError,
+    describe,
+    did_you_mean,
+    find_user_error,
+    is_user_error,
+    parse_error_message,
+)
 
 TECHNIQUES = "'average', 'interpolation', 'slerp', 'task_arithmetic', 'ties', 'dare'"
 
@@ -33,12 +40,13 @@ MESSAGES = [
         "protocol.hparams: expected dict, got '{kk:'",
     ),
     (
-        'Parser key "model":\n\n  - Expected a path but timelit.model.Nope either not accessible or invalid\n  - '
-        "Does not validate against any of the Union subtypes\n  Subtypes: [<class 'timelit.model.CLIPFineTuner'>, "
-        "<class 'NoneType'>]\n  Errors:\n    - Problem with given class_path 'timelit.model.Nope':\n        module "
-        "'timelit.model' has no attribute 'Nope'\n    - Expected a <class 'NoneType'>\n  Given value type: <class "
-        "'str'>\n  Given value: timelit.model.Nope",
-        "model: module 'timelit.model' has no attribute 'Nope'",
+        'Parser key "model":\n\n  - Expected a path but timelit.training.model.Nope either not accessible '
+        "or invalid\n  - Does not validate against any of the Union subtypes\n  Subtypes: [<class "
+        "'timelit.training.model.CLIPFineTuner'>, <class 'NoneType'>]\n  Errors:\n    - Problem with given "
+        "class_path 'timelit.training.model.Nope':\n        module 'timelit.training.model' has no "
+        "attribute 'Nope'\n    - Expected a <class 'NoneType'>\n  Given value type: <class 'str'>\n  Given "
+        "value: timelit.training.model.Nope",
+        "model: module 'timelit.training.model' has no attribute 'Nope'",
     ),
     ("unrecognized arguments: --protocol.tehcnique ties", "(did you mean '--protocol.technique'?)"),
     ("unrecognized arguments: --bogus 3", "unrecognized arguments: --bogus 3"),

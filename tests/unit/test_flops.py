@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from timelit.commands.budget import budget_command
-from timelit.flops import StepCost, measure_step, steps_for_budget
+from timelit.training.flops import StepCost, measure_step, steps_for_budget
 
 # FoMo-in-Flux README table (images/gflops.png): ViT-B/16, 224 px, 512 samples per step, full fine-tuning.
 REFERENCE_GFLOPS_PER_STEP = 63394.7585
@@ -112,7 +112,7 @@ def test_budget_command_flags_a_budget_below_one_step(capsys: pytest.CaptureFixt
 
 
 def test_meta_device_holds_no_parameters() -> None:
-    from timelit.flops import build_meta_model
+    from timelit.training.flops import build_meta_model
 
     model = build_meta_model("ViT-B-16")
     assert {p.device for p in model.parameters()} == {torch.device("meta")}

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from timelit.folder_lock import FIT_LOCK, RunFolderBusy, lock_holder, lock_run_folder
-from timelit.run_folder import claim_run_folder
+from timelit.training.run_folder import claim_run_folder
+from timelit.utilities.folder_lock import FIT_LOCK, RunFolderBusy, lock_holder, lock_run_folder
 
 HOLDER = """
 import sys, time
 from pathlib import Path
-from timelit.folder_lock import lock_run_folder
+from timelit.utilities.folder_lock import lock_run_folder
 lock_run_folder(sys.argv[1])
 Path(sys.argv[2]).touch()
 time.sleep(60)

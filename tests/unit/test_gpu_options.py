@@ -11,7 +11,7 @@ import pytest
 import torch
 from lightning.pytorch.plugins.precision import Precision
 
-from timelit.model import CLIPFineTuner
+from timelit.training.model import CLIPFineTuner
 
 MICRO = "timelit-micro-ViT"
 BATCH = 12
@@ -28,7 +28,7 @@ def batch_for(module: CLIPFineTuner) -> dict[str, torch.Tensor]:
 
 
 def with_trainer(module: CLIPFineTuner, accumulate: int = 1, batch_size: int = BATCH, world: int = 1):
-    datamodule = SimpleNamespace(  # what timelit.contracts.TrainingBatches promises
+    datamodule = SimpleNamespace(  # what timelit.training.contracts.TrainingBatches promises
         batch_size=batch_size, steps_per_task=10, require_steps=lambda: 10, set_steps_per_task=lambda steps: None
     )
     module.trainer = SimpleNamespace(  # type: ignore[assignment]
@@ -55,7 +55,7 @@ def twin(reference: CLIPFineTuner, **options) -> CLIPFineTuner:
 
 @pytest.fixture(autouse=True)
 def no_logging(monkeypatch):
-    monkeypatch.setattr("timelit.model.reaches_logger", lambda trainer: False)
+    monkeypatch.setattr("timelit.training.model.reaches_logger", lambda trainer: False)
 
 
 @pytest.fixture

@@ -1,9 +1,10 @@
-"""The private Lightning API timelit depends on (timelit/lightning_internals.py) still behaves as timelit expects.
+"""The private Lightning API timelit depends on (timelit/training/lightning_internals.py) still behaves as timelit
+expects.
 
     OMP_NUM_THREADS=1 python -m pytest tests/unit/test_lightning_internals.py -q
 
 Each test checks a behaviour through Lightning itself, not only that a name exists: a Lightning release that renames,
-removes or changes any of these fails here, naming the function in timelit.lightning_internals to adapt.
+removes or changes any of these fails here, naming the function in timelit.training.lightning_internals to adapt.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader, TensorDataset
 
-from timelit import lightning_internals
-from timelit.callbacks.checkpoint import StreamCheckpoint
+from timelit.training import lightning_internals
+from timelit.training.callbacks.checkpoint import StreamCheckpoint
 
 STEPS = 6
 

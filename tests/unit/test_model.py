@@ -9,8 +9,8 @@ import pytest
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 
-from timelit.model import CLIPFineTuner
-from timelit.optim import TaskCosineSchedule, parameter_groups, task_lr_factor
+from timelit.training.model import CLIPFineTuner
+from timelit.training.optim import TaskCosineSchedule, parameter_groups, task_lr_factor
 
 MICRO = "timelit-micro-ViT"
 
@@ -42,7 +42,7 @@ def test_the_schedule_warms_up_decays_and_restarts_at_every_task():
     assert lrs[0] == pytest.approx(0.5e-3) and min(lrs) == pytest.approx(lrs[steps - 1])
 
 
-# What timelit.contracts.TrainingBatches promises, 10 steps per task.
+# What timelit.training.contracts.TrainingBatches promises, 10 steps per task.
 BATCHES = SimpleNamespace(
     batch_size=8, steps_per_task=10, require_steps=lambda: 10, set_steps_per_task=lambda steps: None
 )

@@ -8,7 +8,7 @@ import torch
 
 from timelit.merging import ExpertStore, load_weights, merge
 from timelit.merging.merged_files import MergedFiles
-from timelit.protocol import (
+from timelit.training.protocol import (
     BASE,
     Expert,
     FoldAll,

@@ -9,7 +9,6 @@ each task gets under the budget, and the same for 20 / 50 / 100 / 200 tasks (tim
 
 from __future__ import annotations
 
-from timelit.flops import AttentionCount, Rounding, measure_step
 from timelit.study.budget import (
     REFERENCE_TOTAL_GFLOPS,
     default,
@@ -18,6 +17,7 @@ from timelit.study.budget import (
     read_fit_configs,
     section,
 )
+from timelit.training.flops import AttentionCount, Rounding, measure_step
 
 
 def budget_command(
@@ -51,9 +51,9 @@ def budget_command(
         rounding: steps per task rounded to the nearest step ('nearest', the reference table) or down ('floor').
         table: stream lengths for the comparison table.
     """
-    from timelit.callbacks.budget import ComputeBudget
     from timelit.data.datamodule import TimeDataModule
-    from timelit.model import CLIPFineTuner
+    from timelit.training.callbacks.budget import ComputeBudget
+    from timelit.training.model import CLIPFineTuner
 
     paths = [fit_config] if isinstance(fit_config, str) else list(fit_config or [])
     config = read_fit_configs(paths) if paths else {}

@@ -1,4 +1,5 @@
-"""`timelit data new / prepare / verify / stream / synth`: the data tools, each a typed function (timelit/cli.py).
+"""`timelit data new / prepare / verify / stream / synth`: the data tools, each a typed function
+(timelit/commands/cli.py).
 
     timelit data new --name DIGITS --source ~/digits --out my_set --held_out quickstart
     timelit data prepare --layout imagefolder --source ~/digits --datasets DIGITS --manifests my_set --data_root my_set

@@ -6,7 +6,7 @@
         --out merged.safetensors
     timelit merge --base last.ckpt --experts '[a.safetensors, b.safetensors]' --method interpolation --out ema.ckpt
 
-The files are read and written by timelit/merging/command.py (`merge_files`), the techniques are timelit/merging's.
+The files are read and written by timelit/merging/weight_files.py (`merge_files`), the techniques are timelit/merging's.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from timelit.merging import MergeMethod, validate
-from timelit.merging.command import MergeInputError, merge_files
 from timelit.merging.engine import DEFAULT_CHUNK_SIZE, DEFAULT_THREADS
+from timelit.merging.weight_files import MergeInputError, merge_files
 
 
 def merge_command(

@@ -18,11 +18,11 @@ import fnmatch
 from pathlib import Path
 from typing import Any, Literal
 
-from timelit.errors import UserError
 from timelit.study import local, slurm
 from timelit.study.grid import check_sbatch_options, find_grid, load_grid
 from timelit.study.manifest import check_manifest, manifest_text
 from timelit.study.plan import expand
+from timelit.utilities.errors import UserError
 
 
 class LauncherOptionError(UserError, ValueError):

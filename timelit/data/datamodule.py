@@ -39,7 +39,7 @@ from timelit.data.mixture import Mixture, SourceSequence, pool_offsets, rank_sli
 from timelit.data.shard_sizes import shard_size_problems
 from timelit.data.shards import ShardIndex
 from timelit.data.streams import Stream, load_stream
-from timelit.evaluation.subsets import SubsetRule
+from timelit.training.evaluation.subsets import SubsetRule
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from timelit.data.mixture import _SOURCE_CODES, SourceSequence
 from timelit.data.samples import Sample, decode, decode_image
 from timelit.data.shards import CorruptSampleError, ShardIndex
 from timelit.data.skips import Skip
-from timelit.seeding import mix_seed, seed_torch_cpu
+from timelit.training.seeding import mix_seed, seed_torch_cpu
 
 # Each worker of these IterableDatasets builds a disjoint set of whole batches, so their `__len__` is exact.
 warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
@@ -79,7 +79,7 @@ class SampleReader:
     """Reads and decodes samples by id; a sample that does not decode is fatal, or skipped and listed in `skipped`.
 
     Nothing is logged here: a reader lives in every loader worker, and the main process reports each damaged sample
-    or shard once for the whole run (timelit.data.skips, timelit.callbacks.skipped).
+    or shard once for the whole run (timelit.data.skips, timelit.training.callbacks.skipped).
     """
 
     def __init__(

@@ -24,8 +24,8 @@ from typing import Any, Literal
 
 import yaml
 
-from timelit.errors import UserError
-from timelit.resources import manifests_dir
+from timelit.utilities.errors import UserError
+from timelit.utilities.resources import manifests_dir
 
 Role = Literal["adapt", "eval"]
 TaskType = Literal["classification", "retrieval"]

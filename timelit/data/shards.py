@@ -36,8 +36,8 @@ from safetensors.numpy import load_file, save_file
 from webdataset import TarWriter
 from webdataset.tariterators import base_plus_ext
 
-from timelit.atomic import replace_with, temporary_path
 from timelit.data.tar_members import tar_members
+from timelit.utilities.atomic import replace_with, temporary_path
 
 INDEX_SUFFIX = ".index.safetensors"
 INDEX_FORMAT = "timelit-shard-index/1"

@@ -7,7 +7,7 @@
 
 With `data.on_corrupt: skip` a damaged sample is left out of its batch (training replaces it, see TaskBatches), and
 every batch lists what it left out. Loader workers are separate processes, so the list travels with the batch to
-the main process, where the SkippedSamples callback keeps the run's ledger (timelit/callbacks/skipped.py).
+the main process, where the SkippedSamples callback keeps the run's ledger (timelit/training/callbacks/skipped.py).
 
 The ledger counts samples, not skips: replay draws a damaged training sample again and again, and every evaluation
 reads the same test split, but "how many samples are damaged" is what a user can act on (and what `timelit data

@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from timelit.disk_space import space_shortfalls
 from timelit.merging.running import state_bytes
 from timelit.merging.safetensors_io import file_sha256, save_weights
 from timelit.merging.store import ExpertStore, expert_name
 from timelit.merging.technique import Technique
+from timelit.utilities.disk_space import space_shortfalls
 
 BASE_FILE = "base.safetensors"
 FINAL_FILE = "final_model.safetensors"

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from timelit.atomic import replace_with, temporary_path
-from timelit.disk_space import write_error
 from timelit.merging.safetensors_io import SafetensorsReader
+from timelit.utilities.atomic import replace_with, temporary_path
+from timelit.utilities.disk_space import write_error
 
 if TYPE_CHECKING:
     from timelit.merging.chunks import Chunk

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from timelit.atomic import atomic_file
+from timelit.utilities.atomic import atomic_file
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,

@@ -1,7 +1,7 @@
 """What a compute budget buys, without training (`timelit budget`, timelit/commands/budget.py): the steps and
 samples per task at a measured cost per step, for the stream's length and for other lengths, so a sweep can be
 planned before it is submitted. The numbers are the ones the ComputeBudget callback derives in `timelit fit`
-(`timelit.flops`).
+(`timelit.training.flops`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from timelit.flops import Rounding, StepCost, steps_for_budget
+from timelit.training.flops import Rounding, StepCost, steps_for_budget
 
 # FoMo-in-Flux's budget for ViT-B/16 at batch 512: 20 tasks x 1420 steps x 63,394.76 GFLOPs, rounded.
 REFERENCE_TOTAL_GFLOPS = 1.8e9
@@ -59,7 +59,7 @@ def plan_tasks(
 
 def read_fit_configs(paths: list[str]) -> dict[str, Any]:
     """Merge `timelit fit` configs as `--config a --config b` would (later keys win)."""
-    from timelit.resources import resolve_config
+    from timelit.utilities.resources import resolve_config
 
     merged: dict[str, Any] = {}
     for name in paths:

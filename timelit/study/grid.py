@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
-from timelit.errors import UserError, did_you_mean
-from timelit.resources import configs_dir
+from timelit.utilities.errors import UserError, did_you_mean
+from timelit.utilities.resources import configs_dir
 
 GRID_KEYS = ("name", "description", "configs", "overrides", "axes", "exclude", "sbatch", "resources", "signal_seconds")
 

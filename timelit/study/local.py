@@ -31,10 +31,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from timelit.folder_lock import FolderLock
-from timelit.folder_lock import lock_holder as folder_lock_holder
 from timelit.study.grid import Grid
 from timelit.study.manifest import MANIFEST_FILE, Point, is_complete, write_sweep_files
+from timelit.utilities.folder_lock import FolderLock
+from timelit.utilities.folder_lock import lock_holder as folder_lock_holder
 
 LOCK_FILE = "local-run.lock"
 _KINDS = ("done", "failed", "stopped", "skipped")

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from timelit.atomic import write_text
 from timelit.study.grid import GridError
+from timelit.utilities.atomic import write_text
 
 MANIFEST_FILE = "manifest.jsonl"
 RESULTS_FILE = "results.json"

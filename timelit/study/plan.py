@@ -15,9 +15,9 @@ from pathlib import Path
 
 import yaml
 
-from timelit.resources import resolve_config
 from timelit.study.grid import Grid, GridError, override
 from timelit.study.manifest import Point
+from timelit.utilities.resources import resolve_config
 
 
 def _is_grid(path: Path) -> bool:

@@ -210,7 +210,7 @@ def model_parameters(name: str) -> int | None:
         import open_clip
         import torch
 
-        from timelit.clip import register_model_configs
+        from timelit.training.clip import register_model_configs
 
         register_model_configs()
         root = logging.getLogger()

@@ -18,8 +18,8 @@ and the paired differences of every group from a reference group over the seeds 
 intervals. `--reference` names the reference by its group label; by default it is Best-in-TIME (ema/ema,
 interpolation) when the runs have it, else the first group.
 
-Forgetting (`timelit.evaluation.forgetting`): backward transfer, average forgetting and the first-half drop of each
-run, computed from its points and the datasets each task trains (`run.data.task_datasets`); "—" for runs written
+Forgetting (`timelit.training.evaluation.forgetting`): backward transfer, average forgetting and the first-half drop of
+each run, computed from its points and the datasets each task trains (`run.data.task_datasets`); "—" for runs written
 before that header field existed.
 
 Protocol fields come from the run header that callbacks write into results.json (`run.protocol` from TimeMerge,
@@ -37,10 +37,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from timelit.errors import UserError
-from timelit.evaluation.forgetting import NUMBERS, from_results
 from timelit.study.runs import SUMMARY_KEYS, UNKNOWN, RunResult
 from timelit.study.stats import group_runs, group_table, paired_table, reference_group, statistics_rows
+from timelit.training.evaluation.forgetting import NUMBERS, from_results
+from timelit.utilities.errors import UserError
 
 RESULTS_FILE = "results.json"
 # Keys of `run.budget` read as the run's total budget in GFLOPs, in this order; a per-task budget times the number of
@@ -86,7 +86,7 @@ def _technique_label(protocol: dict[str, Any]) -> str:
 
 
 def parse_results(data: dict[str, Any], name: str, path: Path) -> RunResult:
-    """A RunResult from the content of one results.json (see timelit/callbacks/results.py for the layout)."""
+    """A RunResult from the content of one results.json (see timelit/training/callbacks/results.py for the layout)."""
     header = data.get("run") or {}
     protocol = header.get("protocol") or {}
     model = header.get("model") or {}

@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from timelit.evaluation.forgetting import ForgettingMatrix
+from timelit.training.evaluation.forgetting import ForgettingMatrix
 
 UNKNOWN = "unknown"
 SUMMARY_KEYS = ("A_KA", "A_ZS", "GM")

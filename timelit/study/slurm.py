@@ -19,9 +19,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from timelit.resources import PACKAGE_DIR
 from timelit.study.grid import Grid, merge_sbatch_options
 from timelit.study.manifest import MANIFEST_FILE, Point, is_complete, write_sweep_files
+from timelit.utilities.resources import PACKAGE_DIR
 
 log = logging.getLogger(__name__)
 

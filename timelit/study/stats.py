@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from timelit.errors import UserError
+from timelit.utilities.errors import UserError
 
 if TYPE_CHECKING:
     from timelit.study.runs import RunResult

@@ -16,15 +16,15 @@ import yaml
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.flop_counter import FlopCounterMode
 
-from timelit.callbacks.budget import ComputeBudget
-from timelit.callbacks.checkpoint import StreamCheckpoint
-from timelit.callbacks.results import TaskResults
 from timelit.data.datamodule import TimeDataModule
 from timelit.data.synth.benchmark import synthesize
-from timelit.flops import measure_step, steps_for_budget
-from timelit.lightning_cli import TimeLightningCLI, run_lightning
-from timelit.model import CLIPFineTuner
-from timelit.resources import configs_dir, resolve_config
+from timelit.training.callbacks.budget import ComputeBudget
+from timelit.training.callbacks.checkpoint import StreamCheckpoint
+from timelit.training.callbacks.results import TaskResults
+from timelit.training.flops import measure_step, steps_for_budget
+from timelit.training.lightning_cli import TimeLightningCLI, run_lightning
+from timelit.training.model import CLIPFineTuner
+from timelit.utilities.resources import configs_dir, resolve_config
 
 MODEL = "timelit-micro-ViT"
 BATCH = 16
@@ -317,7 +317,7 @@ trainer:
     class_path: lightning.pytorch.loggers.TensorBoardLogger
     init_args: {{save_dir: {tmp_path}, name: cli, version: ""}}
 model:
-  class_path: timelit.model.CLIPFineTuner
+  class_path: timelit.training.model.CLIPFineTuner
   init_args: {{model_name: {MODEL}, pretrained: null}}
 data:
   class_path: timelit.data.datamodule.TimeDataModule
@@ -364,7 +364,12 @@ def test_shipped_budget_fragments_compose_and_buy_what_they_say(fragment: str, r
     args += ["--config", str(resolve_config(f"budget/{fragment}"))]
     if not quickstart:  # the FoMo-in-Flux fragments, with the data module's defaults (batch 512, 20 tasks)
         args += ["--data.class_path", "timelit.data.datamodule.TimeDataModule", "--data.init_args.data_root", "/x"]
-        args += ["--data.init_args.pretraining_pool", "LAION", "--model.class_path", "timelit.model.CLIPFineTuner"]
+        args += [
+            "--data.init_args.pretraining_pool",
+            "LAION",
+            "--model.class_path",
+            "timelit.training.model.CLIPFineTuner",
+        ]
         args += ["--model.init_args.model_name", MODEL, "--model.init_args.pretrained", "null"]  # ViT-B-16 is costed
     cli = run_cli(args, run=False)
     budget, data = budget_of(cli), cli.datamodule

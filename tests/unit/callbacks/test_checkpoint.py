@@ -18,8 +18,8 @@ from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
-from timelit.callbacks.checkpoint import AtomicCheckpointIO, StreamCheckpoint
-from timelit.lightning_cli import install_atomic_checkpoint_io
+from timelit.training.callbacks.checkpoint import AtomicCheckpointIO, StreamCheckpoint
+from timelit.training.lightning_cli import install_atomic_checkpoint_io
 
 SHM = Path("/dev/shm")
 
@@ -171,7 +171,7 @@ def test_an_exception_saves_last_ckpt_only_in_a_single_process_run(tmp_path, mon
 
 
 def test_timelit_fit_writes_its_checkpoints_through_atomic_io(tiny_benchmark, tmp_path, quick_fit_args):
-    from timelit.cli import run_lightning
+    from timelit.commands.cli import run_lightning
 
     cli = run_lightning(quick_fit_args(tiny_benchmark, tmp_path, tasks=1, steps=2))
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)

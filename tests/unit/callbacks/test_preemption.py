@@ -18,8 +18,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
-from timelit.callbacks.checkpoint import StreamCheckpoint
-from timelit.callbacks.preemption import Preempted, Preemption, slurm_job_to_requeue
+from timelit.training.callbacks.checkpoint import StreamCheckpoint
+from timelit.training.callbacks.preemption import Preempted, Preemption, slurm_job_to_requeue
 
 BATCHES, VAL_BATCHES, TASKS = 4, 3, 2
 ARRAY_TASK = {"SLURM_JOB_ID": "80", "SLURM_ARRAY_JOB_ID": "77", "SLURM_ARRAY_TASK_ID": "3"}

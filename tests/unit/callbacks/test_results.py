@@ -12,9 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from timelit.callbacks.results import TaskResults
 from timelit.data.mixture import Mixture
 from timelit.data.streams import Concept, Stream
+from timelit.training.callbacks.results import TaskResults
 
 
 class Writer:
@@ -37,7 +37,7 @@ class Writer:
 def trainer(run_dir: Path, writer: Writer) -> SimpleNamespace:
     """A dataset-incremental stream of 3 tasks: A, then B, then C."""
     stream = Stream("incremental", [[Concept(name, "x")] for name in "ABC"], [{}, {}, {}])
-    datamodule = SimpleNamespace(  # what timelit.contracts.TaskStream promises
+    datamodule = SimpleNamespace(  # what timelit.training.contracts.TaskStream promises
         stream=stream,
         num_tasks=3,
         mixture=Mixture(0.0, 1.0, 0.0),

@@ -12,10 +12,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from timelit.callbacks.skipped import SkippedSamples, TooManySkipped
 from timelit.data.loaders import SampleReader, encode
 from timelit.data.shards import ShardIndex
 from timelit.data.skips import Skip, SkipLedger
+from timelit.training.callbacks.skipped import SkippedSamples, TooManySkipped
 
 
 @pytest.fixture

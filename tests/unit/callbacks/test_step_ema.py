@@ -8,10 +8,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
-from timelit.callbacks.ema import StepEMA
-from timelit.callbacks.time_merge import TimeMerge
 from timelit.data.datamodule import TimeDataModule
-from timelit.model import CLIPFineTuner
+from timelit.training.callbacks.ema import StepEMA
+from timelit.training.callbacks.time_merge import TimeMerge
+from timelit.training.model import CLIPFineTuner
 
 
 class LiveWeights(Callback):

@@ -1,5 +1,5 @@
 """TimeMerge's wiring: its settings are the protocol's, recorded in results.json, and it reads the module, the data
-module and the checkpoint callback through timelit.contracts."""
+module and the checkpoint callback through timelit.training.contracts."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import timelit.merging.merged_files as merged_files
-from timelit.callbacks.time_merge import TimeMerge
+from timelit.training.callbacks.time_merge import TimeMerge
 
 BASE = {"w": torch.zeros(3)}
 

@@ -11,8 +11,8 @@ import open_clip
 import pytest
 import torch
 
-from timelit.callbacks.time_merge import TimeMerge
 from timelit.merging import merge, running
+from timelit.training.callbacks.time_merge import TimeMerge
 
 TASKS = 5
 PROTOCOL = {"init": "all", "deploy": "all", "technique": "ties", "hparams": {"k": 0.3, "scope": "tower"}}

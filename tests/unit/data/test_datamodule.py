@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from timelit.clip import build_clip
 from timelit.data.datamodule import Preprocessing, TimeDataModule
 from timelit.data.loaders import TaskLoader, eval_workers
 from timelit.data.mixture import Mixture
+from timelit.training.clip import build_clip
 
 MICRO = "timelit-micro-ViT"
 

@@ -22,7 +22,6 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-from timelit.clip import build_clip
 from timelit.data.datamodule import Preprocessing, TimeDataModule
 from timelit.data.device_images import (
     CachedTokenizer,
@@ -35,8 +34,9 @@ from timelit.data.device_images import (
 from timelit.data.loaders import SampleReader, TaskLoader
 from timelit.data.mixture import _SOURCE_CODES
 from timelit.data.samples import decode_image
-from timelit.lightning_cli import config_differences
-from timelit.seeding import mix_seed, seed_torch_cpu
+from timelit.training.clip import build_clip
+from timelit.training.lightning_cli import config_differences
+from timelit.training.seeding import mix_seed, seed_torch_cpu
 
 MICRO = "timelit-micro-ViT"
 

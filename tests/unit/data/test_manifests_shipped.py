@@ -11,7 +11,7 @@ import yaml
 
 from timelit.data.manifest import ManifestError, load_manifests
 from timelit.data.streams import load_stream
-from timelit.resources import manifests_dir
+from timelit.utilities.resources import manifests_dir
 
 ROOT = manifests_dir()
 # DATASETS.md of FoMo-in-Flux: the pipeline's `evaluation.additional_datasets`.

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from timelit.clip import build_clip
 from timelit.data.datamodule import Preprocessing, TimeDataModule
 from timelit.data.shard_sizes import shard_size_problems, shard_sizes
 from timelit.data.shards import CorruptSampleError, ShardIndex
+from timelit.training.clip import build_clip
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from timelit.clip import build_clip
 from timelit.data.skips import Skip
-from timelit.evaluation.evaluator import ZeroShotEvaluator
-from timelit.evaluation.metrics import summarize
+from timelit.training.clip import build_clip
+from timelit.training.evaluation.evaluator import ZeroShotEvaluator
+from timelit.training.evaluation.metrics import summarize
 
 CPU = torch.device("cpu")
 DIM = 6

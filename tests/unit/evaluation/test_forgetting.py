@@ -10,7 +10,7 @@ import math
 import pytest
 
 from timelit.data.streams import Concept, Stream
-from timelit.evaluation.forgetting import forgetting_matrix, from_results, own_tasks
+from timelit.training.evaluation.forgetting import forgetting_matrix, from_results, own_tasks
 
 # R[i][j] after i tasks (row 0 = zero-shot). A is trained by task 1, B by task 2, C by tasks 1 and 3 (a random stream
 # spreads it: its own task is 3), E by task 4; D is evaluated as an adaptation dataset but never trained.

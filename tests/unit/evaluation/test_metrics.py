@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from timelit.evaluation.metrics import summarize
+from timelit.training.evaluation.metrics import summarize
 
 
 def classification(role: str, top1: float, n: int, full_top1: float | None = None) -> dict:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from timelit.evaluation.subsets import SubsetRule
+from timelit.training.evaluation.subsets import SubsetRule
 
 
 @pytest.mark.parametrize(

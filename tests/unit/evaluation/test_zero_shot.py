@@ -11,8 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from timelit.clip import build_clip
-from timelit.evaluation.zero_shot import classification_head, recall_at_k, text_tower_fingerprint, true_class_rank
+from timelit.training.clip import build_clip
+from timelit.training.evaluation.zero_shot import (
+    classification_head,
+    recall_at_k,
+    text_tower_fingerprint,
+    true_class_rank,
+)
 
 # Images x captions. Caption owners: image 0 has captions 0-1, image 1 caption 2, image 2 captions 3-5.
 # Ties that cannot change a rank on purpose: image 0's two captions tie with each other, image 1 is beaten by two

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from timelit.callbacks.time_merge import TimeMerge
 from timelit.merging import TECHNIQUES, merge, validate
 from timelit.merging.engine import state_members, update
-from timelit.protocol import fold_all, merge_all
+from timelit.training.callbacks.time_merge import TimeMerge
+from timelit.training.protocol import fold_all, merge_all
 
 SMALL_CHUNK = 100  # several unaligned chunks per tensor of the tiny CLIP
 EXPERTS = 6
@@ -148,7 +148,7 @@ _KILLED_UPDATE = textwrap.dedent(
     """
     import os, signal, sys
     from timelit.merging import running
-    from timelit.protocol import fold_all
+    from timelit.training.protocol import fold_all
     base, state, previous, *experts = sys.argv[1:]
     write, calls = running.StateWriter.write, [0]
     def write_then_die(self, name, start, values):

@@ -14,7 +14,7 @@ import yaml
 
 from timelit.merging import merge, validate
 from timelit.merging.tsv import tsv_factors
-from timelit.protocol import pairwise
+from timelit.training.protocol import pairwise
 
 CONFIG = Path(__file__).parents[3] / "configs" / "protocols" / "ema_ema_tsv.yaml"
 

@@ -154,7 +154,7 @@ def test_sigterm_stops_the_running_fits_and_the_next_sweep_resumes_them(grid, tm
     behave({"seed=0": "hold", "seed=1": "hold"})
     root = tmp_path / "runs"
     out_path = tmp_path / "launcher.out"
-    code = "import sys; from timelit.cli import main; main(sys.argv[1:])"
+    code = "import sys; from timelit.commands.cli import main; main(sys.argv[1:])"
     argv = ["sweep", f"--grid={grid}", f"--root={root}", "--launcher=local", "--parallel=2"]
     with open(out_path, "w") as out:
         launcher = subprocess.Popen([sys.executable, "-c", code, *argv], stdout=out, stderr=subprocess.STDOUT)
@@ -240,7 +240,7 @@ def test_a_dry_run_shows_the_commands_and_a_changed_grid_is_refused(grid, tmp_pa
 
 
 def test_the_help_shows_the_launcher_and_its_threads(capsys):
-    from timelit import cli
+    from timelit.commands import cli
 
     with pytest.raises(SystemExit):
         cli.main(["sweep", "--help"])

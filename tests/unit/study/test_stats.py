@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 
 from timelit.commands.report import report_command
-from timelit.errors import UserError
 from timelit.study.report import load_runs
 from timelit.study.stats import estimate, group_runs, paired_difference, reference_group, t_quantile_975
+from timelit.utilities.errors import UserError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BEST = {"init": "ema", "deploy": "ema", "technique": "interpolation", "hparams": {}}

@@ -19,10 +19,10 @@ import pytest
 import yaml
 
 from timelit.commands.sweep import sweep_command
-from timelit.resources import configs_dir
 from timelit.study.grid import GridError, find_grid, load_grid
 from timelit.study.plan import expand
 from timelit.study.slurm import ACTIVE_STATES, FINISHED_STATES, QueueError, array_spec
+from timelit.utilities.resources import configs_dir
 
 SHIPPED = ("quickstart", "model_size", "compute", "horizon")
 FOMO_GFLOPS = 1.8e9

@@ -33,12 +33,12 @@ from typing import Literal
 
 import yaml
 
-from timelit.atomic import write_text
 from timelit.data.manifest import ManifestError, ManifestSet, load_manifests, resolve_manifest_root
 from timelit.data.prepare.csv_files import scan_csv
 from timelit.data.prepare.imagefolder import scan_imagefolder
 from timelit.data.prepare.records import Found, LayoutError
 from timelit.data.streams import SEPARATOR, chunk
+from timelit.utilities.atomic import write_text
 
 QUICKSTART = "~/.cache/timelit/quickstart"
 STREAM = "stream"

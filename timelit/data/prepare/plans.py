@@ -20,11 +20,11 @@ from typing import Literal
 
 import numpy as np
 
-from timelit.atomic import replace_with, write_text
 from timelit.data.manifest import DatasetManifest
 from timelit.data.prepare.records import SplitListing
 from timelit.data.prepare.shard_jobs import BadImages, ShardJob, ShardScan, run_shard_job
 from timelit.data.shards import ShardIndex, index_path, shard_name
+from timelit.utilities.atomic import replace_with, write_text
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from timelit.data.manifest import DatasetManifest
-from timelit.errors import UserError
+from timelit.utilities.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".gif", ".tif", ".tiff")
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from timelit.atomic import replace_with
 from timelit.data.prepare.records import Record
 from timelit.data.samples import decode as decode_sample
 from timelit.data.samples import decode_image, describe, image_error, source_of
 from timelit.data.shards import IMAGE_EXTENSIONS, CorruptSampleError, ShardIndex, TarEntry, sample_key, scan_tar
+from timelit.utilities.atomic import replace_with
 
 
 class PrepareError(RuntimeError):

@@ -25,9 +25,9 @@ import random
 from pathlib import Path
 from typing import Literal
 
-from timelit.atomic import write_text
 from timelit.data.manifest import ManifestError, ManifestSet, load_manifests
 from timelit.data.streams import SEPARATOR, Concept, parse_concepts, resolve
+from timelit.utilities.atomic import write_text
 
 Ordering = Literal["random", "dataset_incremental", "class_incremental"]
 

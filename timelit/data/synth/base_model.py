@@ -21,11 +21,11 @@ from open_clip.loss import ClipLoss
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from timelit.atomic import replace_with, temporary_path
-from timelit.clip import build_clip
 from timelit.data.samples import decode
 from timelit.data.shards import ShardIndex
-from timelit.evaluation.zero_shot import classification_head, recall_at_k
+from timelit.training.clip import build_clip
+from timelit.training.evaluation.zero_shot import classification_head, recall_at_k
+from timelit.utilities.atomic import replace_with, temporary_path
 
 log = logging.getLogger(__name__)
 

@@ -42,10 +42,10 @@ import yaml
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from timelit.atomic import write_text
 from timelit.data.shards import ShardWriter, sample_key
 from timelit.data.synth import draw
-from timelit.errors import UserError
+from timelit.utilities.atomic import write_text
+from timelit.utilities.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,10 @@
 """Building open_clip models by name, with a pretrained tag, a local checkpoint, or random initialisation.
 
-    python -c "from timelit.clip import build_clip; print(build_clip('timelit-tiny-ViT').model)"
+    python -c "from timelit.training.clip import build_clip; print(build_clip('timelit-tiny-ViT').model)"
 
 open_clip's factory turns a model name into an architecture, transforms and a tokenizer. timelit adds its tiny
-configs (`timelit/model_configs/*.json`) to that registry, so the quickstart and the tests build their models through
-the same factory as ViT-B-16 and need no download.
+configs (`timelit/training/model_configs/*.json`) to that registry, so the quickstart and the tests build their models
+through the same factory as ViT-B-16 and need no download.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 from torch import nn
 
-from timelit.errors import UserError
-from timelit.resources import MODEL_CONFIGS_DIR
+from timelit.utilities.errors import UserError
+from timelit.utilities.resources import MODEL_CONFIGS_DIR
 
 log = logging.getLogger(__name__)
 

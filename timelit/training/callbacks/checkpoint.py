@@ -28,9 +28,9 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 from typing_extensions import override
 
-from timelit import lightning_internals
-from timelit.atomic import remove_temporaries, replace_with, temporary_path
-from timelit.disk_space import is_disk_full, write_error
+from timelit.training import lightning_internals
+from timelit.utilities.atomic import remove_temporaries, replace_with, temporary_path
+from timelit.utilities.disk_space import is_disk_full, write_error
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         finally:
             tmp.unlink(missing_ok=True)
         # Leftovers of saves killed midway on this host (a checkpoint-sized file each); other hosts' pids mean
-        # nothing here. A run also removes every leftover of its folders when it starts (timelit.atomic).
+        # nothing here. A run also removes every leftover of its folders when it starts (timelit.utilities.atomic).
         remove_temporaries([target.parent], only_gone_writers=True)
 
 
@@ -105,7 +105,7 @@ class StreamCheckpoint(ModelCheckpoint):
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         # Every save of this callback comes through here (periodic, task-end, Preemption's, on an exception). A
         # private method of ModelCheckpoint: tests/unit/test_lightning_internals.py checks that Lightning still
-        # saves through it (timelit.lightning_internals).
+        # saves through it (timelit.training.lightning_internals).
         try:
             super()._save_checkpoint(trainer, filepath)
         except BaseException as error:

@@ -16,8 +16,8 @@ kind of write. A write killed midway (SIGKILL, a node failure) leaves such a fil
 with ViT-B/16 up to ~600 MB per expert. One process writes one target at a time (a second thread writing the same
 target at once would share the name).
 
-An OSError while writing becomes a `timelit.disk_space.WriteError`: one line with the file, the errno and the space
-left on its filesystem.
+An OSError while writing becomes a `timelit.utilities.disk_space.WriteError`: one line with the file, the errno and the
+space left on its filesystem.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from timelit.disk_space import format_bytes, write_error
+from timelit.utilities.disk_space import format_bytes, write_error
 
 log = logging.getLogger(__name__)
 

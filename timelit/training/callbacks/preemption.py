@@ -4,8 +4,8 @@
     kill -TERM <pid of timelit fit>                                   saves last.ckpt, exits with status 143
 
 The signal handlers only record which signal arrived (I/O or a collective inside a handler can hang DDP, PL#21406),
-and Lightning's own handlers are kept off for the fit (timelit.lightning_internals). At the end of every training
-batch, and at the end of every task after its task-end checkpoint, the ranks agree on what arrived with one MAX
+and Lightning's own handlers are kept off for the fit (timelit.training.lightning_internals). At the end of every
+training batch, and at the end of every task after its task-end checkpoint, the ranks agree on what arrived with one MAX
 all-reduce; then every rank saves `last.ckpt` through the run's StreamCheckpoint, rank 0 runs `scontrol requeue`
 after the requeue signal under Slurm (not after SIGTERM), and every rank raises `Preempted` (exit status 128 + the
 signal number). A signal during an evaluation takes effect after that task's checkpoint; after the last training
@@ -31,7 +31,8 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from typing_extensions import override
 
-from timelit import early_signals, lightning_internals
+from timelit.training import lightning_internals
+from timelit.utilities import early_signals
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,8 @@ class Preemption(Checkpoint):
         self._turn_off_lightning_requeue(trainer)
         self._received = set()
         self._active = True
-        # A requeue signal that came while `timelit fit` was starting up (timelit.early_signals) counts as received.
+        # A requeue signal that came while `timelit fit` was starting up (timelit.utilities.early_signals) counts as
+        # received.
         arrived_early = early_signals.take(self.signals[1])
         # Installed now, and Lightning is kept from wrapping SIGTERM at the start of the run (which it would do
         # after `setup`, leaving its broadcasting handler live until on_sanity_check_start / on_train_start).
@@ -161,7 +163,7 @@ class Preemption(Checkpoint):
 
     @staticmethod
     def _keep_lightning_handlers_off(trainer: L.Trainer) -> None:
-        """Keep Lightning from installing its signal handlers in this fit (timelit.lightning_internals).
+        """Keep Lightning from installing its signal handlers in this fit (timelit.training.lightning_internals).
 
         Lightning would install them after `setup`, just before the run, wrapping SIGTERM in a handler that
         broadcasts inside the handler (PL#21406); until `on_sanity_check_start` / `on_train_start` took SIGTERM back,

@@ -10,8 +10,8 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-MODEL_CONFIGS_DIR = PACKAGE_DIR / "model_configs"
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # timelit/
+MODEL_CONFIGS_DIR = PACKAGE_DIR / "training" / "model_configs"
 
 
 def _shipped(name: str) -> Path:

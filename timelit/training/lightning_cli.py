@@ -1,7 +1,7 @@
-"""timelit's LightningCLI: `timelit fit|validate|test` (timelit/cli.py dispatches here).
+"""timelit's LightningCLI: `timelit fit|validate|test` (timelit/commands/cli.py dispatches here).
 
-Kept apart from timelit/cli.py, which every `timelit` command imports: importing Lightning takes ~7 s on a small
-machine, and `timelit sweep`, `timelit report` or `timelit --help` should not wait for it.
+Kept apart from timelit/commands/cli.py, which every `timelit` command imports: importing Lightning takes ~7 s on a
+small machine, and `timelit sweep`, `timelit report` or `timelit --help` should not wait for it.
 
 What a user sees is set here too: Lightning's log lines once and without its tips (`quiet_lightning`), a model summary
 with the measured GFLOPs per step (`install_step_cost_summary`), parse errors in one line (`TimeArgumentParser`) and
@@ -19,16 +19,17 @@ from typing import Any
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from timelit import early_signals, lightning_internals
-from timelit.errors import OneLineParserErrors
-from timelit.resources import PACKAGE_DIR
+from timelit.training import lightning_internals
+from timelit.utilities import early_signals
+from timelit.utilities.errors import OneLineParserErrors
+from timelit.utilities.resources import PACKAGE_DIR
 
-DEFAULTS_DIR = PACKAGE_DIR / "cli_defaults"
+DEFAULTS_DIR = PACKAGE_DIR / "training" / "cli_defaults"
 
 
 class TimeArgumentParser(OneLineParserErrors, LightningArgumentParser):
     """LightningArgumentParser whose errors (an unknown option, a value that is not one of a Literal's choices) are one
-    line naming the key, with the nearest valid name, instead of the whole usage (timelit.errors)."""
+    line naming the key, with the nearest valid name, instead of the whole usage (timelit.utilities.errors)."""
 
 
 class TimeLightningCLI(LightningCLI):
@@ -43,12 +44,12 @@ class TimeLightningCLI(LightningCLI):
     """
 
     def add_arguments_to_parser(self, parser: Any) -> None:
-        from timelit.callbacks.budget import ComputeBudget
-        from timelit.callbacks.checkpoint import StreamCheckpoint
-        from timelit.callbacks.preemption import Preemption
-        from timelit.callbacks.results import TaskResults
-        from timelit.callbacks.skipped import SkippedSamples
-        from timelit.callbacks.time_merge import TimeMerge
+        from timelit.training.callbacks.budget import ComputeBudget
+        from timelit.training.callbacks.checkpoint import StreamCheckpoint
+        from timelit.training.callbacks.preemption import Preemption
+        from timelit.training.callbacks.results import TaskResults
+        from timelit.training.callbacks.skipped import SkippedSamples
+        from timelit.training.callbacks.time_merge import TimeMerge
 
         parser.add_lightning_class_args(TimeMerge, "protocol")
         parser.add_lightning_class_args(ComputeBudget, "budget")
@@ -77,17 +78,19 @@ class TimeLightningCLI(LightningCLI):
         )
 
     def before_fit(self) -> None:
-        """Without a Preemption callback, give the requeue signals held since start-up back (timelit.early_signals)."""
-        from timelit.callbacks.preemption import Preemption
+        """Without a Preemption callback, give the requeue signals held since start-up back
+        (timelit.utilities.early_signals)."""
+        from timelit.training.callbacks.preemption import Preemption
 
         if not any(isinstance(callback, Preemption) for callback in self.trainer.callbacks):
             early_signals.release()
 
     def fit(self, **kwargs: Any) -> None:
-        """`trainer.fit` with the run folder locked and cleaned of killed writes' leftovers (timelit.run_folder),
-        refusing to resume a folder whose checkpoint was made under a different experiment config. The lock comes
-        first, so that a second fit into a busy folder stops before it reads or writes anything there."""
-        from timelit.run_folder import claim_run_folder
+        """`trainer.fit` with the run folder locked and cleaned of killed writes' leftovers
+        (timelit.training.run_folder), refusing to resume a folder whose checkpoint was made under a different
+        experiment config. The lock comes first, so that a second fit into a busy folder stops before it reads or
+        writes anything there."""
+        from timelit.training.run_folder import claim_run_folder
 
         lock = claim_run_folder(self.trainer)
         try:
@@ -140,7 +143,7 @@ class TimeLightningCLI(LightningCLI):
     def after_fit(self) -> None:
         """The run in a few lines on stdout: A_KA / A_ZS / GM from zero-shot to the last task done, the run folder
         and the command that shows its curves."""
-        from timelit.callbacks.results import TaskResults, run_directory
+        from timelit.training.callbacks.results import TaskResults, run_directory
 
         trainer = self.trainer
         results = next((c for c in trainer.callbacks if isinstance(c, TaskResults)), None)  # type: ignore[attr-defined]
@@ -151,11 +154,11 @@ class TimeLightningCLI(LightningCLI):
 
 
 class AtomicSaveConfig(SaveConfigCallback):
-    """SaveConfigCallback whose `config.yaml` is written atomically (timelit.atomic): a resume compares the new
-    config with it, and a file cut short by a kill would fail that check with a YAML error instead."""
+    """SaveConfigCallback whose `config.yaml` is written atomically (timelit.utilities.atomic): a resume compares the
+    new config with it, and a file cut short by a kill would fail that check with a YAML error instead."""
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        from timelit.atomic import write_text
+        from timelit.utilities.atomic import write_text
 
         if self.already_saved:
             return
@@ -175,7 +178,7 @@ def install_atomic_checkpoint_io(trainer: Any) -> bool:
     """
     from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-    from timelit.callbacks.checkpoint import AtomicCheckpointIO
+    from timelit.training.callbacks.checkpoint import AtomicCheckpointIO
 
     if type(trainer.strategy.checkpoint_io) is not TorchCheckpointIO:
         return False
@@ -185,10 +188,11 @@ def install_atomic_checkpoint_io(trainer: Any) -> bool:
 
 def install_step_cost_summary(trainer: Any, configured: list[Any]) -> bool:
     """Put timelit's StepCostSummary in place of the ModelSummary that Lightning adds by default (one whose FLOPs
-    read 0, timelit.callbacks.summary); a ModelSummary the config asked for stays. Returns whether it replaced."""
+    read 0, timelit.training.callbacks.summary); a ModelSummary the config asked for stays. Returns whether it
+    replaced."""
     from lightning.pytorch.callbacks import ModelSummary
 
-    from timelit.callbacks.summary import StepCostSummary
+    from timelit.training.callbacks.summary import StepCostSummary
 
     for position, callback in enumerate(trainer.callbacks):
         if type(callback) is ModelSummary and not any(callback is c for c in configured):
@@ -249,8 +253,8 @@ def quiet_lightning() -> None:
     """Each of Lightning's log lines once, and none of the tips and warnings above (issue 19, item 7).
 
     `import lightning` gives its `lightning` logger a console handler of its own while leaving it to propagate to
-    the root logger; where `timelit.cli.configure_logging` set up a root handler, every INFO line of Lightning's
-    was printed twice. That handler is removed, so Lightning's lines pass through timelit's alone."""
+    the root logger; where `timelit.commands.cli.configure_logging` set up a root handler, every INFO line of
+    Lightning's was printed twice. That handler is removed, so Lightning's lines pass through timelit's alone."""
     root = logging.getLogger()
     if root.handlers:
         lightning_logger = logging.getLogger("lightning")
@@ -295,7 +299,7 @@ def config_differences(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def _resolve_config_args(args: list[str]) -> list[str]:
     """Replace `--config NAME` by the path of a shipped config when NAME is not a file."""
-    from timelit.resources import resolve_config
+    from timelit.utilities.resources import resolve_config
 
     resolved, take_next = [], False
     for arg in args:
@@ -315,7 +319,7 @@ def _resolve_config_args(args: list[str]) -> list[str]:
 def run_lightning(args: list[str], run: bool = True) -> TimeLightningCLI:
     """`timelit fit|validate|test ...` (also the entry point the tests call in-process)."""
     from timelit.data.datamodule import TimeDataModule
-    from timelit.model import CLIPFineTuner
+    from timelit.training.model import CLIPFineTuner
 
     quiet_lightning()
     return TimeLightningCLI(

@@ -6,8 +6,8 @@
 
 A user error is a mistake in what was asked, not in timelit: a missing file or config, an unknown option, merge
 method or dataset, an empty folder. Its message names the thing at fault and, where there is a list of valid names,
-the nearest one (`did_you_mean`). `timelit.cli.main` treats as one: `UserError` and the domain errors built on it
-(ManifestError, LayoutError, GridError, ...), `FileNotFoundError` and `NotADirectoryError` (a path that is not
+the nearest one (`did_you_mean`). `timelit.commands.cli.main` treats as one: `UserError` and the domain errors built on
+it (ManifestError, LayoutError, GridError, ...), `FileNotFoundError` and `NotADirectoryError` (a path that is not
 there), and jsonargparse's parse errors, which the parsers raise as `UsageError` (`OneLineParserErrors`) instead of
 printing their 75-line usage. Anything else is a bug or a failure of the machine and keeps its traceback.
 

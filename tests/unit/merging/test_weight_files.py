@@ -1,4 +1,4 @@
-"""`timelit merge` end to end (timelit/commands/merge.py over merging/command.py): safetensors and Lightning
+"""`timelit merge` end to end (timelit/commands/merge.py over merging/weight_files.py): safetensors and Lightning
 checkpoints in and out, through jsonargparse."""
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def test_help_shows_every_option_with_its_documentation(capsys):
 
 def test_experts_given_as_several_paths_or_a_directory(tmp_path, clip_base, perturbed, write, monkeypatch):
     """`timelit merge --experts a b c` (what a shell glob expands to) and `--experts DIR` through timelit's own CLI."""
-    from timelit.cli import main
+    from timelit.commands.cli import main
 
     monkeypatch.chdir(tmp_path)
     experts = perturbed(clip_base, 3)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from timelit.evaluation.evaluator import Scope, summary_figure
+from timelit.training.evaluation.evaluator import Scope, summary_figure
 
 
 def summarize(per_dataset: dict[str, dict[str, Any]], scope: Scope = "subset") -> dict[str, float]:

@@ -1,6 +1,6 @@
 """The forgetting matrix of a stream: every adaptation dataset's figure after every task, and what it says.
 
-    python -m timelit.evaluation.forgetting runs/quickstart/version_0/results.json
+    python -m timelit.training.evaluation.forgetting runs/quickstart/version_0/results.json
 
 Read by `TaskResults` (the `forgetting` section of results.json, `forgetting/*` in TensorBoard) and by
 `timelit report` (columns and heat maps), so that both compute the same numbers from the same inputs: the evaluation

@@ -22,7 +22,7 @@ from torch import nn
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from timelit.evaluation.zero_shot import (
+from timelit.training.evaluation.zero_shot import (
     classification_head,
     recall_at_k,
     text_tower_fingerprint,

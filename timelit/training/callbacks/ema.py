@@ -1,6 +1,6 @@
 """StepEMA: an exponential moving average of the weights over the steps of each task (optional).
 
-    timelit fit --config quickstart.yaml --trainer.callbacks+=timelit.callbacks.ema.StepEMA \
+    timelit fit --config quickstart.yaml --trainer.callbacks+=timelit.training.callbacks.ema.StepEMA \
         --trainer.callbacks.decay 0.99
 
 Which weights are "the expert": with StepEMA, TimeMerge stores the step-EMA of a task's weights as that task's

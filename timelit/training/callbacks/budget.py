@@ -4,8 +4,8 @@
 
 FoMo-in-Flux (arXiv 2408.14471, Sec. 3) gives every method the same compute, a total GFLOP budget split evenly over
 the tasks: 1.8e9 GFLOPs for ViT-B/16 at batch 512 is 1420 steps in each of 20 tasks (568 / 284 / 142 for 50 / 100 /
-200 tasks). timelit measures the GFLOPs of one step (`timelit.flops`) instead of fixing the steps by hand, so the same
-budget gives a smaller model or batch more steps. The callback
+200 tasks). timelit measures the GFLOPs of one step (`timelit.training.flops`) instead of fixing the steps by hand, so
+the same budget gives a smaller model or batch more steps. The callback
 
 * in `setup` (before `configure_optimizers` and `train_dataloader` read it) measures GFLOPs per step for the model and
   the global batch, and sets `data.steps_per_task` = budget per task / (GFLOPs per step x multiplier);
@@ -32,9 +32,9 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from timelit.contracts import TaskStream, TrainingBatches, datamodule_as
-from timelit.flops import AttentionCount, Rounding, StepCost, measure_step, steps_for_budget
-from timelit.lightning_internals import reaches_logger
+from timelit.training.contracts import TaskStream, TrainingBatches, datamodule_as
+from timelit.training.flops import AttentionCount, Rounding, StepCost, measure_step, steps_for_budget
+from timelit.training.lightning_internals import reaches_logger
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class ComputeBudget(Callback):
         multiplier: charge each step GFLOPs x this factor: the memory-adjusted FLOPs of the reference, peak memory of
             a method relative to full fine-tuning (1 for full fine-tuning, which is what timelit trains).
         attention: count attention as the fused GPU kernels do (their backward recomputes the scores; the
-            reference's count) or as the unfused math path (see `timelit.flops`).
+            reference's count) or as the unfused math path (see `timelit.training.flops`).
         rounding: steps per task = budget / cost rounded to the nearest step (reproduces the reference table) or
             down (never exceeds the budget).
 
@@ -126,7 +126,7 @@ class ComputeBudget(Callback):
                 raise ValueError(
                     f"ComputeBudget needs a LightningModule with a `model_name` hyperparameter (an open_clip "
                     f"architecture) and a task-stream data module passed as Trainer.fit(datamodule=...) (see "
-                    f"timelit.contracts.TaskStream); missing: {', '.join(missing)}"
+                    f"timelit.training.contracts.TaskStream); missing: {', '.join(missing)}"
                 )
             return
         self.num_tasks = int(stream.num_tasks)

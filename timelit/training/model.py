@@ -27,13 +27,13 @@ import torch
 from open_clip.loss import ClipLoss
 from torch.utils.checkpoint import checkpoint
 
-from timelit.clip import build_clip, load_pretrained
-from timelit.contracts import EvaluationSets, TrainingBatches, datamodule_as
 from timelit.data.datamodule import Preprocessing
-from timelit.evaluation.evaluator import ZeroShotEvaluator
-from timelit.lightning_internals import reaches_logger
-from timelit.optim import TaskCosineSchedule, parameter_groups
-from timelit.seeding import mix_seed, seed_step
+from timelit.training.clip import build_clip, load_pretrained
+from timelit.training.contracts import EvaluationSets, TrainingBatches, datamodule_as
+from timelit.training.evaluation.evaluator import ZeroShotEvaluator
+from timelit.training.lightning_internals import reaches_logger
+from timelit.training.optim import TaskCosineSchedule, parameter_groups
+from timelit.training.seeding import mix_seed, seed_step
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,9 @@ class CLIPFineTuner(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         batches = datamodule_as(self.trainer, TrainingBatches)
         if batches is None:
-            raise ValueError("CLIPFineTuner needs a data module of task batches (timelit.contracts.TrainingBatches)")
+            raise ValueError(
+                "CLIPFineTuner needs a data module of task batches (timelit.training.contracts.TrainingBatches)"
+            )
         steps = batches.require_steps()
         hp = self.hparams
         optimizer = torch.optim.AdamW(

@@ -4,9 +4,9 @@
 
 Lightning's summary has a FLOPs column and a "Total Flops" line, which it measures only for a module with an
 `example_input_array`; CLIPFineTuner has none (its batch is an image-text pair of the data module's making), so
-both read 0, beside the GFLOPs per step that ComputeBudget measured (`timelit.flops`). This summary keeps the layer
-table and parameter counts and ends with that measured cost. `timelit.lightning_cli` puts it in place of the
-default summary Lightning adds; a ModelSummary of the user's own (`trainer.callbacks`) is left as it is.
+both read 0, beside the GFLOPs per step that ComputeBudget measured (`timelit.training.flops`). This summary keeps the
+layer table and parameter counts and ends with that measured cost. `timelit.training.lightning_cli` puts it in place of
+the default summary Lightning adds; a ModelSummary of the user's own (`trainer.callbacks`) is left as it is.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
 from typing_extensions import override
 
-from timelit.callbacks.budget import ComputeBudget
+from timelit.training.callbacks.budget import ComputeBudget
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class StepCostSummary(ModelSummary):
             cost = budget.cost
             self.step_cost = (
                 f"{budget.gflops_per_step:<10,.6g}GFLOPs per training step ({cost.model_name} at global batch "
-                f"{cost.batch_size}, timelit.flops)"
+                f"{cost.batch_size}, timelit.training.flops)"
             )
         super().on_fit_start(trainer, pl_module)
 

@@ -12,10 +12,11 @@ protocol, ...). The records live in this callback's `state_dict`, so they surviv
                                      forgetting/bwt, forgetting/avg_forgetting, forgetting/first_half_drop per task
                                      and the forgetting matrix as a Markdown table (text tab) at the end of fit
 
-results.json's `forgetting` section is the forgetting matrix of the points so far (`timelit.evaluation.forgetting`:
-figure of every adaptation dataset after every task, labelled by `rows` = tasks done and `columns` = datasets, each
-dataset's `own_task`, backward transfer, average forgetting and the first-half drop, and their `history` per task).
-It needs `run.data.task_datasets`, the datasets each task trains, read from the data module's stream.
+results.json's `forgetting` section is the forgetting matrix of the points so far
+(`timelit.training.evaluation.forgetting`: figure of every adaptation dataset after every task, labelled by `rows` =
+tasks done and `columns` = datasets, each dataset's `own_task`, backward transfer, average forgetting and the first-half
+drop, and their `history` per task). It needs `run.data.task_datasets`, the datasets each task trains, read from the
+data module's stream.
 
 A callback contributes fields to a point by defining `task_record(trainer) -> dict`, to the run header by defining
 `run_record(trainer) -> dict`, and top-level sections by defining `results_record(trainer) -> dict` (SkippedSamples'
@@ -38,8 +39,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
-from timelit.atomic import write_text
-from timelit.contracts import (
+from timelit.training.contracts import (
     EvaluatingModule,
     EvaluationSets,
     ResultsRecordSource,
@@ -50,9 +50,10 @@ from timelit.contracts import (
     callbacks_with,
     datamodule_as,
 )
-from timelit.evaluation.evaluator import summary_figure
-from timelit.evaluation.forgetting import NUMBERS, ForgettingMatrix, forgetting_matrix
-from timelit.evaluation.metrics import summarize
+from timelit.training.evaluation.evaluator import summary_figure
+from timelit.training.evaluation.forgetting import NUMBERS, ForgettingMatrix, forgetting_matrix
+from timelit.training.evaluation.metrics import summarize
+from timelit.utilities.atomic import write_text
 
 log = logging.getLogger(__name__)
 SUMMARY = ("A_KA", "A_ZS", "GM")

@@ -3,7 +3,7 @@
 Slurm's `--signal=USR1@N` warning (or a `scancel --signal=USR1`) can reach a job whose `timelit fit` is still
 importing torch and Lightning, parsing its config or building its model: seconds to minutes before the Preemption
 callback installs its handlers at `setup`. SIGUSR1's default action ends the process, so the job would end without
-the requeue the signal asked for. `timelit.cli.main` therefore records SIGUSR1 and SIGUSR2 from its first line
+the requeue the signal asked for. `timelit.commands.cli.main` therefore records SIGUSR1 and SIGUSR2 from its first line
 (`hold`), and Preemption adopts the one it is configured for (`take`): the run stops and requeues at its first
 training batch, as for a signal that arrives during the zero-shot evaluation before the stream.
 

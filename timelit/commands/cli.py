@@ -10,9 +10,10 @@ subcommands must be Trainer methods, so they cannot live inside it. A `--config`
 among the configs shipped with timelit, so the commands above work from any directory.
 
 A mistake in what was asked (a missing file or config, an unknown option, method or dataset, an empty folder) ends in
-one line naming it and exit status 2, the traceback only under `--debug` or TIMELIT_DEBUG=1 (timelit/errors.py).
+one line naming it and exit status 2, the traceback only under `--debug` or TIMELIT_DEBUG=1
+(timelit/utilities/errors.py).
 
-This module imports nothing heavy: the LightningCLI subclass lives in timelit/lightning_cli.py and each tool's
+This module imports nothing heavy: the LightningCLI subclass lives in timelit/training/lightning_cli.py and each tool's
 module is imported only when that tool runs, so `timelit --help`, `timelit sweep` and `timelit report` start in a
 fraction of a second instead of the ~7 s that importing torch and Lightning takes.
 """
@@ -26,7 +27,7 @@ import os
 import sys
 from typing import Any
 
-from timelit import early_signals, errors
+from timelit.utilities import early_signals, errors
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
 
@@ -53,8 +54,8 @@ _GATHER_LISTS = {"report": "report_argv", "merge": "merge_argv"}
 
 def run_lightning(args: list[str]) -> Any:
     """`timelit fit|validate|test ...` (also the entry point the tests call in-process); returns the
-    `timelit.lightning_cli.TimeLightningCLI` that ran."""
-    from timelit.lightning_cli import run_lightning as run
+    `timelit.training.lightning_cli.TimeLightningCLI` that ran."""
+    from timelit.training.lightning_cli import run_lightning as run
 
     return run(args)
 
@@ -76,7 +77,7 @@ def function_commands(only: str | None = None) -> dict[str, Any]:
 
 def _summary(module: str, function: str) -> str:
     """The first line of a command's docstring, read from its source rather than imported (see _FUNCTION_COMMANDS)."""
-    from timelit.resources import PACKAGE_DIR
+    from timelit.utilities.resources import PACKAGE_DIR
 
     source = PACKAGE_DIR.joinpath(*module.split(".")[1:]).with_suffix(".py")
     for node in ast.parse(source.read_text()).body:
@@ -109,14 +110,14 @@ def _print_overview() -> None:
 def configure_logging() -> None:
     """timelit's own messages at INFO (TIMELIT_LOG_LEVEL overrides); other libraries' (open_clip logs to the root
     logger) at WARNING. Lightning's, which it logs at INFO, pass through the same handler once
-    (`timelit.lightning_cli.quiet_lightning` removes Lightning's own handler when Lightning is imported)."""
+    (`timelit.training.lightning_cli.quiet_lightning` removes Lightning's own handler when Lightning is imported)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("timelit").setLevel(os.environ.get("TIMELIT_LOG_LEVEL", "INFO"))
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`timelit ...`: a user error (see timelit.errors) ends in one line and exit status 2; anything else, or any
-    error under `--debug` / TIMELIT_DEBUG=1, in its traceback."""
+    """`timelit ...`: a user error (see timelit.utilities.errors) ends in one line and exit status 2; anything else,
+    or any error under `--debug` / TIMELIT_DEBUG=1, in its traceback."""
     debug, args = errors.debug_requested(list(sys.argv[1:] if argv is None else argv))
     if args and args[0] == "fit":
         early_signals.hold()  # a requeue signal during the seconds of imports and set-up must not end the job

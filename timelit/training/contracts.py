@@ -75,7 +75,7 @@ class TrainingBatches(Protocol):
 
 @runtime_checkable
 class ZeroShotModule(Protocol):
-    """The LightningModule's θ0, which TimeMerge merges against (`timelit.model.CLIPFineTuner` provides it)."""
+    """The LightningModule's θ0, which TimeMerge merges against (`timelit.training.model.CLIPFineTuner` provides it)."""
 
     # θ0, captured in setup before any checkpoint is restored; None before setup.
     zero_shot_weights: dict[str, Any] | None
@@ -83,7 +83,7 @@ class ZeroShotModule(Protocol):
 
 @runtime_checkable
 class EvaluatingModule(ZeroShotModule, Protocol):
-    """The LightningModule as the callbacks read it (`timelit.model.CLIPFineTuner` provides it)."""
+    """The LightningModule as the callbacks read it (`timelit.training.model.CLIPFineTuner` provides it)."""
 
     # The figures of the evaluation just run ({"scope", "datasets"}); the results callback takes and clears them.
     last_evaluation: dict[str, Any] | None
@@ -119,8 +119,8 @@ class ExpertStoreOwner(Protocol):
 
 @runtime_checkable
 class ExpertWeightsSource(Protocol):
-    """A callback whose weights are the task's expert instead of the live ones (`timelit.callbacks.ema.StepEMA`):
-    TimeMerge stores what the first such callback returns."""
+    """A callback whose weights are the task's expert instead of the live ones
+    (`timelit.training.callbacks.ema.StepEMA`): TimeMerge stores what the first such callback returns."""
 
     def averaged_weights(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]: ...
 
@@ -128,7 +128,7 @@ class ExpertWeightsSource(Protocol):
 @runtime_checkable
 class CheckpointFolder(Protocol):
     """The trainer's checkpoint callback as TimeMerge reads it: the folder of last.ckpt, whose size a boundary
-    reserves (`timelit.callbacks.checkpoint.StreamCheckpoint`, a ModelCheckpoint, provides it)."""
+    reserves (`timelit.training.callbacks.checkpoint.StreamCheckpoint`, a ModelCheckpoint, provides it)."""
 
     dirpath: str | Path | None
 

@@ -11,7 +11,7 @@ and reports it:
 - TensorBoard: `skipped/total` and `skipped/<DATASET>/<split>` at every step that reaches the logger and at the end
   of every task (x-axis: global step);
 - results.json: `skipped` per point (samples per dataset split so far) and at the top level (with the shards);
-  each evaluation figure also has its own `skipped` beside `n` (timelit.evaluation.evaluator).
+  each evaluation figure also has its own `skipped` beside `n` (timelit.training.evaluation.evaluator).
 
 Counts are of distinct samples (a damaged replay sample drawn ten times is one). Under DDP each rank sees the
 samples of its own batches; at the end of every task the ranks pool their ledgers (one all_gather of the positions),
@@ -32,7 +32,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
 from timelit.data.skips import Skip, SkipLedger
-from timelit.lightning_internals import reaches_logger
+from timelit.training.lightning_internals import reaches_logger
 
 log = logging.getLogger(__name__)
 

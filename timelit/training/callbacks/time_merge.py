@@ -3,7 +3,7 @@
     timelit fit --config best_in_time.yaml --protocol.init ema --protocol.deploy ema
 
 The rules (what a task starts from, what is deployed, what a boundary merges) are pure functions in
-timelit.protocol; the files (names, hashes, which are kept, disk space) are timelit.merging.merged_files'. This
+timelit.training.protocol; the files (names, hashes, which are kept, disk space) are timelit.merging.merged_files'. This
 callback calls them at the right hooks and keeps the ranks in step: at the end of task t rank 0 stores the expert and
 writes the merged weights, every rank waits and then reads the same files; the deployed weights are swapped in for
 the evaluation and out after it; the init weights are loaded at the first batch of the next task.
@@ -29,9 +29,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
-from timelit.atomic import atomic_file
-from timelit.callbacks.results import run_directory
-from timelit.contracts import (
+from timelit.merging import ExpertStore, MergeMethod, MergeState, load_weights, validate
+from timelit.merging.merged_files import FINAL_FILE, MergedFiles, intact, recorded_file
+from timelit.training.callbacks.results import run_directory
+from timelit.training.contracts import (
     CheckpointFolder,
     ExpertWeightsSource,
     TaskStream,
@@ -39,10 +40,7 @@ from timelit.contracts import (
     callbacks_with,
     datamodule_as,
 )
-from timelit.disk_space import DiskSpaceError
-from timelit.merging import ExpertStore, MergeMethod, MergeState, load_weights, validate
-from timelit.merging.merged_files import FINAL_FILE, MergedFiles, intact, recorded_file
-from timelit.protocol import (
+from timelit.training.protocol import (
     BASE,
     Deploy,
     EmaStart,
@@ -55,6 +53,8 @@ from timelit.protocol import (
     init_weights,
     realise,
 )
+from timelit.utilities.atomic import atomic_file
+from timelit.utilities.disk_space import DiskSpaceError
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def _num_tasks(trainer: L.Trainer) -> int:
 
 
 class TimeMerge(Callback):
-    """Initialise each expert and deploy after each task as a TIME protocol says (timelit.protocol).
+    """Initialise each expert and deploy after each task as a TIME protocol says (timelit.training.protocol).
 
     Args:
         init: weights the next task starts from: `zs` (θ0), `ft` (last expert), `ema` (task EMA), `all` (merge of
@@ -134,8 +134,8 @@ class TimeMerge(Callback):
 
     def store_directory(self, run_dir: Path) -> Path:
         """Where experts and merged weights go for a run folder: `store_dir`, or `<run dir>/experts`. Takes the run
-        folder so that code running on rank 0 alone before fit (timelit.run_folder) can ask without caching the run
-        folder on that rank only, which would skip a broadcast the other ranks then wait in."""
+        folder so that code running on rank 0 alone before fit (timelit.training.run_folder) can ask without caching the
+        run folder on that rank only, which would skip a broadcast the other ranks then wait in."""
         return Path(self.store_dir).expanduser() if self.store_dir else run_dir / "experts"
 
     @property
@@ -244,7 +244,10 @@ class TimeMerge(Callback):
         base = self._base(pl_module)
         expert = self._expert_weights(trainer, pl_module)
         settings = self.settings
-        metadata = {"timelit.protocol": f"{settings.init}/{settings.deploy}", "timelit.technique": settings.technique}
+        metadata = {
+            "timelit.training.protocol": f"{settings.init}/{settings.deploy}",
+            "timelit.technique": settings.technique,
+        }
         self.store.add(task, expert, metadata)
         for planned in boundary_plan(settings, task, self.store.tasks):
             weights, self.merge_state = realise(planned.rule, settings, base, expert, self.files, self.merge_state)

@@ -15,12 +15,12 @@ from pathlib import Path
 import lightning
 import torch
 
-from timelit.errors import UserError
 from timelit.merging import merge
 from timelit.merging.engine import DEFAULT_CHUNK_SIZE, DEFAULT_THREADS
 from timelit.merging.safetensors_io import atomic_file, file_sha256, save_weights
 from timelit.merging.store import ExpertStore
 from timelit.merging.technique import Technique
+from timelit.utilities.errors import UserError
 
 MODEL_PREFIX = "model."
 """The timelit LightningModule holds the open_clip model as ``self.model``, so checkpoint keys are ``model.<key>``."""

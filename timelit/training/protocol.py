@@ -14,8 +14,8 @@ TIME (arXiv 2412.06712, §3) separates *initialization* of the next expert from 
 f is the protocol's merge technique. `ProtocolSettings` holds a protocol; `init_weights`, `deployed_weights` and
 `boundary_plan` decide from it and a task index which stored weights a task starts from, which are deployed, and what
 a boundary merges; `realise` computes one planned merge. Nothing here knows Lightning: `TimeMerge`
-(timelit/callbacks/time_merge.py) calls these at its hooks, and `timelit.merging.merged_files` names and keeps the
-files. docs/ARCHITECTURE.md ("The task boundary in O(1)", "Decisions" 6) has the design and the pipeline's names.
+(timelit/training/callbacks/time_merge.py) calls these at its hooks, and `timelit.merging.merged_files` names and keeps
+the files. docs/ARCHITECTURE.md ("The task boundary in O(1)", "Decisions" 6) has the design and the pipeline's names.
 """
 
 from __future__ import annotations

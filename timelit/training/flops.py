@@ -94,7 +94,7 @@ def _attention_counted_as(attention: AttentionCount) -> Iterator[None]:
 
 def build_meta_model(model_name: str) -> torch.nn.Module:
     """The open_clip architecture `model_name` with every tensor on the meta device (shapes only, no storage)."""
-    from timelit.clip import build_clip
+    from timelit.training.clip import build_clip
 
     with torch.device("meta"):
         return build_clip(model_name, device="meta").model
