@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -56,3 +57,14 @@ def test_python_dash_m_timelit_is_the_timelit_command():
     assert result.returncode == 0 and result.stdout.startswith("usage: timelit [options] sweep")
     result = timelit("fitt")
     assert result.returncode == 2 and "did you mean 'fit'" in result.stderr
+
+
+def test_help_into_a_closed_pipe_ends_quietly():
+    """`timelit --help | head -1`: the reader is gone before timelit writes; no BrokenPipeError traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run([sys.executable, "-m", "timelit", "--help"], stdout=write_end, stderr=subprocess.PIPE)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 0 and b"Traceback" not in done.stderr, done.stderr.decode()

@@ -124,6 +124,10 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging()
     try:
         _run(args)
+    except BrokenPipeError:
+        # The reader of stdout went away (`timelit --help | head`): not an error of the command. Point stdout at
+        # /dev/null so that the interpreter's own flush at exit does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except Exception as error:
         user_error = errors.find_user_error(error)
         if debug or user_error is None:
