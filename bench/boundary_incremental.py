@@ -30,13 +30,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import machine, median, peak_rss_mb, table, write_report
-from task_boundary import fake_trainer, free_gb, random_weights, shapes
+from task_boundary import fake_trainer, free_gb, shapes, stored_experts
 
 PROTOCOLS: dict[str, dict[str, Any]] = {
     "all/all TIES": {"init": "all", "deploy": "all", "technique": "ties", "hparams": {"k": 0.3, "scope": "tower"}},
@@ -101,7 +100,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
     import torch
 
-    from timelit.merging import save_weights
     from timelit.training.clip import build_clip
 
     if args.threads:
@@ -121,17 +119,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     print(f"{args.model}: {params / 1e6:.2f}M params; t = {args.sizes}; {', '.join(args.protocols)}", flush=True)
     try:
-        generator = torch.Generator().manual_seed(0)
-        base = random_weights(layout, generator)
-        module = SimpleNamespace(model=model, zero_shot_weights=base)
-        module.model.load_state_dict(random_weights(layout, generator, base))
         experts = tmp / "experts"
-        experts.mkdir()
-        hashes = [
-            save_weights(experts / f"expert_{t:04d}.safetensors", random_weights(layout, generator, base))
-            for t in range(max(args.sizes) - 1)
-        ]
-        os.sync()
+        module, hashes = stored_experts(model, layout, experts, max(args.sizes) - 1)
+        base = module.zero_shot_weights
         runs = []
         for name in args.protocols:
             protocol = PROTOCOLS[name]

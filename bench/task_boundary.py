@@ -82,6 +82,27 @@ def free_gb(path: Path) -> float:
     return usage.free / 2**30
 
 
+def stored_experts(model: Any, layout: dict[str, tuple[int, ...]], folder: Path, count: int) -> tuple[Any, list[str]]:
+    """A stand-in module (θ0 as `zero_shot_weights`, its live weights one more draw) and `count` experts saved in
+    `folder` as expert_NNNN.safetensors; returns the module and the experts' sha256 in order. Every draw comes from one
+    generator seeded 0, in this order, so both boundary benchmarks time the same weights."""
+    import torch
+
+    from timelit.merging import save_weights
+
+    generator = torch.Generator().manual_seed(0)
+    base = random_weights(layout, generator)
+    module = SimpleNamespace(model=model, zero_shot_weights=base)
+    module.model.load_state_dict(random_weights(layout, generator, base))
+    folder.mkdir()
+    hashes = [
+        save_weights(folder / f"expert_{t:04d}.safetensors", random_weights(layout, generator, base))
+        for t in range(count)
+    ]
+    os.sync()  # the experts' dirty pages reach the disk before anything is timed
+    return module, hashes
+
+
 # --------------------------------------------------------------------------- TimeMerge with stand-ins
 
 
@@ -176,7 +197,7 @@ def instrumented(timings: Timings):
 
 
 def boundary(
-    protocol: dict[str, Any], n: int, experts_dir: Path, hashes: dict[int, str], work: Path, module: Any
+    protocol: dict[str, Any], n: int, experts_dir: Path, hashes: list[str], work: Path, module: Any
 ) -> dict[str, float]:
     """The boundary of task n - 1 with n - 2 tasks finished before it, timed per phase."""
     from timelit.training.callbacks.time_merge import TimeMerge
@@ -261,7 +282,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
     import torch
 
-    from timelit.merging import save_weights
     from timelit.training.clip import build_clip
 
     if args.threads:
@@ -291,18 +311,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         flush=True,
     )
     try:
-        generator = torch.Generator().manual_seed(0)
-        base = random_weights(layout, generator)
-        module = SimpleNamespace(model=model, zero_shot_weights=base)
-        module.model.load_state_dict(random_weights(layout, generator, base))
         experts = tmp / "experts"
-        experts.mkdir()
         began = time.perf_counter()
-        hashes = {}
-        for t in range(max(sizes) - 1):
-            path = experts / f"expert_{t:04d}.safetensors"
-            hashes[t] = save_weights(path, random_weights(layout, generator, base))
-        os.sync()  # the experts' dirty pages reach the disk before anything is timed
+        module, hashes = stored_experts(model, layout, experts, max(sizes) - 1)
         report["generate_seconds"] = time.perf_counter() - began
         report["checkpoint_s"] = checkpoint_seconds(module, tmp)
         runs = []
