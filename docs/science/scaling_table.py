@@ -58,15 +58,26 @@ def _by_seed(rows: list[dict[str, str]]) -> dict[str, float]:
     return {r["run"].rsplit("seed=", 1)[-1]: float(r["final_GM"]) for r in rows}
 
 
+# The two gaps of findings 3 and 4, each as (the other protocol, the sign that makes it "other − ema/ema" or back).
+GAPS = {"multitask_minus_ema": ("multitask", 1), "ema_minus_zs_all": ("zs_all_average", -1)}
+
+
+def _gap(cells: dict[tuple[str, str], list[dict[str, str]]], variant: str, name: str) -> dict[str, float]:
+    """One gap by seed, over the seeds where both of its runs finished."""
+    ema = _by_seed(cells.get((variant, "ema_ema_interpolation"), []))
+    other, sign = GAPS[name]
+    theirs = _by_seed(cells.get((variant, other), []))
+    return {s: sign * (theirs[s] - ema[s]) for s in set(ema) & set(theirs)}
+
+
 def paired_gaps(cells: dict[tuple[str, str], list[dict[str, str]]]) -> dict[str, dict[str, Any]]:
     """Per variant: multitask GM − Best-in-TIME GM over the seeds both finished, with its 95 % t interval (how far
     temporal merging is from the multitask reference, finding 3), and the same for Best-in-TIME − offline merging."""
     out: dict[str, dict[str, Any]] = {}
-    for variant in {v for v, _ in cells}:
-        ema = _by_seed(cells.get((variant, "ema_ema_interpolation"), []))
-        for name, other, sign in (("multitask_minus_ema", "multitask", 1), ("ema_minus_zs_all", "zs_all_average", -1)):
-            theirs = _by_seed(cells.get((variant, other), []))
-            e = estimate([sign * (theirs[s] - ema[s]) for s in sorted(set(ema) & set(theirs))])
+    for variant in sorted({v for v, _ in cells}):  # sorted: the same JSON from every run
+        for name in GAPS:
+            gap = _gap(cells, variant, name)
+            e = estimate([gap[s] for s in sorted(gap)])
             out.setdefault(variant, {})[name] = {"mean": e.mean, "ci_low": e.ci_low, "ci_high": e.ci_high, "n": e.n}
     return out
 
@@ -75,13 +86,6 @@ def paired_gaps(cells: dict[tuple[str, str], list[dict[str, str]]]) -> dict[str,
 BUDGETS = {"compute_x0.5": 0.5, CENTRE: 1.0, "compute_x2": 2.0}
 # The gaps' directions under finding 3: more compute narrows multitask − ema/ema and widens ema/ema − zs/all.
 EXPECTED_SIGN = {"multitask_minus_ema": -1, "ema_minus_zs_all": +1}
-
-
-def _gap(cells: dict[tuple[str, str], list[dict[str, str]]], variant: str, name: str) -> dict[str, float]:
-    ema = _by_seed(cells.get((variant, "ema_ema_interpolation"), []))
-    other, sign = ("multitask", 1) if name == "multitask_minus_ema" else ("zs_all_average", -1)
-    theirs = _by_seed(cells.get((variant, other), []))
-    return {s: sign * (theirs[s] - ema[s]) for s in set(ema) & set(theirs)}
 
 
 def compute_trend(cells: dict[tuple[str, str], list[dict[str, str]]]) -> dict[str, Any]:
