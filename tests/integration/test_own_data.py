@@ -39,6 +39,10 @@ PREPARE_CSV = (
 VERIFY = "timelit data verify --manifests my_set --data_root my_set"
 FIT = "timelit fit --config quickstart.yaml --config my_set/fit.yaml"
 REPORT = "timelit report runs/my_set --out report/my_set"
+POOL_COPY = (
+    "timelit data prepare --layout pool --source DIR --datasets MYPOOL --manifests my_set --data_root my_set "
+    "--pool_copy true"
+)
 
 
 def _glyph(text: str, rng: random.Random) -> Image.Image:
@@ -191,3 +195,29 @@ def test_a_pool_downloaded_twice_in_another_order_gives_the_same_run(tiny_benchm
         points = json.loads((workdir / "runs" / run / "results.json").read_text())["points"]
         figures.append([(p["A_KA"], {name: d["figure"] for name, d in p["datasets"].items()}) for p in points])
     assert len(figures[0]) == 3 and figures[0] == figures[1]
+
+
+def _pool_files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name.endswith((".tar", ".index.safetensors"))}
+
+
+def test_a_pool_copied_twice_from_downloads_in_another_order_gives_identical_files(workdir):
+    """The guide's `--pool_copy true`: two downloads whose members lie in other orders (and whose tar headers carry
+    other times) prepare to byte-identical shards and index files; indexed in place, only the samples' order agrees."""
+    assert POOL_COPY in GUIDE.read_text(), f"docs/own_data.md no longer runs: {POOL_COPY}"
+    _timelit("timelit data new --name LETTERS --source letters --out plain")
+    (workdir / "plain" / "pools" / "MYPOOL.yaml").write_text("name: MYPOOL\nnum_samples: null\n")
+    copied, in_place = [], []
+    for order in (None, 7):
+        _img2dataset_pool(workdir / f"pool_{order}", workdir / "letters", order)
+        command = POOL_COPY.replace("DIR", f"pool_{order}").replace("--manifests my_set", "--manifests plain")
+        _timelit(command.replace("--data_root my_set", f"--data_root copied_{order}"))
+        copied.append(_pool_files(workdir / f"copied_{order}" / "MYPOOL"))
+        _timelit(
+            command.replace("--data_root my_set", f"--data_root in_place_{order}").replace(" --pool_copy true", "")
+        )
+        in_place.append(_pool_files(workdir / f"in_place_{order}" / "MYPOOL"))
+    assert (workdir / "pool_None" / "00000.tar").read_bytes() != (workdir / "pool_7" / "00000.tar").read_bytes()
+    assert sorted(copied[0]) == ["train-000000.tar", "train-000001.tar", "train.index.safetensors"]
+    assert copied[0] == copied[1]
+    assert list(in_place[0]) == ["train.index.safetensors"] and in_place[0] != in_place[1]  # offsets into other tars

@@ -14,8 +14,9 @@ Why an index beside the tar files: a FoMo-in-Flux task is a set of concepts scat
 loader must pick samples by class. webdataset's streaming reader (split by node, then by worker, then filter) would
 read every shard to keep a few percent of it, could not give every rank the same number of samples, and could only
 resume by re-reading what it skipped. The index gives each worker exactly its samples with one `pread` each, and a
-resume is arithmetic. The tar files stay plain webdataset shards (written with webdataset's TarWriter, readable by
-any webdataset pipeline), and pools from img2dataset are indexed in place (`index_shards`).
+resume is arithmetic. The tar files stay plain webdataset shards (written with webdataset's TarWriter through
+`shard_tar_writer`, readable by any webdataset pipeline), and pools from img2dataset are indexed in place
+(`index_shards`) or copied in key order (`timelit.data.prepare.pool_shards`).
 
 Nothing here unpickles: a sample's members are decoded as image, UTF-8 text or JSON, and other members are ignored.
 """
@@ -66,6 +67,14 @@ def index_path(directory: str | Path, split: str) -> Path:
 
 def sample_key(dataset: str, split: str, index: int) -> str:
     return f"{dataset}/{split}/{index:08d}"
+
+
+def shard_tar_writer(path: str | Path, encode: bool = True) -> TarWriter:
+    """webdataset's TarWriter as every shard timelit writes is written, so that a shard's bytes depend on its samples
+    only: mtime 0 and fixed owner, group and mode in every header (uid and gid are tarfile's 0), each sample's
+    members in name order (TarWriter sorts them). `encode=False` stores every member's bytes as given (a pool's copied
+    samples: the default encoder would gzip a `.gz` member again, stamping the time of day in it)."""
+    return TarWriter(str(path), user="bigdata", group="bigdata", mode=0o444, encoder=encode, mtime=0.0)
 
 
 @dataclass
@@ -167,6 +176,7 @@ class ShardIndex:
         tmp = temporary_path(path)
         arrays = {"shard": self.shard, "offset": self.offset, "length": self.length, "label": self.label}
         save_file(arrays, str(tmp), metadata={"format": INDEX_FORMAT, "shards": json.dumps(self.shards)})
+        _sort_header(tmp)
         replace_with(tmp, path)
         return path
 
@@ -212,6 +222,25 @@ class ShardIndex:
         for handle in self._handles.values():
             os.close(handle)
         self._handles = {}
+
+
+def _sort_header(path: Path) -> None:
+    """Sort the keys of a safetensors file's JSON header, in place. safetensors keeps the metadata in a hash map whose
+    order changes from process to process, so two saves of one index could differ in bytes; sorted, the file depends
+    on its contents only, and two identical pools give identical index files. Readers find tensors by their offsets,
+    which do not change; the sorted header is as long as safetensors' (both write compact JSON escaping the same
+    characters), padded with spaces as safetensors pads it, else the file is rewritten with the longer one."""
+    with open(path, "r+b") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= size:
+            handle.seek(8)
+            handle.write(text.ljust(size))
+            return
+        data = handle.read()
+    text = text.ljust(-(-len(text) // 8) * 8)  # the data stays 8-byte aligned
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
 
 
 def describe_shard(path: Path, samples: int, needed: int, size: int | None) -> str:
@@ -285,7 +314,7 @@ class ShardWriter:
         self._finish_shard()
         name = shard_name(self.split, len(self._shards))
         self._tmp = temporary_path(self.directory / name)
-        self._writer = TarWriter(str(self._tmp), mtime=0.0)
+        self._writer = shard_tar_writer(self._tmp)
         self._shards.append(name)
 
     def _finish_shard(self) -> None:

@@ -39,6 +39,19 @@ def test_an_interrupted_writer_leaves_no_index(tmp_path):
         ShardIndex.load(tmp_path / "DS", "train")
 
 
+def test_an_index_file_depends_on_its_contents_only(tmp_path):
+    """safetensors orders its header's metadata by a hash map seeded per process; the index sorts every key, so two
+    identical pools give byte-identical index files (docs/own_data.md, `--pool_copy`)."""
+    with ShardWriter(tmp_path / "DS", "train", samples_per_shard=2) as writer:
+        for i in range(3):
+            writer.add(f"DS/train/{i:08d}", _png((i, 0, 0)), "png", f"caption {i}", {"label": i})
+    data = (tmp_path / "DS" / "train.index.safetensors").read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    assert list(header) == sorted(header) and list(header["__metadata__"]) == ["format", "shards"]
+    assert size % 8 == 0 and ShardIndex.load(tmp_path / "DS", "train").label.tolist() == [0, 1, 2]
+
+
 def test_img2dataset_style_shards_are_indexed_in_place(tmp_path):
     pool = tmp_path / "POOL"
     pool.mkdir()

@@ -39,6 +39,11 @@ class PrepareOptions:
         skip_bad: leave images that do not decode out (listed in <split>.skipped.tsv and the summary) instead of
             stopping on them.
         decode: decode every image to check it (false: store the bytes unchecked, e.g. for a pool you trust).
+        pool_copy: pool: copy a local folder of shards into DATA_ROOT/<NAME>/ with each shard's samples in key order
+            and normalised tar headers, so that two downloads of one URL list (members in another order) give
+            byte-identical shards and index; default false: index the folder in place, which gives both the same
+            samples in the same order, but leaves their tar files (and so the index's offsets) as they are. URL
+            sources are always copied this way.
     """
 
     source: str
@@ -57,6 +62,7 @@ class PrepareOptions:
     overwrite: bool = False
     skip_bad: bool = False
     decode: bool = True
+    pool_copy: bool = False
 
     def __post_init__(self) -> None:
         if self.samples_per_shard < 1:

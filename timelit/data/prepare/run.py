@@ -2,6 +2,7 @@
 
     timelit data prepare --source /data/fomo_in_flux --metadata_dir fomo_in_flux/data_lib/00_info --data_root /data/tl
     timelit data prepare --layout pool --source ./data/laion400m/shards --datasets [LAION400M] --data_root /data/tl
+    timelit data prepare --layout pool --source ./my_pool --datasets [MYPOOL] --data_root /data/tl --pool_copy true
 
 Output: `<data_root>/<NAME>/<split>-NNNNNN.tar` + `<split>.index.safetensors` (the format of `timelit.data.shards`)
 and `<split>.prepare.json`, the plan of the split; with `--skip_bad true`, `<split>.skipped.tsv` (source, reason) of
@@ -32,7 +33,9 @@ def build_plans(manifest_set: ManifestSet, options: PrepareOptions) -> tuple[lis
     data_root = Path(options.data_root).expanduser()
     if options.layout == "pool":
         pool = manifest_set.pool(one_dataset(names(options.datasets), options.layout))
-        return [pool_plan(pool, options.source, data_root)], [], []
+        return [pool_plan(pool, options.source, data_root, options.pool_copy)], [], []
+    if options.pool_copy:
+        raise LayoutError(f"--pool_copy applies to --layout pool only (this is --layout {options.layout})")
     root = Path(options.source).expanduser()
     if not root.exists():
         raise LayoutError(f"--source {root} does not exist")

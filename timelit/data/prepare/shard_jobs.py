@@ -4,23 +4,32 @@ Shard k of a split always holds records [k*S, (k+1)*S), so each shard is an inde
 under a temporary name and renames it when complete, then scans it for the index. Every image is decoded once here
 (`--decode false` skips this): a bad one fails its shard, naming its source file, or with `--skip_bad true` is left
 out and reported. Images are stored as they are (jpg/png/webp bytes) unless `--resize` asks for a smaller copy or the
-format is one webdataset readers do not expect (bmp, ppm, gif, tiff: stored as lossless PNG).
+format is one webdataset readers do not expect (bmp, ppm, gif, tiff: stored as lossless PNG). A pool's shard is
+copied in key order (`pool_shards.py`), or, indexed in place, only scanned; its samples are decoded after the copy.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from timelit.data.prepare.pool_shards import copy_in_key_order
 from timelit.data.prepare.records import Record
 from timelit.data.samples import decode as decode_sample
 from timelit.data.samples import decode_image, describe, image_error, source_of
-from timelit.data.shards import IMAGE_EXTENSIONS, CorruptSampleError, ShardIndex, TarEntry, sample_key, scan_tar
+from timelit.data.shards import (
+    IMAGE_EXTENSIONS,
+    CorruptSampleError,
+    ShardIndex,
+    TarEntry,
+    sample_key,
+    scan_tar,
+    shard_tar_writer,
+)
 from timelit.utilities.atomic import replace_with
 
 
@@ -30,7 +39,8 @@ class PrepareError(RuntimeError):
 
 @dataclass(frozen=True)
 class ShardJob:
-    """One shard: write it from records (datasets), copy it from a URL (pools), or only scan it (pools in place).
+    """One shard: write it from records (datasets), copy it in key order from a URL or path (pools), or only scan
+    it (pools in place).
 
     `check` decodes every image once (the loaders would otherwise meet a broken file mid-run); a bad one fails the
     shard, naming the source file, or with `skip_bad` is left out and reported.
@@ -128,11 +138,9 @@ def _temporary(path: Path) -> Path:
 
 def _write_dataset_shard(job: ShardJob) -> list[tuple[str, str]]:
     """Write the shard of `job.records`, leaving out (with `skip_bad`) the images that do not decode; returns those."""
-    from webdataset import TarWriter
-
     tmp = _temporary(job.path)
     bad: list[tuple[str, str]] = []
-    with TarWriter(str(tmp), mtime=0.0) as writer:  # mtime 0: the same records always give the same bytes
+    with shard_tar_writer(tmp) as writer:  # the same records always give the same bytes
         for offset, record in enumerate(job.records):
             stored = stored_image(record, job.resize, job.check)
             if isinstance(stored, str):
@@ -154,11 +162,15 @@ def _write_dataset_shard(job: ShardJob) -> list[tuple[str, str]]:
 
 
 def _copy_shard(job: ShardJob) -> None:
-    from webdataset.gopen import gopen
-
+    """Copy a pool shard in key order (`pool_shards`): two downloads that differ in member order give the same
+    bytes."""
+    assert job.url is not None
     tmp = _temporary(job.path)
-    with gopen(job.url, "rb") as source, open(tmp, "wb") as target:
-        shutil.copyfileobj(source, target, length=1 << 20)
+    try:
+        copy_in_key_order(job.url, tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     replace_with(tmp, job.path)
 
 

@@ -455,6 +455,11 @@ def test_img2dataset_pool_is_indexed_in_place(bench):
     assert again[0].status == "up to date"
 
 
+def _members(path: Path) -> dict[str, bytes]:
+    with tarfile.open(path) as archive:
+        return {m.name: archive.extractfile(m).read() for m in archive if m.isfile()}
+
+
 def test_pool_shard_patterns_are_copied_into_local_shards(bench):
     _with_pool(bench, None)
     source = bench["root"] / "remote"
@@ -466,7 +471,8 @@ def test_pool_shard_patterns_are_copied_into_local_shards(bench):
         )
     )
     folder = bench["data"] / "FAKEPOOL"
-    assert (folder / "train-000001.tar").read_bytes() == (source / "00001.tar").read_bytes()
+    # the same members with the same bytes (the headers are timelit's: tests/unit/data/prepare/test_pool_copy.py)
+    assert _members(folder / "train-000001.tar") == _members(source / "00001.tar")
     index = ShardIndex.load(folder, "train")
     assert index.shards == ["train-000000.tar", "train-000001.tar"]
     assert [decode(index.read(i)).caption for i in range(len(index))] == captions
