@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks: the machine record, medians, peak memory, tables and the JSON report.
+"""Helpers shared by the benchmarks: the machine record, medians, peak memory, tables, the JSON report, the options
+every script takes (`--out`, `--quick`) and the data module on a synthesized benchmark.
 
     python bench/train_overhead.py --quick        (every script in bench/ uses these)
 
@@ -10,11 +11,14 @@ compare and report medians; the load is recorded with every figure.
 
 from __future__ import annotations
 
+import argparse
+import copy
 import json
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -22,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+QUICKSTART = "~/.cache/timelit/quickstart"  # what `timelit fit --config quickstart.yaml` writes: the default data
+QUICK_DATA = Path(tempfile.gettempdir()) / "timelit_bench_quick"  # --quick's tiny benchmark instead
+SYNTH_POOL = "SYNTH_POOL"  # the pretraining pool timelit.data.synth writes (its POOL_NAME)
 
 
 def _proc(path: str, prefix: str) -> str:
@@ -72,6 +79,36 @@ def table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def benchmark_args(
+    parser: argparse.ArgumentParser, argv: list[str] | None, quick: dict[str, Any], quick_help: str | None = None
+) -> argparse.Namespace:
+    """`parser`'s arguments and the two every benchmark takes: `--out`, the folder of its JSON report, and `--quick`,
+    which sets the options in `quick` (the smoke test's sizes, over whatever the command line said) and moves a
+    `--data-root` left at QUICKSTART to QUICK_DATA, so that a quick run never writes into the user's benchmark."""
+    parser.add_argument("--out", default=str(RESULTS_DIR))
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    args = parser.parse_args(argv)
+    if args.quick:
+        for name, value in quick.items():
+            setattr(args, name, copy.deepcopy(value))  # a run may change its lists; the next parse gets fresh ones
+        if getattr(args, "data_root", None) == QUICKSTART:
+            args.data_root = str(QUICK_DATA)
+    return args
+
+
+def synthetic_data(root: str | Path, bundle: Any, data_class: Any = None, **options: Any) -> Any:
+    """`data_class` (default TimeDataModule) on the benchmark timelit.data.synth wrote at `root` (its manifests beside
+    the data, the random stream, SYNTH_POOL for pretraining), set up for fit with the transforms and tokenizer of
+    `bundle` (build_clip's); `options` are the data module's other arguments."""
+    from timelit.data.datamodule import Preprocessing, TimeDataModule
+
+    data_class = data_class or TimeDataModule
+    data = data_class(str(root), manifests=str(root), stream="random", pretraining_pool=SYNTH_POOL, **options)
+    data.set_preprocessing(Preprocessing(bundle.train_transform, bundle.eval_transform, bundle.tokenizer))
+    data.setup("fit")
+    return data
 
 
 # --------------------------------------------------------------------------- memory

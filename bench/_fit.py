@@ -11,7 +11,8 @@ alternates the two step by step inside one fit so that both see the same machine
   `serve_from_memory: false`, the real shard loaders, keeping the cache for the plain loop).
 * `PlainLoop` is the same training step written as a reader of nanoGPT would: forward, open_clip's ClipLoss,
   backward, gradient clipping at 1.0, AdamW with the same parameter groups and hyperparameters, warm-up + cosine.
-  It imports torch and open_clip only (timelit.training.clip just registers the tiny model configs).
+  It imports torch and open_clip only (timelit.training.clip just registers the tiny model configs). What it
+  trains and with which AdamW settings is a `PlainRecipe`, which `BareLightning` takes too.
 * `SideBySide` runs blocks of plain steps between blocks of timelit's steps, on the same batches, and times each
   step of both. A timelit step is the time from one `on_train_batch_end` to the next, less the plain block, so it
   holds everything a step of `timelit fit` does: data fetch, every hook, logging, the optimizer step, checkpoints.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -158,24 +160,39 @@ def _lr_factor(step: int, steps_per_task: int, warmup_fraction: float, min_ratio
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def plain_optimizer(
-    model: torch.nn.Module,
-    steps_per_task: int,
-    lr: float,
-    weight_decay: float,
-    betas: tuple[float, float],
-    eps: float,
-    fused: bool,
-) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW without decay on gains, biases and logit_scale, and warm-up + cosine restarted every task, written
-    without timelit's code (timelit.training.optim is what is being measured against)."""
-    exempt = {n for n, p in model.named_parameters() if p.ndim < 2 or "logit_scale" in n}
-    decay = [p for n, p in model.named_parameters() if n not in exempt]
-    no_decay = [p for n, p in model.named_parameters() if n in exempt]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, steps_per_task, 0.1, 0.001))
-    return optimizer, schedule
+@dataclass(frozen=True)
+class PlainRecipe:
+    """What the plain step trains: the open_clip model `model_name`, tasks of `steps_per_task` steps (the schedule
+    restarts every task) and AdamW's hyperparameters, under CLIPFineTuner's names (SideBySide reads them from the
+    fitted module's hparams)."""
+
+    model_name: str
+    steps_per_task: int
+    lr: float = 1e-4
+    weight_decay: float = 0.2
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    @classmethod
+    def of(cls, hparams: Any, steps_per_task: int) -> PlainRecipe:
+        """The recipe of a fitted module (CLIPFineTuner or BareLightning) from its hparams."""
+        return cls(
+            hparams.model_name, steps_per_task, hparams.lr, hparams.weight_decay, tuple(hparams.betas), hparams.eps
+        )
+
+    def optimizer(
+        self, model: torch.nn.Module, fused: bool
+    ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+        """AdamW without decay on gains, biases and logit_scale, and warm-up + cosine restarted every task, written
+        without timelit's code (timelit.training.optim is what is being measured against)."""
+        exempt = {n for n, p in model.named_parameters() if p.ndim < 2 or "logit_scale" in n}
+        decay = [p for n, p in model.named_parameters() if n not in exempt]
+        no_decay = [p for n, p in model.named_parameters() if n in exempt]
+        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, eps=self.eps, fused=fused)
+        steps = self.steps_per_task
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, steps, 0.1, 0.001))
+        return optimizer, schedule
 
 
 class PlainLoop:
@@ -183,13 +200,8 @@ class PlainLoop:
 
     def __init__(
         self,
-        model_name: str,
-        weights: dict[str, torch.Tensor] | None,
-        steps_per_task: int,
-        lr: float = 1e-4,
-        weight_decay: float = 0.2,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
+        recipe: PlainRecipe,
+        weights: dict[str, torch.Tensor] | None = None,
         device: str | torch.device = "cpu",
         precision: str = "32",
         fused: bool = True,
@@ -198,12 +210,12 @@ class PlainLoop:
 
         from timelit.training.clip import build_clip
 
-        self.model = build_clip(model_name).model.to(device)
+        self.model = build_clip(recipe.model_name).model.to(device)
         if weights is not None:
             self.model.load_state_dict(weights)
         self.model.train()
         # Fused by default, as CLIPFineTuner's AdamW on a CPU; SideBySide passes the fit's own choice.
-        self.optimizer, self.schedule = plain_optimizer(self.model, steps_per_task, lr, weight_decay, betas, eps, fused)
+        self.optimizer, self.schedule = recipe.optimizer(self.model, fused)
         self.loss_fn = ClipLoss()
         self.device = torch.device(device)
         self.autocast = precision == "bf16-mixed"
@@ -239,24 +251,17 @@ class BareLightning(L.LightningModule):
     gradient clipping left to the Trainer. Fitted with no callback but SideBySide, no logger, no progress bar, so
     that what Lightning's own loop costs is told apart from what timelit's module and callbacks add."""
 
-    def __init__(
-        self,
-        model_name: str,
-        weights: dict[str, torch.Tensor] | None,
-        steps_per_task: int,
-        lr: float = 3e-4,
-        weight_decay: float = 0.2,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-    ):
+    def __init__(self, recipe: PlainRecipe, weights: dict[str, torch.Tensor] | None = None):
         super().__init__()
         from open_clip.loss import ClipLoss
 
         from timelit.data.datamodule import Preprocessing
         from timelit.training.clip import build_clip
 
-        self.save_hyperparameters(ignore=["weights"])  # SideBySide builds its PlainLoop from these
-        bundle = build_clip(model_name)
+        self.recipe = recipe
+        # Flat, under CLIPFineTuner's names: SideBySide builds its PlainLoop from these.
+        self.save_hyperparameters(asdict(recipe))
+        bundle = build_clip(recipe.model_name)
         self.model = bundle.model
         if weights is not None:
             self.model.load_state_dict(weights)
@@ -271,10 +276,7 @@ class BareLightning(L.LightningModule):
         return self.loss_fn(image_features, text_features, logit_scale)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        optimizer, schedule = plain_optimizer(
-            self.model, hp.steps_per_task, hp.lr, hp.weight_decay, tuple(hp.betas), hp.eps, fused=True
-        )
+        optimizer, schedule = self.recipe.optimizer(self.model, fused=True)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
@@ -318,16 +320,10 @@ class SideBySide(Callback):
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if self.block:
-            hp = pl_module.hparams
             weights = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
             self.loop = PlainLoop(
-                hp.model_name,
+                PlainRecipe.of(pl_module.hparams, trainer.datamodule.require_steps()),
                 weights,
-                trainer.datamodule.require_steps(),
-                hp.lr,
-                hp.weight_decay,
-                tuple(hp.betas),
-                hp.eps,
                 device=pl_module.device,
                 precision=str(trainer.precision),
                 fused=bool(trainer.optimizers[0].defaults.get("fused")),  # the same AdamW kernel as the fit's

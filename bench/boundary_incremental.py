@@ -34,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine, median, peak_rss_mb, table, write_report
+from _common import benchmark_args, machine, median, peak_rss_mb, table, write_report
 from task_boundary import fake_trainer, free_gb, shapes, stored_experts
 
 PROTOCOLS: dict[str, dict[str, Any]] = {
@@ -204,11 +204,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=1, help="boundaries per mode and size (medians)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default; merges use 1)")
     parser.add_argument("--tmp", default=None)
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.model, args.sizes = "timelit-micro-ViT", [3, 5]
+    args = benchmark_args(parser, argv, {"model": "timelit-micro-ViT", "sizes": [3, 5]})
     if min(args.sizes) < 2:
         parser.error("--sizes must be at least 2: the boundary folds into the state of the experts before it")
     return args

@@ -51,9 +51,19 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import TreeMemory, machine, median, peak_rss_mb, table, write_report
+from _common import (
+    QUICKSTART,
+    SYNTH_POOL,
+    TreeMemory,
+    benchmark_args,
+    machine,
+    median,
+    peak_rss_mb,
+    synthetic_data,
+    table,
+    write_report,
+)
 
-POOL = "SYNTH_POOL"
 H100_BF16_DENSE_TFLOPS = 989.4  # H100 SXM5, dense bf16 tensor-core peak (NVIDIA datasheet; 1,979 is with sparsity)
 
 
@@ -76,12 +86,20 @@ def _before_fixes(undone: list[str]) -> Any:
     return BeforeFixes(seeding="seeding" in undone, logging=False, tar="tar" in undone)
 
 
-def _preprocessing(model: str) -> Any:
-    from timelit.data.datamodule import Preprocessing
+def _data(spec: dict[str, Any], steps_per_task: int) -> Any:
+    """The data module a measurement reads: `spec`'s benchmark, tasks, batch and workers, no evaluation."""
     from timelit.training.clip import build_clip
 
-    bundle = build_clip(model, device="meta")  # transforms and tokenizer only; no weights are allocated
-    return Preprocessing(bundle.train_transform, bundle.eval_transform, bundle.tokenizer)
+    bundle = build_clip(spec["model"], device="meta")  # transforms and tokenizer only; no weights are allocated
+    return synthetic_data(
+        spec["root"],
+        bundle,
+        num_tasks=spec["tasks"],
+        batch_size=spec["batch"],
+        steps_per_task=steps_per_task,
+        eval_datasets=[],
+        num_workers=spec["workers"],
+    )
 
 
 def measure_loader(spec: dict[str, Any]) -> dict[str, Any]:
@@ -94,22 +112,9 @@ def measure_loader(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _iterate(spec: dict[str, Any]) -> dict[str, Any]:
-    from timelit.data.datamodule import TimeDataModule
     from timelit.data.loaders import TaskLoader, loader_kwargs
 
-    data = TimeDataModule(
-        spec["root"],
-        manifests=spec["root"],
-        stream="random",
-        num_tasks=spec["tasks"],
-        batch_size=spec["batch"],
-        pretraining_pool=POOL,
-        steps_per_task=spec["batches"] + 1,
-        eval_datasets=[],
-        num_workers=spec["workers"],
-    )
-    data.set_preprocessing(_preprocessing(spec["model"]))
-    data.setup("fit")
+    data = _data(spec, steps_per_task=spec["batches"] + 1)
     task = spec["task"] if spec["task"] >= 0 else spec["tasks"] + spec["task"]
     with TreeMemory() as memory:
         loader = TaskLoader(data.task_batches(task), **loader_kwargs(spec["workers"]))
@@ -132,23 +137,10 @@ def measure_tasks(spec: dict[str, Any]) -> dict[str, Any]:
     """Every task in turn (a new loader per task, as Lightning reloads it), memory of the tree after each."""
     import torch
 
-    from timelit.data.datamodule import TimeDataModule
     from timelit.data.loaders import TaskLoader, loader_kwargs
 
     torch.set_num_threads(spec["threads"])
-    data = TimeDataModule(
-        spec["root"],
-        manifests=spec["root"],
-        stream="random",
-        num_tasks=spec["tasks"],
-        batch_size=spec["batch"],
-        pretraining_pool=POOL,
-        steps_per_task=spec["batches"],
-        eval_datasets=[],
-        num_workers=spec["workers"],
-    )
-    data.set_preprocessing(_preprocessing(spec["model"]))
-    data.setup("fit")
+    data = _data(spec, steps_per_task=spec["batches"])
     after = []
     with TreeMemory() as memory:
         for task in range(spec["tasks"]):
@@ -164,10 +156,10 @@ def measure_tasks(spec: dict[str, Any]) -> dict[str, Any]:
 def measure_model(spec: dict[str, Any]) -> dict[str, Any]:
     """Samples per second the model trains on (plain steps on random inputs of its shape), same torch threads."""
     import torch
-    from _fit import PlainLoop
+    from _fit import PlainLoop, PlainRecipe
 
     torch.set_num_threads(spec["threads"])
-    loop = PlainLoop(spec["model"], None, steps_per_task=1000)
+    loop = PlainLoop(PlainRecipe(spec["model"], steps_per_task=1000))
     size = loop.model.visual.image_size
     size = size if isinstance(size, int) else size[0]
     batch = {
@@ -188,7 +180,7 @@ def check_tar(spec: dict[str, Any]) -> dict[str, Any]:
     first shard)."""
     from timelit.data.shards import ShardIndex
 
-    index = ShardIndex.load(Path(spec["root"]) / POOL, "train")
+    index = ShardIndex.load(Path(spec["root"]) / SYNTH_POOL, "train")
     positions = [int(p) for p in (index.shard == 0).nonzero()[0]]
     now = [index.read(p) for p in positions]
     with _before_fixes(["tar"]):
@@ -468,13 +460,13 @@ def replicate(source: Path, target: Path, copies: int) -> Path:
     shutil.rmtree(target, ignore_errors=True)
     for folder in ("classnames", "streams", "pools", "datasets"):
         shutil.copytree(source / folder, target / folder)
-    for manifest in [*sorted((target / "datasets").glob("*.yaml")), target / "pools" / f"{POOL}.yaml"]:
+    for manifest in [*sorted((target / "datasets").glob("*.yaml")), target / "pools" / f"{SYNTH_POOL}.yaml"]:
         spec = yaml.safe_load(manifest.read_text())
         name = spec["name"]
         splits = spec.get("splits", {"train": {}}) if manifest.parent.name == "datasets" else {"train": {}}
         for split in [s for s in splits if s == "train"]:  # the loaders under test read training splits only
             index = ShardIndex.load(source / name, split)
-            per_shard = 1000 if name == POOL else 500
+            per_shard = 1000 if name == SYNTH_POOL else 500
             with ShardWriter(target / name, split, samples_per_shard=per_shard) as writer:
                 number = 0
                 for _ in range(copies):
@@ -513,7 +505,7 @@ def hires_copy(source: Path, target: Path, size: int, per_split: int, pool: int,
         shutil.copytree(source / folder, target / folder)
     rng = np.random.default_rng(seed)
     sizes = []
-    for manifest in [*sorted((target / "datasets").glob("*.yaml")), target / "pools" / f"{POOL}.yaml"]:
+    for manifest in [*sorted((target / "datasets").glob("*.yaml")), target / "pools" / f"{SYNTH_POOL}.yaml"]:
         spec = yaml.safe_load(manifest.read_text())
         name = spec["name"]
         is_pool = manifest.parent.name == "pools"
@@ -846,9 +838,34 @@ def render_hires(h: dict[str, Any]) -> str:
     )
 
 
+QUICK = {  # tiny sizes: every section in seconds
+    "batch_size": 16,
+    "batches": 2,
+    "workers": [0, 1],
+    "repeats": 1,
+    "model_steps": 2,
+    "fix_workers": 1,
+    "mem_workers": 0,
+    "copies": 2,
+    "task_counts": [2],
+    "sweep_batches": 1,
+    "hires_size": 64,
+    "hires_model": "timelit-micro-ViT",
+    "hires_batch": 16,
+    "hires_batches": 2,
+    "hires_per_split": 40,
+    "hires_pool": 64,
+    "photos": 32,
+    "photo_width": 96,
+    "photo_height": 72,
+    "photo_batch": 16,
+    "rounds": 1,
+}
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data-root", default="~/.cache/timelit/quickstart", help="a quickstart benchmark")
+    parser.add_argument("--data-root", default=QUICKSTART, help="a quickstart benchmark")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--batches", type=int, default=12, help="batches timed per measurement (after the first)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2, 4])
@@ -883,19 +900,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--assumed-mfu", type=float, default=0.4, help="for the GPU-rate estimate without a GPU")
     parser.add_argument("--keep", action="store_true", help="keep the benchmark copies")
     parser.add_argument("--tmp", default=None)
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (the smoke test)")
     parser.add_argument("--worker-spec", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.batch_size, args.batches, args.workers, args.repeats, args.model_steps = 16, 2, [0, 1], 1, 2
-        args.fix_workers, args.mem_workers, args.copies, args.task_counts = 1, 0, 2, [2]
-        args.hires_size, args.hires_model, args.hires_batch, args.hires_batches = 64, "timelit-micro-ViT", 16, 2
-        args.hires_per_split, args.hires_pool, args.sweep_batches = 40, 64, 1
-        args.photos, args.photo_width, args.photo_height, args.photo_batch, args.rounds = 32, 96, 72, 16, 1
-        if args.data_root == parser.get_default("data_root"):
-            args.data_root = str(Path(tempfile.gettempdir()) / "timelit_bench_quick")
-    return args
+    return benchmark_args(parser, argv, QUICK, "tiny sizes (the smoke test)")
 
 
 if __name__ == "__main__":

@@ -29,14 +29,13 @@ import functools
 import os
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine, median, table, write_report
+from _common import QUICKSTART, benchmark_args, machine, median, synthetic_data, table, write_report
 
 H100_BF16_DENSE_TFLOPS = 989.4
 
@@ -53,7 +52,6 @@ def quickstart(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     import torch
     from torch.utils.data import DataLoader
 
-    from timelit.data.datamodule import Preprocessing, TimeDataModule
     from timelit.data.loaders import loader_kwargs
     from timelit.training.clip import build_clip, load_pretrained
     from timelit.training.evaluation.evaluator import ZeroShotEvaluator
@@ -62,19 +60,8 @@ def quickstart(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     bundle = build_clip(model_name)
     model = bundle.model.eval()
     load_pretrained(model, model_name, str(root / "base_model.safetensors"))
-    data = TimeDataModule(
-        str(root),
-        manifests=str(root),
-        stream="random",
-        num_tasks=4,
-        batch_size=128,
-        pretraining_pool="SYNTH_POOL",
-        steps_per_task=1,
-        eval_batch_size=args.eval_batch_size,
-        num_workers=args.workers,
-    )
-    data.set_preprocessing(Preprocessing(bundle.train_transform, bundle.eval_transform, bundle.tokenizer))
-    data.setup("fit")
+    training = {"num_tasks": 4, "batch_size": 128, "steps_per_task": 1}  # only the evaluation loaders are read
+    data = synthetic_data(root, bundle, eval_batch_size=args.eval_batch_size, num_workers=args.workers, **training)
     device = torch.device("cpu")
     runs = []
     for _ in range(args.repeats):
@@ -230,7 +217,7 @@ def render_fomo(f: dict[str, Any]) -> str:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data-root", default="~/.cache/timelit/quickstart")
+    parser.add_argument("--data-root", default=QUICKSTART)
     parser.add_argument("--workers", type=int, default=0, help="evaluation loader workers")
     parser.add_argument("--eval-batch-size", type=int, default=256, help="as quickstart.yaml")
     parser.add_argument("--repeats", type=int, default=3)
@@ -238,14 +225,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--text-model", default="ViT-B-16")
     parser.add_argument("--prompt-sample", type=int, default=512)
     parser.add_argument("--assumed-mfu", type=float, default=0.4)
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.repeats, args.text_model, args.prompt_sample = 1, "timelit-micro-ViT", 16
-        if args.data_root == parser.get_default("data_root"):
-            args.data_root = str(Path(tempfile.gettempdir()) / "timelit_bench_quick")
-    return args
+    return benchmark_args(parser, argv, {"repeats": 1, "text_model": "timelit-micro-ViT", "prompt_sample": 16})
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine, quiet_logs, table, write_report
+from _common import benchmark_args, machine, quiet_logs, table, write_report
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOPS, from NVIDIA's datasheets; matched against the device name.
 PEAK_BF16_TFLOPS = {
@@ -196,6 +196,9 @@ def render(report: dict[str, Any]) -> str:
     return head + ("\n" + report["note"] if "note" in report else "") + "\n" + body
 
 
+QUICK = {"model": "timelit-micro-ViT", "batch_size": 8, "steps": 5, "block": 2, "warmup": 1, "cached_batches": 2}
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="ViT-B-16")
@@ -209,18 +212,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--peak-tflops", type=float, default=None, help="the card's dense bf16 peak, if not in table")
     parser.add_argument("--data-root", default=str(Path(tempfile.gettempdir()) / "timelit_bench_images"))
     parser.add_argument("--tmp", default=None)
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    parser.add_argument("--quick", action="store_true", help="a few steps of a micro model on CPU")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.model, args.batch_size, args.steps, args.block, args.warmup, args.cached_batches = (
-            "timelit-micro-ViT",
-            8,
-            5,
-            2,
-            1,
-            2,
-        )
+    args = benchmark_args(parser, argv, QUICK, "a few steps of a micro model on CPU")
     os.environ.setdefault("TIMELIT_LOG_LEVEL", "WARNING")
     return args
 

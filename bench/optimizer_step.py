@@ -28,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine, median, quiet_logs, table, write_report
+from _common import QUICKSTART, benchmark_args, machine, median, quiet_logs, table, write_report
 
 KERNELS = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
@@ -125,9 +125,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return report
 
 
+# 6 steps: SideBySide drops the first of a task and 3 of warm-up.
+QUICK = {"model": "timelit-micro-ViT", "batch_size": 8, "steps": 6, "workers": 0, "repeats": 1, "optimizer_steps": 2}
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data-root", default="~/.cache/timelit/quickstart", help="a quickstart benchmark")
+    parser.add_argument("--data-root", default=QUICKSTART, help="a quickstart benchmark")
     parser.add_argument("--model", default="timelit-tiny-ViT")
     parser.add_argument("--batch-size", type=int, default=64, help="the quickstart's batch")
     parser.add_argument("--steps", type=int, default=80, help="training steps of each fit")
@@ -135,21 +139,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--optimizer-steps", type=int, default=20, help="timed AdamW steps per kernel and repeat")
     parser.add_argument("--tmp", default=None, help="where run folders go (default: the system temp dir)")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    parser.add_argument("--quick", action="store_true", help="a few steps on a tiny benchmark (the smoke test)")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.model, args.batch_size, args.steps, args.workers, args.repeats, args.optimizer_steps = (
-            "timelit-micro-ViT",
-            8,
-            6,
-            0,
-            1,
-            2,
-        )  # fmt: skip  (6 steps: SideBySide drops the first of a task and 3 of warm-up)
-        if args.data_root == parser.get_default("data_root"):
-            args.data_root = str(Path(tempfile.gettempdir()) / "timelit_bench_quick")
-    return args
+    return benchmark_args(parser, argv, QUICK, "a few steps on a tiny benchmark (the smoke test)")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine, median, peak_rss_mb, table, write_report
+from _common import benchmark_args, machine, median, peak_rss_mb, table, write_report
 
 REFERENCE_GFLOPS_PER_STEP = 63_394.76  # FIF_REFERENCE.md §4: ViT-B/16, one 512-sample step
 REFERENCE_STEPS = 1420
@@ -426,12 +426,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--assumed-mfu", type=float, default=0.4)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default; merges use 1)")
     parser.add_argument("--tmp", default=None)
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.model, args.sizes, args.fallback, args.repeats = "timelit-micro-ViT", [3, 5], 5, 1
-    return args
+    return benchmark_args(parser, argv, {"model": "timelit-micro-ViT", "sizes": [3, 5], "fallback": 5, "repeats": 1})
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine, median, quiet_logs, table, write_report
+from _common import QUICKSTART, benchmark_args, machine, median, quiet_logs, synthetic_data, table, write_report
 
 BEFORE = ", before fixes"
 
@@ -119,7 +119,7 @@ def one_fit(
 
 def one_bare_fit(args: argparse.Namespace, data_root: Path, model: str, batch: int, steps: int) -> dict[str, Any]:
     """The plain step as a bare LightningModule (`_fit.BareLightning`), side by side with the plain loop."""
-    from _fit import BareLightning, InMemoryTimeData, bare_fit
+    from _fit import BareLightning, InMemoryTimeData, PlainRecipe, bare_fit
 
     from timelit.training.clip import read_state_dict
 
@@ -130,7 +130,8 @@ def one_bare_fit(args: argparse.Namespace, data_root: Path, model: str, batch: i
     )  # fmt: skip
     weights = read_state_dict(data_root / "base_model.safetensors") if model == args.data_model else None
     with open(args.log, "a") as log, contextlib.redirect_stderr(log), contextlib.redirect_stdout(log):
-        summary = bare_fit(data, BareLightning(model, weights, steps), args.tasks, args.block).summary()
+        module = BareLightning(PlainRecipe(model, steps, lr=3e-4), weights)
+        summary = bare_fit(data, module, args.tasks, args.block).summary()
     summary["fit_wall_s"] = time.perf_counter() - started
     summary["load_average"] = os.getloadavg()[0]
     return summary
@@ -192,26 +193,14 @@ def alternated(args: argparse.Namespace, data_root: Path, workers: int, before: 
 
 def standalone_plain(args: argparse.Namespace, data_root: Path, model: str, batch: int, steps: int) -> list[float]:
     """`steps` plain steps outside any Trainer (for the runs whose loader workers forbid interleaving)."""
-    from _fit import InMemoryTimeData, PlainLoop, time_plain
+    from _fit import InMemoryTimeData, PlainLoop, PlainRecipe, time_plain
 
-    from timelit.data.datamodule import Preprocessing
     from timelit.training.clip import build_clip, read_state_dict
 
-    data = InMemoryTimeData(
-        str(data_root),
-        manifests=str(data_root),
-        stream="random",
-        num_tasks=args.tasks,
-        batch_size=batch,
-        pretraining_pool="SYNTH_POOL",
-        steps_per_task=steps,
-        num_workers=0,
-    )
-    bundle = build_clip(model)
-    data.set_preprocessing(Preprocessing(bundle.train_transform, bundle.eval_transform, bundle.tokenizer))
-    data.setup("fit")
+    options = {"num_tasks": args.tasks, "batch_size": batch, "steps_per_task": steps, "num_workers": 0}
+    data = synthetic_data(data_root, build_clip(model), InMemoryTimeData, **options)
     weights = read_state_dict(data_root / "base_model.safetensors") if model == args.data_model else None
-    loop = PlainLoop(model, weights, steps)
+    loop = PlainLoop(PlainRecipe(model, steps), weights)
     batches = data.cached()
     loop.step(batches[0])
     return time_plain(loop, batches, steps)
@@ -340,12 +329,9 @@ def rows(report: dict[str, Any], batch: int, micro_batch: int) -> list[dict[str,
 
 
 def render(report: dict[str, Any]) -> str:
-    m = report["machine"]
-    head = (
-        f"{m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, load {m['load_average']} at start; "
-        f"{report['settings']['model']} batch {report['settings']['batch_size']}, "
-        f"{report['settings']['tasks']} tasks x {report['settings']['steps']} steps"
-    )
+    m, s = report["machine"], report["settings"]
+    where = f"{m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, load {m['load_average']} at start"
+    what = f"{s['model']} batch {s['batch_size']}, {s['tasks']} tasks x {s['steps']} steps"
     body = table(
         [
             "variant",
@@ -368,7 +354,7 @@ def render(report: dict[str, Any]) -> str:
         [list(r.values()) for r in report.get("before_vs_now", [])],
     )
     return (
-        head + "\n" + body + "\n\nbefore the fixes vs now (timelit's median step)\n" + versus + render_profile(report)
+        f"{where}; {what}\n{body}\n\nbefore the fixes vs now (timelit's median step)\n{versus}{render_profile(report)}"
     )
 
 
@@ -397,9 +383,12 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in keys}
 
 
+QUICK = {"steps": 5, "tasks": 2, "repeats": 1, "block": 2, "warmup": 1, "micro_steps": 5, "workers": [1]}
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data-root", default="~/.cache/timelit/quickstart", help="a quickstart benchmark")
+    parser.add_argument("--data-root", default=QUICKSTART, help="a quickstart benchmark")
     parser.add_argument("--model", default="timelit-tiny-ViT")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=41, help="steps per task (one task's last step ends a block)")
@@ -415,7 +404,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--eval-datasets", nargs="*", default=["COLOURS", "DIGITS"], help="evaluated after tasks")
     parser.add_argument("--no-progress-bar", action="store_true", help="as `--trainer.enable_progress_bar false`")
     parser.add_argument("--tmp", default=None, help="where run folders go (default: the system temp dir)")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--profile", action="store_true", help="also profile the micro model's fit (cProfile)")
     parser.add_argument(
         "--variants",
@@ -424,14 +412,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="which to run (bare: the "
         "micro model's step as a bare LightningModule, no timelit code, to split Lightning's cost from timelit's)",
     )
-    parser.add_argument("--quick", action="store_true", help="a few steps on a tiny benchmark (the smoke test)")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.steps, args.tasks, args.repeats, args.block, args.warmup, args.micro_steps = 5, 2, 1, 2, 1, 5
-        args.workers = [1]
-        if args.data_root == parser.get_default("data_root"):
-            args.data_root = str(Path(tempfile.gettempdir()) / "timelit_bench_quick")
-    return args
+    return benchmark_args(parser, argv, QUICK, "a few steps on a tiny benchmark (the smoke test)")
 
 
 if __name__ == "__main__":
