@@ -35,7 +35,7 @@ import torch
 
 from timelit.merging.chunks import Chunk
 from timelit.merging.task_vectors import SignElected, Summed, keep_magnitudes
-from timelit.merging.technique import TaskVectorTechnique, check_range
+from timelit.merging.technique import UNIT, TaskVectorTechnique
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,11 +62,10 @@ class Breadcrumbs(Summed, TaskVectorTechnique):
         "top_prune_percentile": "the pipeline's top_prune_percentile is `top_drop`",
         "prune_percentile": "the pipeline's prune_percentile is `bottom_drop`",
     }
+    ranges: ClassVar = {"top_drop": UNIT, "bottom_drop": UNIT}
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_range("top_drop", self.top_drop, 0.0, 1.0)
-        check_range("bottom_drop", self.bottom_drop, 0.0, 1.0)
         if self.top_drop + self.bottom_drop >= 1:
             raise ValueError(f"top_drop + bottom_drop = {self.top_drop + self.bottom_drop} drops everything")
 

@@ -26,7 +26,7 @@ import torch
 from timelit.merging import seeded
 from timelit.merging.chunks import Chunk
 from timelit.merging.task_vectors import SignElected, Summed
-from timelit.merging.technique import TaskVectorTechnique, check_range
+from timelit.merging.technique import UNIT_OPEN, TaskVectorTechnique
 
 BLOCK = seeded.BLOCK
 
@@ -62,10 +62,10 @@ class Dare(Summed, TaskVectorTechnique):
         "prune_percentile": "the pipeline's dare prune_percentile is the drop probability `p`",
         "sparsity_ratio": "FusionBench's sparsity_ratio is the drop probability `p`",
     }
+    ranges: ClassVar = {"p": UNIT_OPEN}
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_range("p", self.p, 0.0, 1.0, high_open=True)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 

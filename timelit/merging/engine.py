@@ -49,7 +49,7 @@ from timelit.merging.running import (
 from timelit.merging.safetensors_io import SafetensorsReader
 from timelit.merging.sources import MemorySource, Source, WeightsLike, merged_keys, open_sources
 from timelit.merging.task_vectors import Elected, fold_sum, scope_groups, sum_in_order
-from timelit.merging.technique import MergeState, SequentialTechnique, Technique
+from timelit.merging.technique import FoldStep, MergeState, SequentialTechnique, Technique
 
 DEFAULT_CHUNK_SIZE = 1 << 22
 """4,194,304 elements (16 MB in float32) per chunk: ViT-B/16's 25.3M-entry token embedding is read in 7 slices."""
@@ -182,7 +182,8 @@ def step(
     inputs = [expert] if previous is None else [expert, previous]
     with _threads(threads), open_sources(base, inputs) as (base_source, sources):
         keys = merged_keys(base_source, technique.skip)
-        return _step(technique, base_source, sources[1] if previous is not None else None, sources[0], keys, state)
+        previous_source = sources[1] if previous is not None else None
+        return _step(technique, FoldStep(base_source, previous_source, sources[0], keys, state))
 
 
 def _check_positive(name: str, value: object) -> None:
@@ -207,16 +208,10 @@ def _base_copy(base: Source, key: str) -> torch.Tensor:
     return base.read(key, 0, entry.numel).clone().reshape(entry.shape)
 
 
-def _step(
-    technique: SequentialTechnique,
-    base: Source,
-    previous: Source | None,
-    expert: Source,
-    keys: list[str],
-    state: MergeState | None,
-) -> tuple[dict[str, torch.Tensor], MergeState | None]:
-    merged, state = technique.step(base, previous, expert, keys, state)
-    return {key: merged[key] if key in merged else _base_copy(base, key) for key in base.entries}, state
+def _step(technique: SequentialTechnique, fold: FoldStep) -> tuple[dict[str, torch.Tensor], MergeState | None]:
+    """The technique's step, with the keys it does not merge copied from the base: a whole state dict."""
+    merged, state = technique.step(fold)
+    return {key: merged[key] if key in merged else _base_copy(fold.base, key) for key in fold.base.entries}, state
 
 
 def _fold(
@@ -229,7 +224,7 @@ def _fold(
     state: MergeState | None = None
     for i, expert in enumerate(tqdm(experts, disable=not progress, unit="expert", desc=technique.name)):
         previous = MemorySource(merged, "the merge so far") if i else None
-        merged, state = _step(technique, base, previous, expert, keys, state)
+        merged, state = _step(technique, FoldStep(base, previous, expert, keys, state))
     return merged
 
 

@@ -18,7 +18,7 @@ import torch
 
 from timelit.merging.average import weighted_sum
 from timelit.merging.chunks import Chunk
-from timelit.merging.technique import Technique, check_range
+from timelit.merging.technique import UNIT, Technique
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,10 +38,7 @@ class Interpolation(Technique):
         "weight_coefficients": "the pipeline's weight_coefficients=[w_new, w_old] is w=w_new",
         "t": "interpolation's weight of the newer model is `w`",
     }
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_range("w", self.w, 0.0, 1.0)
+    ranges: ClassVar = {"w": UNIT}
 
     def merge_chunk(self, chunk: Chunk) -> torch.Tensor:
         return weighted_sum(chunk, (1 - self.w, self.w))

@@ -36,7 +36,7 @@ from typing import ClassVar
 import torch
 
 from timelit.merging.spectral import SpectralTechnique, mean_singular_value, orthogonalize, svd
-from timelit.merging.technique import check_range
+from timelit.merging.technique import UNIT
 from timelit.merging.whole import WholeTensor
 
 
@@ -84,10 +84,7 @@ class IsoCts(SpectralTechnique):
 
     name: ClassVar[str] = "iso_cts"
     hints: ClassVar[dict[str, str]] = {"scaling_factor": "the authors' scaling_factor is `lam`"}
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_range("common_space_fraction", self.common_space_fraction, 0.0, 1.0)
+    ranges: ClassVar = {"common_space_fraction": UNIT}
 
     def merge_matrix(self, tensor: WholeTensor, kept: Sequence[int]) -> torch.Tensor:
         u, s, vh = svd(task_sum(tensor, kept))

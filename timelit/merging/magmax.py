@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 
 from timelit.merging.chunks import Chunk
-from timelit.merging.technique import Scaling, Technique, check_range
+from timelit.merging.technique import FINITE, Scaling, Technique
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,10 +30,7 @@ class MagMax(Technique):
     name: ClassVar[str] = "magmax"
     incremental: ClassVar[bool] = True
     hints: ClassVar[dict[str, str]] = {"scaling_factor": "the pipeline's scaling_factor is `lam`"}
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_range("lam", self.lam)
+    ranges: ClassVar = {"lam": FINITE}
 
     def scaling(self) -> Scaling:
         return Scaling(float(self.lam))

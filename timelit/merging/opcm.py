@@ -44,7 +44,7 @@ import torch
 
 from timelit.merging.sources import Source
 from timelit.merging.spectral import is_matrix, svd
-from timelit.merging.technique import MergeState, SequentialTechnique, check_range
+from timelit.merging.technique import UNIT_OPEN, FoldStep, MergeState, SequentialTechnique
 from timelit.merging.whole import read_whole, squared_norm
 
 
@@ -126,20 +126,11 @@ class Opcm(SequentialTechnique):
         "shuffle_order": "timelit merges experts in store (task) order; pass them in the order you want",
         "lam": "OPCM scales by its own lambda_t, which keeps the mean task vector norm; there is no lam",
     }
+    ranges: ClassVar = {"alpha": UNIT_OPEN}
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_range("alpha", self.alpha, 0.0, 1.0, high_open=True)
-
-    def step(
-        self,
-        base: Source,
-        previous: Source | None,
-        expert: Source,
-        keys: Sequence[str],
-        state: Mapping[str, Any] | None,
-    ) -> tuple[dict[str, torch.Tensor], MergeState | None]:
-        prior = None if state is None else OpcmState.from_dict(state)
+    def step(self, fold: FoldStep) -> tuple[dict[str, torch.Tensor], MergeState | None]:
+        base, previous, expert, keys = fold.base, fold.previous, fold.expert, fold.keys
+        prior = None if fold.state is None else OpcmState.from_dict(fold.state)
         if prior is not None and previous is None:
             raise ValueError("an OPCM state was given without the merged weights it belongs to")
         held: dict[str, torch.Tensor] = {}  # U_t per key, float32: the scale needs the whole model's norm first

@@ -23,7 +23,7 @@ import torch
 
 from timelit.merging import seeded
 from timelit.merging.chunks import Chunk
-from timelit.merging.technique import Scaling, Technique, check_range
+from timelit.merging.technique import FINITE, Scaling, Technique
 
 
 def choices(
@@ -49,10 +49,10 @@ class RandomMerge(Technique):
 
     name: ClassVar[str] = "random"
     hints: ClassVar[dict[str, str]] = {"scaling_factor": "the pipeline's scaling_factor is `lam`"}
+    ranges: ClassVar = {"lam": FINITE}
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_range("lam", self.lam)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from timelit.utilities.atomic import atomic_file
+from timelit.utilities.errors import UserError
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -47,6 +48,11 @@ DTYPES: dict[str, torch.dtype] = {
 }
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+
+
+class SafetensorsFormatError(UserError, ValueError):
+    """A file that is not a readable safetensors file (truncated, of another format, a corrupt header); the message
+    names it, and `timelit` reports it in one line."""
 
 
 @dataclass(frozen=True)
@@ -105,7 +111,7 @@ class SafetensorsReader:
         while done < len(view):
             got = os.preadv(self._fd, [view[done:]], position + done)
             if got == 0:
-                raise ValueError(f"{self.path}: tensor {key!r} is truncated (the file ends early)")
+                raise SafetensorsFormatError(f"{self.path}: tensor {key!r} is truncated (the file ends early)")
             done += got
 
     def tensor(self, key: str) -> torch.Tensor:
@@ -128,19 +134,23 @@ class SafetensorsReader:
 def _parse_header(path: Path, fd: int) -> tuple[dict[str, Entry], dict[str, str]]:
     size = os.fstat(fd).st_size
     if size < 8:
-        raise ValueError(f"{path}: not a safetensors file ({size} bytes, shorter than the 8-byte header length)")
+        raise SafetensorsFormatError(
+            f"{path}: not a safetensors file ({size} bytes, shorter than the 8-byte header length)"
+        )
     (length,) = struct.unpack("<Q", os.pread(fd, 8, 0))
     if length > min(size - 8, _MAX_HEADER):
-        raise ValueError(f"{path}: not a safetensors file (header length {length} exceeds the file size {size})")
+        raise SafetensorsFormatError(
+            f"{path}: not a safetensors file, or a truncated one (header length {length} exceeds the file size {size})"
+        )
     try:
         header = json.loads(os.pread(fd, length, 8))
     except ValueError as err:
-        raise ValueError(f"{path}: the safetensors header is not valid JSON ({err})") from None
+        raise SafetensorsFormatError(f"{path}: the safetensors header is not valid JSON ({err})") from None
     if not isinstance(header, dict):
-        raise ValueError(f"{path}: the safetensors header is not a JSON object")
+        raise SafetensorsFormatError(f"{path}: the safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise ValueError(f"{path}: __metadata__ must map strings to strings")
+        raise SafetensorsFormatError(f"{path}: __metadata__ must map strings to strings")
     data_start, data_size = 8 + length, size - 8 - length
     entries = {key: _entry(path, key, info, data_start, data_size) for key, info in header.items()}
     return entries, dict(metadata)
@@ -150,16 +160,21 @@ def _entry(path: Path, key: str, info: object, data_start: int, data_size: int) 
     where = f"{path}: tensor {key!r}"
     if not isinstance(info, dict) or info.get("dtype") not in DTYPES:
         dtype = info.get("dtype") if isinstance(info, dict) else info
-        raise ValueError(f"{where}: unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+        raise SafetensorsFormatError(f"{where}: unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
     shape, offsets = info.get("shape"), info.get("data_offsets")
     if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
-        raise ValueError(f"{where}: invalid shape {shape!r}")
+        raise SafetensorsFormatError(f"{where}: invalid shape {shape!r}")
     entry = Entry(DTYPES[info["dtype"]], tuple(shape), 0)
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-        raise ValueError(f"{where}: invalid data_offsets {offsets!r}")
+        raise SafetensorsFormatError(f"{where}: invalid data_offsets {offsets!r}")
     begin, end = offsets
+    if 0 <= begin <= end and end - begin == entry.numel * entry.dtype.itemsize and end > data_size:
+        raise SafetensorsFormatError(
+            f"{path}: the file is truncated: tensor {key!r} ends at byte {end} of the data section, "
+            f"which holds only {data_size} bytes"
+        )
     if not 0 <= begin <= end <= data_size or end - begin != entry.numel * entry.dtype.itemsize:
-        raise ValueError(
+        raise SafetensorsFormatError(
             f"{where}: data_offsets {offsets} do not hold {entry.numel} x {info['dtype']} "
             f"inside the {data_size}-byte data section"
         )

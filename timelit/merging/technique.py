@@ -99,6 +99,23 @@ def check_range(
 
 
 @dataclass(frozen=True)
+class Range:
+    """A hyperparameter's valid interval: ``[low, high]``, or ``[low, high)`` when ``high_open``."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    high_open: bool = False
+
+
+FINITE = Range()
+"""Any finite number (a lambda)."""
+UNIT = Range(0.0, 1.0)
+"""A fraction or weight in [0, 1]."""
+UNIT_OPEN = Range(0.0, 1.0, high_open=True)
+"""A fraction in [0, 1), where 1 would divide by zero or drop everything."""
+
+
+@dataclass(frozen=True)
 class Scaling:
     """How a merged task vector is added to the base: per key ``alpha + beta * depth_ratio(key)``.
 
@@ -135,12 +152,17 @@ class Technique:
     module docstring of a technique that is not says why."""
     aliases: ClassVar[dict[str, str]] = {}
     """Other names ``validate`` accepts for a field (alias -> field), e.g. MERGING.md's Breadcrumbs ``beta``."""
+    ranges: ClassVar[dict[str, Range]] = {}
+    """Numeric fields and their valid range, checked by ``__post_init__`` with :func:`check_range`; a field that may
+    also hold ``None`` or a word (``"auto"``) is checked by its technique instead."""
 
     def __post_init__(self) -> None:
         skip = (self.skip,) if isinstance(self.skip, str) else self.skip
         if not isinstance(skip, (list, tuple)) or not all(isinstance(pattern, str) for pattern in skip):
             raise ValueError(f"skip must be a list of key patterns, got {self.skip!r}")
         object.__setattr__(self, "skip", tuple(skip))
+        for field_name, bounds in self.ranges.items():
+            check_range(field_name, getattr(self, field_name), bounds.low, bounds.high, high_open=bounds.high_open)
 
     def check_experts(self, n: int) -> None:
         low, high = self.experts_allowed
@@ -287,6 +309,18 @@ MergeState = dict[str, Any]
 """What a sequential technique carries from one step to the next: plain numbers (JSON and checkpoint safe)."""
 
 
+@dataclass(frozen=True)
+class FoldStep:
+    """One step of a sequential merge: fold ``expert`` into ``previous`` (the merge so far, whose state is ``state``;
+    both ``None`` before the first expert), for the tensors ``keys``."""
+
+    base: Source
+    previous: Source | None
+    expert: Source
+    keys: Sequence[str]
+    state: Mapping[str, Any] | None
+
+
 @dataclass(frozen=True, kw_only=True)
 class SequentialTechnique(Technique):
     """A technique that folds experts into a running merge one at a time, carrying a small state between steps.
@@ -299,14 +333,6 @@ class SequentialTechnique(Technique):
 
     space: ClassVar = "weights"
 
-    def step(
-        self,
-        base: Source,
-        previous: Source | None,
-        expert: Source,
-        keys: Sequence[str],
-        state: Mapping[str, Any] | None,
-    ) -> tuple[dict[str, torch.Tensor], MergeState | None]:
-        """Fold ``expert`` into ``previous`` (the merge so far, whose state is ``state``; both ``None`` before the
-        first expert). Returns the merged tensors of ``keys`` in the base's dtypes and the state after the step."""
+    def step(self, fold: FoldStep) -> tuple[dict[str, torch.Tensor], MergeState | None]:
+        """The merged tensors of ``fold.keys`` in the base's dtypes, and the state after the step."""
         raise NotImplementedError

@@ -28,7 +28,7 @@ import torch
 
 from timelit.merging.chunks import Chunk
 from timelit.merging.task_vectors import SignElected, keep_magnitudes
-from timelit.merging.technique import TaskVectorTechnique, check_range
+from timelit.merging.technique import UNIT, TaskVectorTechnique
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,10 +53,7 @@ class Ties(SignElected, TaskVectorTechnique):
         "threshold": "FusionBench's threshold (percent kept) is 100 * k",
         "scaling_factor": "the pipeline's scaling_factor is `lam`",
     }
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_range("k", self.k, 0.0, 1.0)
+    ranges: ClassVar = {"k": UNIT}
 
     def ranks(self, n: int) -> tuple[int, ...]:
         return (kept_count(self.k, n),)

@@ -8,8 +8,11 @@ one merged file that records its provenance. `timelit merge` (timelit/commands/m
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
+import re
 from pathlib import Path
 
 import lightning
@@ -101,11 +104,28 @@ def load_checkpoint_weights(path: str | os.PathLike[str]) -> dict[str, torch.Ten
 
     ``weights_only=True`` keeps pickle from running code in an untrusted file.
     """
-    checkpoint = torch.load(path, weights_only=True, map_location="cpu")
+    try:
+        checkpoint = torch.load(path, weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, OSError) as error:
+        if isinstance(error, OSError) and error.errno not in (None, errno.EINVAL):
+            raise  # a failure to read the file (EIO, EACCES), not a fault of its contents
+        raise MergeInputError(f"{path}: {_unreadable(error)}") from error
     state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
+        raise MergeInputError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
     weights = {key[len(MODEL_PREFIX) :]: value for key, value in state.items() if key.startswith(MODEL_PREFIX)}
     if not weights:
-        raise ValueError(f"{path}: the checkpoint's state_dict has no '{MODEL_PREFIX}*' keys")
+        raise MergeInputError(f"{path}: the checkpoint's state_dict has no '{MODEL_PREFIX}*' keys")
     return weights
+
+
+def _unreadable(error: BaseException) -> str:
+    """Why torch.load refused a file, in a few words: torch's messages run to several lines of advice."""
+    text = " ".join(str(error).split())
+    if isinstance(error, pickle.UnpicklingError) and "WeightsUnpickler error:" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[1].split(" Please use ")[0].split(" Check the doc")[0]
+        if "Unsupported global" in detail:  # a pickle of other objects than tensors and plain containers
+            return f"holds objects that timelit does not unpickle (it loads with weights_only=True): {detail.strip()}"
+        text = detail
+    text = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", text).split(". This is an internal")[0].strip()
+    return f"not a torch checkpoint, or a truncated one ({text or 'the file ends early'})"
