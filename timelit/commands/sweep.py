@@ -15,8 +15,9 @@ requeued tasks read it again (study/manifest.py).
 from __future__ import annotations
 
 import fnmatch
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from timelit.study import local, slurm
 from timelit.study.grid import check_sbatch_options, find_grid, load_grid
@@ -79,18 +80,11 @@ def sweep_command(
             OMP_NUM_THREADS=max(1, cores // parallel), so torch's threads share the cores, unless it is set already.
     """
 
-    check_launcher_options(
-        launcher,
-        parallel=parallel,
-        concurrency=concurrency,
-        sbatch=sbatch,
-        signal_seconds=signal_seconds,
-        script=script,
-        ignore_queue=ignore_queue,
-    )
+    requested = slurm.SlurmOptions(concurrency, tuple(sbatch or ()), signal_seconds, script, ignore_queue)
+    check_launcher_options(launcher, parallel, requested)
     grid_path = find_grid(grid)
     spec = load_grid(grid_path)
-    user_sbatch = check_sbatch_options(list(sbatch or []), "--sbatch")
+    options = replace(requested, sbatch=tuple(check_sbatch_options(list(requested.sbatch), "--sbatch")))
     points = expand(spec, root, overrides)
     sweep_dir = Path(root).expanduser().resolve() / spec.name
     text = manifest_text(points)
@@ -99,19 +93,7 @@ def sweep_command(
     if launcher == "local":
         local.run(spec, sweep_dir, len(points), chosen, text, parallel or 1, dry_run)
     else:
-        slurm.submit(
-            spec,
-            sweep_dir,
-            len(points),
-            chosen,
-            text,
-            concurrency=concurrency,
-            sbatch=user_sbatch,
-            signal_seconds=signal_seconds,
-            script=script,
-            dry_run=dry_run,
-            ignore_queue=ignore_queue,
-        )
+        slurm.submit(spec, sweep_dir, len(points), chosen, text, options, dry_run)
 
 
 # Options only sbatch reads, and what to use instead under the local launcher.
@@ -124,7 +106,7 @@ _SLURM_ONLY = {
 }
 
 
-def check_launcher_options(launcher: str, parallel: int | None, **slurm_options: Any) -> None:
+def check_launcher_options(launcher: str, parallel: int | None, slurm_options: slurm.SlurmOptions) -> None:
     """Refuse the options the chosen launcher would silently ignore: a user who asks for `--concurrency 4` locally
     expects 4 fits at once, and would get one."""
     if launcher not in ("slurm", "local"):
@@ -136,7 +118,7 @@ def check_launcher_options(launcher: str, parallel: int | None, **slurm_options:
                 "many array tasks run at once"
             )
         return
-    given = [name for name, value in slurm_options.items() if value not in (None, False)]
+    given = slurm_options.given()
     if given:
         raise LauncherOptionError(
             "--launcher local does not take "

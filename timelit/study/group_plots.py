@@ -116,12 +116,3 @@ def plot_forgetting(groups: list[RunGroup], path: Path) -> Path | None:
                  "mean over seeds; red: the dataset's own task (the last that trains it)", fontsize=10)  # fmt: skip
     fig.savefig(path, dpi=110)
     return path
-
-
-def draw_groups(groups: list[RunGroup], out_dir: Path) -> list[Path]:
-    """The per-group plots the runs support, written into `out_dir`; returns the files written."""
-    drawn = [
-        plot_group_curves(groups, out_dir / "group_curves.png"),
-        plot_forgetting(groups, out_dir / "forgetting.png"),
-    ]
-    return [path for path in drawn if path is not None]

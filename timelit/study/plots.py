@@ -291,14 +291,3 @@ def plot_scaling(runs: list[RunResult], axis: str, path: Path) -> Path | None:
     _legend_below(fig, ax)
     fig.savefig(path, dpi=110)
     return path
-
-
-def draw_all(runs: list[RunResult], out_dir: Path) -> list[Path]:
-    """Every plot the runs support, written into `out_dir`; returns the files written."""
-    drawn = [
-        plot_curves(runs, out_dir / "curves.png"),
-        plot_protocol_grid(runs, out_dir / "protocol_grid.png"),
-        plot_plane(runs, out_dir / "ka_zs_plane.png"),
-        *(plot_scaling(runs, axis, out_dir / f"scaling_{axis}.png") for axis in SCALING_AXES),
-    ]
-    return [path for path in drawn if path is not None]

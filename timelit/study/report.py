@@ -38,7 +38,14 @@ from pathlib import Path
 from typing import Any
 
 from timelit.study.runs import SUMMARY_KEYS, UNKNOWN, RunResult
-from timelit.study.stats import group_runs, group_table, paired_table, reference_group, statistics_rows
+from timelit.study.stats import (
+    RunGroup,
+    group_runs,
+    group_table,
+    paired_table,
+    reference_group,
+    statistics_rows,
+)
 from timelit.training.evaluation.forgetting import NUMBERS, from_results
 from timelit.utilities.errors import UserError
 
@@ -262,17 +269,29 @@ def write_report(runs: list[str], out: str | Path, plots: bool = True, reference
     write_csv(stats, written[2], columns=list(stats[0]))
     table = markdown_table(results)
     statistics = _statistics_section(groups, reference_of)
-    figures: list[Path] = []
-    if plots:
-        from timelit.study.group_plots import draw_groups
-        from timelit.study.plots import draw_all
-
-        figures = draw_all(results, out_dir) + draw_groups(groups, out_dir)
+    figures = _draw_figures(results, groups, out_dir) if plots else []
     written[1].write_text(_markdown_document(table, statistics, figures, skipped, warnings))
     print(table)
     print(f"\n{statistics}")
     print(f"\nwrote {', '.join(str(p) for p in written + figures)}")
     return written + figures
+
+
+def _draw_figures(results: list[RunResult], groups: list[RunGroup], out_dir: Path) -> list[Path]:
+    """Every plot the runs support, written into `out_dir`; returns the files written. matplotlib is imported here,
+    only when plots are asked for."""
+    from timelit.study.group_plots import plot_forgetting, plot_group_curves
+    from timelit.study.plots import SCALING_AXES, plot_curves, plot_plane, plot_protocol_grid, plot_scaling
+
+    drawn = [
+        plot_curves(results, out_dir / "curves.png"),
+        plot_protocol_grid(results, out_dir / "protocol_grid.png"),
+        plot_plane(results, out_dir / "ka_zs_plane.png"),
+        *(plot_scaling(results, axis, out_dir / f"scaling_{axis}.png") for axis in SCALING_AXES),
+        plot_group_curves(groups, out_dir / "group_curves.png"),
+        plot_forgetting(groups, out_dir / "forgetting.png"),
+    ]
+    return [path for path in drawn if path is not None]
 
 
 def _statistics_section(groups: list[Any], reference: Any) -> str:

@@ -17,6 +17,7 @@ import logging
 import shlex
 import shutil
 import subprocess
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from timelit.study.grid import Grid, merge_sbatch_options
@@ -105,28 +106,33 @@ def array_script() -> Path:
     )
 
 
+@dataclass(frozen=True)
+class SlurmOptions:
+    """The options of `timelit sweep` that only the Slurm launcher reads (its --help says what each does)."""
+
+    concurrency: int | None = None
+    sbatch: tuple[str, ...] = ()
+    signal_seconds: int | None = None
+    script: str | None = None
+    ignore_queue: bool = False
+
+    def given(self) -> list[str]:
+        """The names of the options set to something other than their default."""
+        return [field.name for field in fields(self) if getattr(self, field.name) != field.default]
+
+
 def submit(
-    spec: Grid,
-    sweep_dir: Path,
-    total: int,
-    chosen: list[Point],
-    text: str,
-    concurrency: int | None = None,
-    sbatch: list[str] | None = None,
-    signal_seconds: int | None = None,
-    script: str | None = None,
-    dry_run: bool = False,
-    ignore_queue: bool = False,
+    spec: Grid, sweep_dir: Path, total: int, chosen: list[Point], text: str, options: SlurmOptions, dry_run: bool
 ) -> None:
     """Print the status of the `chosen` points (of `total`), then submit the unfinished ones that are not queued
-    (`timelit sweep --launcher slurm`; its --help says what each option does). `text` is the manifest they read."""
-    user_sbatch = list(sbatch or [])  # checked by the command before the grid was expanded
+    (`timelit sweep --launcher slurm`). `text` is the manifest they read; `options.sbatch` was checked by the
+    command before the grid was expanded."""
     manifest = sweep_dir / MANIFEST_FILE
     name = job_name(sweep_dir)
     try:
         queued: dict[int, str] | None = queued_indices(name)
     except QueueError as error:
-        if not (dry_run or ignore_queue):
+        if not (dry_run or options.ignore_queue):
             raise QueueError(
                 f"{error}. Without squeue, timelit cannot tell which points of {spec.name} are queued or running, "
                 "and would submit those again: nothing submitted. Run it where squeue works, or pass "
@@ -153,9 +159,11 @@ def submit(
         print("nothing to submit")
         return
 
-    lead = signal_seconds if signal_seconds is not None else spec.signal_seconds or DEFAULT_SIGNAL_SECONDS
-    script_path = str(Path(script).expanduser().resolve() if script else array_script())
-    commands = sbatch_commands(spec, todo, sweep_dir, name, concurrency, lead, user_sbatch, script_path)
+    lead = options.signal_seconds
+    if lead is None:
+        lead = spec.signal_seconds or DEFAULT_SIGNAL_SECONDS
+    script = str(Path(options.script).expanduser().resolve() if options.script else array_script())
+    commands = sbatch_commands(spec, todo, sweep_dir, name, options.concurrency, lead, list(options.sbatch), script)
     if dry_run:
         print(f"\nwould write {manifest} and run:")
         for command, _ in commands:

@@ -14,7 +14,9 @@ from PIL import Image, ImageDraw
 CANVAS = 64
 RGB = tuple[int, int, int]
 
-COLOURS: dict[str, RGB] = {
+# The pretraining pool's eight colour words (COLOURS), then finer shades whose names the base model has never seen
+# (SHADES). One table, so that every colour of the benchmark is defined in one place.
+PALETTE: dict[str, RGB] = {
     "red": (220, 30, 30),
     "green": (40, 170, 50),
     "blue": (40, 70, 220),
@@ -23,10 +25,6 @@ COLOURS: dict[str, RGB] = {
     "orange": (245, 140, 20),
     "white": (245, 245, 245),
     "black": (20, 20, 20),
-}
-
-# Finer shades than the pretraining pool's eight colour words: the base model has never seen these names.
-SHADES: dict[str, RGB] = {
     "crimson": (200, 20, 60),
     "maroon": (110, 10, 20),
     "salmon": (250, 128, 114),
@@ -40,6 +38,9 @@ SHADES: dict[str, RGB] = {
     "magenta": (235, 30, 210),
     "brown": (120, 70, 30),
 }
+POOL_COLOURS = 8
+COLOURS: dict[str, RGB] = dict(list(PALETTE.items())[:POOL_COLOURS])
+SHADES: dict[str, RGB] = dict(list(PALETTE.items())[POOL_COLOURS:])
 
 # The pool's and SHAPES' shape words. `shape` also draws a diamond and a hexagon, which adaptation datasets use as
 # unnamed objects: at 32 px a tiny ViT trained for a minute confuses them with squares and circles (v1's SHAPES: 29%).
