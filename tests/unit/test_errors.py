@@ -3,15 +3,27 @@ user reads them. The messages are jsonargparse's own (4.x), as `timelit fit` pro
 
 from __future__ import annotations
 
-import pytest
+import errno
+import io
+import pickle
+import zipfile
 
+import pytest
+import torch
+import yaml
+
+from timelit.utilities.disk_space import WriteError
 from timelit.utilities.errors import (
+    CHECKPOINT_LOAD_ERRORS,
+    UnreadableFileError,
     UserError,
     describe,
     did_you_mean,
     find_user_error,
     is_user_error,
     parse_error_message,
+    unreadable_checkpoint,
+    yaml_problem,
 )
 
 TECHNIQUES = "'average', 'interpolation', 'slerp', 'task_arithmetic', 'ties', 'dare'"
@@ -98,3 +110,69 @@ def test_a_user_error_is_found_behind_the_errors_raised_from_it():
     bug = RuntimeError("a bug")
     bug.__context__ = FileNotFoundError("x")  # raised while handling one, not from it: still a bug
     assert find_user_error(bug) is None and find_user_error(ValueError("x")) is None
+
+
+def test_a_folder_where_a_file_belongs_is_a_user_error_also_behind_a_write_error():
+    assert is_user_error(IsADirectoryError(errno.EISDIR, "Is a directory", "out"))
+    written = WriteError(errno.EISDIR, "Is a directory", "out.json", None)  # atomic_file renaming onto a folder
+    assert find_user_error(written) is written and describe(written) == "Is a directory: out.json"
+    assert not is_user_error(WriteError(errno.ENOSPC, "No space left on device", "out.json", 0))
+
+
+def _zip_of_notes() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("notes.txt", "not weights")
+    return buffer.getvalue()
+
+
+class _NotAWeight:
+    pass
+
+
+def _saved(value: object) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"", "x.ckpt: not a torch checkpoint, or a truncated one (the file ends early)"),
+        (_saved({"w": torch.ones(64)})[:-100], "x.ckpt: not a torch checkpoint, or a truncated one (PytorchStream"),
+        (b"\x80\x02garbage" * 64, "x.ckpt: not a torch checkpoint, or a truncated one ("),
+        (_zip_of_notes(), "x.ckpt: not a torch checkpoint, or a truncated one (file in archive is not in a subdir"),
+        (
+            _saved({"a": _NotAWeight()}),
+            "x.ckpt: holds objects that timelit does not unpickle (it loads with weights_only",
+        ),
+    ],
+    ids=["empty", "truncated", "random", "zip of something else", "other objects"],
+)
+def test_what_torch_load_refuses_is_one_line_naming_the_file(data, expected):
+    with pytest.raises(CHECKPOINT_LOAD_ERRORS) as raised:
+        torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    error = unreadable_checkpoint("x.ckpt", raised.value)
+    assert isinstance(error, UnreadableFileError) and is_user_error(error)
+    assert str(error).startswith(expected) and "\n" not in str(error) and len(str(error)) < 200
+
+
+def test_an_error_of_reading_a_file_is_not_a_fault_of_its_contents():
+    assert unreadable_checkpoint("x.ckpt", PermissionError(errno.EACCES, "Permission denied", "x.ckpt")) is None
+    assert unreadable_checkpoint("x.ckpt", OSError(errno.EIO, "Input/output error")) is None
+    assert unreadable_checkpoint("x.ckpt", KeyError("state_dict")) is None
+    assert isinstance(unreadable_checkpoint("x.ckpt", pickle.UnpicklingError("bad")), UnreadableFileError)
+
+
+def test_a_yaml_error_is_one_line_with_its_line_number():
+    with pytest.raises(yaml.YAMLError) as raised:
+        yaml.safe_load("name: x\naxes:\n  a: [1, 2\n")
+    assert (
+        yaml_problem(raised.value)
+        == "line 4: expected ',' or ']', but got '<stream end>' (while parsing a flow sequence)"
+    )
+    with pytest.raises(yaml.YAMLError) as raised:
+        yaml.safe_load("a: b: c\n")
+    assert yaml_problem(raised.value) == "line 1: mapping values are not allowed here"
+    assert yaml_problem(UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")).startswith("'utf-8' codec")

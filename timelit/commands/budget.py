@@ -9,6 +9,8 @@ each task gets under the budget, and the same for 20 / 50 / 100 / 200 tasks (tim
 
 from __future__ import annotations
 
+from typing import Any
+
 from timelit.study.budget import (
     REFERENCE_TOTAL_GFLOPS,
     default,
@@ -17,7 +19,7 @@ from timelit.study.budget import (
     read_fit_configs,
     section,
 )
-from timelit.training.flops import AttentionCount, Rounding, measure_step
+from timelit.training.flops import AttentionCount, BudgetError, Rounding, measure_step
 
 
 def budget_command(
@@ -59,8 +61,11 @@ def budget_command(
     config = read_fit_configs(paths) if paths else {}
     model, data, budget = section(config, "model"), section(config, "data"), dict(config.get("budget") or {})
     model_name = model_name or model.get("model_name") or default(CLIPFineTuner, "model_name")
-    batch_size = int(batch_size or data.get("batch_size") or default(TimeDataModule, "batch_size"))
-    num_tasks = int(num_tasks or data.get("num_tasks") or default(TimeDataModule, "num_tasks"))
+    # `is None`, not `or`: a 0 given is an error to report, not a request for the default.
+    batch_size = int(_given(batch_size, data.get("batch_size"), default(TimeDataModule, "batch_size")))
+    num_tasks = int(_given(num_tasks, data.get("num_tasks"), default(TimeDataModule, "num_tasks")))
+    if num_tasks < 1:
+        raise BudgetError(f"num_tasks must be at least 1, got {num_tasks}")
     multiplier = float(multiplier if multiplier is not None else budget.get("multiplier", 1.0))
     attention = attention or budget.get("attention") or default(ComputeBudget, "attention")
     rounding = rounding or budget.get("rounding") or default(ComputeBudget, "rounding")
@@ -84,3 +89,8 @@ def budget_command(
     plans = [plan_tasks(t, cost, total_gflops, gflops_per_task, multiplier, rounding) for t in table]  # type: ignore[arg-type]
     chosen = plan_tasks(num_tasks, cost, total_gflops, gflops_per_task, multiplier, rounding)  # type: ignore[arg-type]
     print(format_report(cost, chosen, plans, multiplier, rounding, source, config_steps))
+
+
+def _given(*values: Any) -> Any:
+    """The first of `values` that is not None."""
+    return next(value for value in values if value is not None)

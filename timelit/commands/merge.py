@@ -64,6 +64,9 @@ def merge_command(
         technique = validate(method, hparams or {})  # fail before reading any weights
     except ValueError as error:  # a hyperparameter the technique does not take, or a value out of its range
         raise MergeInputError(f"--hparams: {error}") from error
+    for name, value in (("chunk_size", chunk_size), ("threads", threads)):
+        if value is not None and value < 1:
+            raise MergeInputError(f"--{name} must be a positive integer, got {value}")
     paths = [experts] if isinstance(experts, (str, os.PathLike)) else experts
     return merge_files(Path(base), [Path(p) for p in paths], technique, Path(out), chunk_size, threads, progress)
 

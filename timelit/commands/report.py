@@ -31,6 +31,8 @@ def report_command(
             start of exactly one label, e.g. "zs/all"); default: Best-in-TIME (ema/ema, interpolation) if present,
             else the first group.
     """
+    if Path(out).expanduser().exists() and not Path(out).expanduser().is_dir():
+        raise NotADirectoryError(f"--out {out} is a file; give the folder to write the report into")
     return write_report(runs, out, plots, reference)
 
 

@@ -21,9 +21,15 @@ from typing import Protocol
 import torch
 
 from timelit.merging.safetensors_io import Entry, SafetensorsReader
+from timelit.utilities.errors import UserError
 
 StateDict = Mapping[str, torch.Tensor]
 WeightsLike = StateDict | str | os.PathLike
+
+
+class IncompatibleWeightsError(UserError, ValueError):
+    """Weights that do not fit the base (other keys, shapes or dtypes: another model), or a `skip` pattern that
+    matches none of its keys; the message names the file and the key."""
 
 
 class Source(Protocol):
@@ -87,18 +93,20 @@ def check_compatible(base: Source, experts: Sequence[Source]) -> None:
         missing = [key for key in base.entries if key not in expert.entries]
         extra = [key for key in expert.entries if key not in base.entries]
         if missing or extra:
-            raise ValueError(f"{expert.name}: keys differ from the base {base.name}: {_describe(missing, extra)}")
+            raise IncompatibleWeightsError(
+                f"{expert.name}: keys differ from the base {base.name}: {_describe(missing, extra)}"
+            )
         for key, want in base.entries.items():
             got = expert.entries[key]
             if got.shape != want.shape:
-                raise ValueError(
+                raise IncompatibleWeightsError(
                     f"{expert.name}: key {key!r} has shape {list(got.shape)} but the base {base.name} "
                     f"has {list(want.shape)}"
                 )
             if is_merged_dtype(got.dtype) != is_merged_dtype(want.dtype) or (
                 not is_merged_dtype(want.dtype) and got.dtype != want.dtype
             ):
-                raise ValueError(
+                raise IncompatibleWeightsError(
                     f"{expert.name}: key {key!r} has dtype {got.dtype} but the base {base.name} has {want.dtype}"
                 )
 
@@ -121,7 +129,7 @@ def merged_keys(base: Source, skip: Sequence[str]) -> list[str]:
         if not any(fnmatch.fnmatchcase(key, pattern) for key in base.entries):
             near = difflib.get_close_matches(pattern, list(base.entries), n=1)
             hint = f"; did you mean {near[0]!r}?" if near else ""
-            raise ValueError(f"skip pattern {pattern!r} matches no key of the base {base.name}{hint}")
+            raise IncompatibleWeightsError(f"skip pattern {pattern!r} matches no key of the base {base.name}{hint}")
     return [
         key
         for key, entry in base.entries.items()

@@ -8,11 +8,8 @@ one merged file that records its provenance. `timelit merge` (timelit/commands/m
 
 from __future__ import annotations
 
-import errno
 import json
 import os
-import pickle
-import re
 from pathlib import Path
 
 import lightning
@@ -23,7 +20,7 @@ from timelit.merging.engine import DEFAULT_CHUNK_SIZE, DEFAULT_THREADS
 from timelit.merging.safetensors_io import atomic_file, file_sha256, save_weights
 from timelit.merging.store import ExpertStore
 from timelit.merging.technique import Technique
-from timelit.utilities.errors import UserError
+from timelit.utilities.errors import CHECKPOINT_LOAD_ERRORS, UserError, unreadable_checkpoint
 
 MODEL_PREFIX = "model."
 """The timelit LightningModule holds the open_clip model as ``self.model``, so checkpoint keys are ``model.<key>``."""
@@ -49,6 +46,8 @@ def merge_files(
     the base and of every expert. Returns `out`."""
     if out.suffix not in OUTPUT_SUFFIXES:
         raise MergeInputError(f"--out must end in .safetensors or .ckpt, got {out}")
+    if out.is_dir():
+        raise MergeInputError(f"--out {out} is a folder; give the path of the file to write")
     base_weights, base_hash = _load(base)
     expert_weights, expert_hashes = _experts(experts)
     merged = merge(base_weights, expert_weights, technique, chunk_size=chunk_size, threads=threads, progress=progress)
@@ -106,26 +105,19 @@ def load_checkpoint_weights(path: str | os.PathLike[str]) -> dict[str, torch.Ten
     """
     try:
         checkpoint = torch.load(path, weights_only=True, map_location="cpu")
-    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, OSError) as error:
-        if isinstance(error, OSError) and error.errno not in (None, errno.EINVAL):
-            raise  # a failure to read the file (EIO, EACCES), not a fault of its contents
-        raise MergeInputError(f"{path}: {_unreadable(error)}") from error
+    except CHECKPOINT_LOAD_ERRORS as error:  # not a torch checkpoint, or cut short
+        if (unreadable := unreadable_checkpoint(path, error)) is None:
+            raise
+        raise unreadable from error
     state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
         raise MergeInputError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
     weights = {key[len(MODEL_PREFIX) :]: value for key, value in state.items() if key.startswith(MODEL_PREFIX)}
     if not weights:
         raise MergeInputError(f"{path}: the checkpoint's state_dict has no '{MODEL_PREFIX}*' keys")
+    for key, value in weights.items():
+        if not isinstance(value, torch.Tensor):
+            raise MergeInputError(
+                f"{path}: state_dict['{MODEL_PREFIX}{key}'] is a {type(value).__name__}, not a tensor"
+            )
     return weights
-
-
-def _unreadable(error: BaseException) -> str:
-    """Why torch.load refused a file, in a few words: torch's messages run to several lines of advice."""
-    text = " ".join(str(error).split())
-    if isinstance(error, pickle.UnpicklingError) and "WeightsUnpickler error:" in text:
-        detail = text.split("WeightsUnpickler error:", 1)[1].split(" Please use ")[0].split(" Check the doc")[0]
-        if "Unsupported global" in detail:  # a pickle of other objects than tensors and plain containers
-            return f"holds objects that timelit does not unpickle (it loads with weights_only=True): {detail.strip()}"
-        text = detail
-    text = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", text).split(". This is an internal")[0].strip()
-    return f"not a torch checkpoint, or a truncated one ({text or 'the file ends early'})"

@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-from timelit.training.flops import Rounding, StepCost, steps_for_budget
+from timelit.training.flops import BudgetError, Rounding, StepCost, steps_for_budget
+from timelit.utilities.errors import yaml_problem
 
 # FoMo-in-Flux's budget for ViT-B/16 at batch 512: 20 tasks x 1420 steps x 63,394.76 GFLOPs, rounded.
 REFERENCE_TOTAL_GFLOPS = 1.8e9
@@ -64,9 +65,12 @@ def read_fit_configs(paths: list[str]) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for name in paths:
         path = resolve_config(name)
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            raise BudgetError(f"config '{path}' is not valid YAML: {yaml_problem(error)}") from error
         if not isinstance(loaded, dict):
-            raise ValueError(f"config '{path}' is not a YAML mapping")
+            raise BudgetError(f"config '{path}' is not a YAML mapping")
         _merge(merged, loaded)
     return merged
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from timelit.utilities.errors import UserError, did_you_mean
+from timelit.utilities.errors import UserError, did_you_mean, yaml_problem
 from timelit.utilities.resources import configs_dir
 
 GRID_KEYS = ("name", "description", "configs", "overrides", "axes", "exclude", "sbatch", "resources", "signal_seconds")
@@ -152,7 +152,10 @@ def _axis(axis: str, raw: Any, where: str) -> list[AxisValue]:
 def load_grid(path: str | Path) -> Grid:
     """Read and check a grid file (see the module docstring for the format)."""
     path = Path(path)
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise GridError(f"{path}: not valid YAML: {yaml_problem(error)}") from error
     if not isinstance(raw, dict):
         raise GridError(f"{path}: a sweep grid is a YAML map with keys {', '.join(GRID_KEYS)}")
     unknown = sorted(set(raw) - set(GRID_KEYS))

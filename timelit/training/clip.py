@@ -20,7 +20,7 @@ import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 from torch import nn
 
-from timelit.utilities.errors import UserError
+from timelit.utilities.errors import CHECKPOINT_LOAD_ERRORS, UnreadableFileError, UserError, unreadable_checkpoint
 from timelit.utilities.resources import MODEL_CONFIGS_DIR
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,10 @@ def register_model_configs() -> None:
 
 class ModelNameError(UserError, ValueError):
     """A `model_name` that is no open_clip architecture; the message lists the nearest."""
+
+
+class PretrainedMismatchError(UserError, ValueError):
+    """A `pretrained` weights file whose keys do not fit `model_name` (weights of another model)."""
 
 
 @dataclass
@@ -109,20 +113,23 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        state_dict = load_file(str(path))
+        try:
+            state_dict = load_file(str(path))
+        except SafetensorError as error:
+            raise UnreadableFileError(f"{path}: not a safetensors file, or a truncated one ({error})") from error
     else:
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise ValueError(
-                f"could not read '{path}' with torch.load(weights_only=True): {error}. timelit never unpickles "
-                f"arbitrary objects; convert the file to safetensors."
-            ) from error
+        except CHECKPOINT_LOAD_ERRORS as error:  # not a torch file, cut short, or other objects than weights
+            if (unreadable := unreadable_checkpoint(path, error)) is None:
+                raise
+            raise unreadable from error
         state_dict = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
     if not isinstance(state_dict, dict):
-        raise ValueError(f"'{path}' does not hold a state dict (found {type(state_dict).__name__})")
+        raise UnreadableFileError(f"'{path}' does not hold a state dict (found {type(state_dict).__name__})")
     return _strip_prefix(_strip_prefix(state_dict, "module."), "model.")
 
 
@@ -148,7 +155,7 @@ def load_pretrained(model: nn.Module, model_name: str, pretrained: str) -> None:
     state_dict = read_state_dict(path)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
-        raise ValueError(
+        raise PretrainedMismatchError(
             f"weights in '{path}' do not fit model '{model_name}': {len(missing)} missing keys {missing[:5]}, "
             f"{len(unexpected)} unexpected keys {unexpected[:5]}"
         )

@@ -27,10 +27,17 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from timelit.utilities.errors import UserError
+
 log = logging.getLogger(__name__)
 
 AttentionCount = Literal["fused", "math"]
 Rounding = Literal["nearest", "floor"]
+
+
+class BudgetError(UserError, ValueError):
+    """A compute-budget setting that cannot work (a budget that is not positive or buys less than one step, a batch
+    size under 1, a budget that contradicts data.steps_per_task or the run being resumed); the message names it."""
 
 
 @dataclass(frozen=True)
@@ -119,9 +126,9 @@ def measure_step(model_name: str, batch_size: int, attention: AttentionCount = "
     from open_clip.loss import ClipLoss
 
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        raise BudgetError(f"batch_size must be at least 1, got {batch_size}")
     if attention not in ("fused", "math"):
-        raise ValueError(f"attention must be 'fused' or 'math', got {attention!r}")
+        raise BudgetError(f"attention must be 'fused' or 'math', got {attention!r}")
     model = build_meta_model(model_name)
     model.train()
     image_size, context_length = model_input_shape(model)

@@ -21,10 +21,15 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from timelit.training import lightning_internals
 from timelit.utilities import early_signals
-from timelit.utilities.errors import OneLineParserErrors
+from timelit.utilities.errors import CHECKPOINT_LOAD_ERRORS, OneLineParserErrors, UserError, unreadable_checkpoint
 from timelit.utilities.resources import PACKAGE_DIR
 
 DEFAULTS_DIR = PACKAGE_DIR / "training" / "cli_defaults"
+
+
+class ResumeMismatchError(UserError, ValueError):
+    """`timelit fit` into a run folder whose last.ckpt was made under another experiment config; the message lists
+    the settings that differ."""
 
 
 class TimeArgumentParser(OneLineParserErrors, LightningArgumentParser):
@@ -42,6 +47,18 @@ class TimeLightningCLI(LightningCLI):
     and `preemption` (Preemption: save, requeue and stop on SIGUSR1/SIGTERM). The trainer's `max_epochs` follows
     `data.num_tasks` and the seeds of model and data follow `seed_everything`.
     """
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI's first read of `--ckpt_path` (for the hyperparameters saved in it), with a file that is not a
+        torch checkpoint or is cut short reported in one line naming it. A private method of LightningCLI
+        (timelit.training.lightning_internals lists it); its config parse raises UsageError, none of these."""
+        try:
+            super()._parse_ckpt_path()
+        except CHECKPOINT_LOAD_ERRORS as error:
+            path = self.config[self.config.subcommand].get("ckpt_path")
+            if (unreadable := unreadable_checkpoint(path, error)) is None:
+                raise
+            raise unreadable from error
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         from timelit.training.callbacks.budget import ComputeBudget
@@ -112,7 +129,7 @@ class TimeLightningCLI(LightningCLI):
         current = yaml.safe_load(parser.dump(self.config.fit, skip_none=False, skip_validation=True))
         differences = config_differences(yaml.safe_load(saved.read_text()) or {}, current)
         if differences:
-            raise ValueError(
+            raise ResumeMismatchError(
                 f"{run_dir} holds a run of another experiment, and fit would resume it from its last.ckpt:\n  "
                 + "\n  ".join(differences)
                 + "\nRun the new experiment elsewhere (--trainer.logger.init_args.name NEW), or start this directory "

@@ -14,9 +14,10 @@ breaks a test here instead of changing a run silently. Everywhere else timelit u
     should_save_on_exception(callback, ...)   ModelCheckpoint's own test for a save on an exception
     subcommand_parser(cli, "fit")             the parser of one LightningCLI subcommand
 
-Two more private names are used by subclassing, not through a function here: `StreamCheckpoint` overrides
+Private names used by subclassing, not through a function here: `StreamCheckpoint` overrides
 `ModelCheckpoint._save_checkpoint` (every save of the callback passes through it), and the test above checks that it
-still does.
+still does; `TimeLightningCLI` overrides `LightningCLI._parse_ckpt_path` (its first `torch.load` of `--ckpt_path`), to
+report a file that is no checkpoint in one line, which tests/integration/test_first_contact.py checks.
 """
 
 from __future__ import annotations

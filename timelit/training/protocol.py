@@ -42,6 +42,8 @@ from timelit.merging import (
 )
 from timelit.merging.engine import state_members, update
 from timelit.merging.running import HPARAMS_KEY, TECHNIQUE_KEY, hparams_record
+from timelit.merging.sources import IncompatibleWeightsError, MemorySource, merged_keys
+from timelit.utilities.errors import UserError
 
 Init = Literal["zs", "ft", "ema", "all", "ft_zs"]
 Deploy = Literal["ft", "ema", "all", "ft_zs"]
@@ -57,6 +59,11 @@ WeightsLike = StateDict | str
 _PAIR_WEIGHT = {"interpolation": "w", "slerp": "t"}
 # Techniques whose `all` over a set is a weighted average, and so can weight experts by recency.
 WEIGHTED_ALL = ("interpolation", "average")
+
+
+class ProtocolError(UserError, ValueError):
+    """A `protocol:` setting of a fit that cannot work or would be ignored; the message names the key
+    (`timelit fit` reports it in one line, before any training)."""
 
 
 def recency_weights(count: int, weighting: Weighting) -> list[float]:
@@ -84,10 +91,15 @@ def recency_weights(count: int, weighting: Weighting) -> list[float]:
 def check_technique(technique: MergeMethod, hparams: Mapping[str, Any]) -> None:
     """Fail at configuration time on an unknown technique or hyperparameter (the message lists valid ones), and on
     a pair weight set in `hparams`, where `pairwise` would silently let it override the protocol's EMA weight."""
-    validate(technique, dict(hparams))
+    try:
+        validate(technique, dict(hparams))
+    except ValueError as error:  # an unknown technique or hyperparameter, or a value out of the technique's range
+        key = "protocol.hparams" if technique in TECHNIQUES else "protocol.technique"
+        named = repr(technique) in str(error)
+        raise ProtocolError(f"{key}{'' if named else f' of {technique!r}'}: {error}") from error
     pair_weight = _PAIR_WEIGHT.get(technique, "weights" if technique == "average" else None)
     if pair_weight in hparams:
-        raise ValueError(
+        raise ProtocolError(
             f"protocol.hparams.{pair_weight}: the weight of the newer model in the EMA step (and of the expert in "
             f"ft_zs) is protocol.ema_weight; `all` weights experts by protocol.all_weighting"
         )
@@ -222,9 +234,9 @@ class ProtocolSettings:
 
     def __post_init__(self) -> None:
         if self.ema_start not in ("base", "first_expert"):
-            raise ValueError(f"protocol.ema_start must be 'base' or 'first_expert', got '{self.ema_start}'")
+            raise ProtocolError(f"protocol.ema_start must be 'base' or 'first_expert', got '{self.ema_start}'")
         if not 0.0 <= self.ema_weight <= 1.0:
-            raise ValueError(f"protocol.ema_weight must lie in [0, 1], got {self.ema_weight}")
+            raise ProtocolError(f"protocol.ema_weight must lie in [0, 1], got {self.ema_weight}")
         check_technique(self.technique, self.hparams)
         uses_all = "all" in (self.init, self.deploy)
         for name, value, default in (
@@ -232,12 +244,12 @@ class ProtocolSettings:
             ("all_include_base", self.all_include_base, False),
         ):
             if value != default and not uses_all:
-                raise ValueError(
+                raise ProtocolError(
                     f"protocol.{name}={value!r} has no effect: neither init ({self.init}) nor deploy ({self.deploy}) "
                     "is 'all'"
                 )
         if self.all_weighting != "uniform" and self.technique not in WEIGHTED_ALL:
-            raise ValueError(
+            raise ProtocolError(
                 f"protocol.all_weighting={self.all_weighting!r} weights an average; technique '{self.technique}' "
                 f"merges task vectors (use one of {list(WEIGHTED_ALL)}, or all_weighting: uniform)"
             )
@@ -257,6 +269,14 @@ class ProtocolSettings:
     def folds_all(self) -> bool:
         """Whether `all` is carried as running state (`fold_all`) rather than merged again at every boundary."""
         return "all" in self.kinds and not self.sequential and incremental_all(self.technique)
+
+    def check_keys(self, base: StateDict) -> None:
+        """Fail before training, not at the first boundary, on a `skip` pattern that matches none of the model's
+        keys (known once the model is built; `base` is θ0)."""
+        try:
+            merged_keys(MemorySource(base, "model"), validate(self.technique, dict(self.hparams)).skip)
+        except IncompatibleWeightsError as error:
+            raise ProtocolError(f"protocol.hparams.skip: {error}") from error
 
 
 class Stored(NamedTuple):

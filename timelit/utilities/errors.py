@@ -5,11 +5,13 @@
     timelit --debug merge ...        (or TIMELIT_DEBUG=1) the same error with its traceback
 
 A user error is a mistake in what was asked, not in timelit: a missing file or config, an unknown option, merge
-method or dataset, an empty folder. Its message names the thing at fault and, where there is a list of valid names,
-the nearest one (`did_you_mean`). `timelit.commands.cli.main` treats as one: `UserError` and the domain errors built on
-it (ManifestError, LayoutError, GridError, ...), `FileNotFoundError` and `NotADirectoryError` (a path that is not
-there), and jsonargparse's parse errors, which the parsers raise as `UsageError` (`OneLineParserErrors`) instead of
-printing their 75-line usage. Anything else is a bug or a failure of the machine and keeps its traceback.
+method or dataset, an empty folder, a file that is not what it should be (`UnreadableFileError`: a truncated
+checkpoint). Its message names the thing at fault and, where there is a list of valid names, the nearest one
+(`did_you_mean`). `timelit.commands.cli.main` treats as one: `UserError` and the domain errors built on it
+(ManifestError, LayoutError, GridError, ...), `FileNotFoundError`, `NotADirectoryError` and an OSError EISDIR (a
+path that is not there, or a folder where a file was expected), and jsonargparse's parse errors, which the parsers
+raise as `UsageError` (`OneLineParserErrors`) instead of printing their 75-line usage. Anything else is a bug or a
+failure of the machine and keeps its traceback.
 
 Standard library only: every `timelit` command imports this module before anything heavy.
 """
@@ -17,7 +19,9 @@ Standard library only: every `timelit` command imports this module before anythi
 from __future__ import annotations
 
 import difflib
+import errno
 import os
+import pickle
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -35,8 +39,57 @@ class UsageError(UserError):
     """A command line or config that jsonargparse refused (unknown option, bad value, missing argument)."""
 
 
+class UnreadableFileError(UserError, ValueError):
+    """A weights file or checkpoint that exists but whose contents cannot be read (truncated, of another format, or
+    holding objects a weights-only load refuses); the message names the file."""
+
+
+CHECKPOINT_LOAD_ERRORS = (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, OSError)
+"""What `torch.load(weights_only=True)` raises on a file that is not a torch checkpoint or is cut short (a truncated
+zip: RuntimeError, ValueError or OSError EINVAL; random bytes: UnpicklingError; an empty file: EOFError)."""
+
+
+def unreadable_checkpoint(path: object, error: BaseException) -> UnreadableFileError | None:
+    """`error`, raised by `torch.load(path, weights_only=True)`, as a user error that names the file and says in a few
+    words what is wrong with it (torch's messages run to several lines of advice); None for an error of reading the
+    file (EIO, EACCES) rather than of its contents.
+
+        try:
+            checkpoint = torch.load(path, weights_only=True)
+        except CHECKPOINT_LOAD_ERRORS as error:
+            if (unreadable := unreadable_checkpoint(path, error)) is None:
+                raise
+            raise unreadable from error
+    """
+    if not isinstance(error, CHECKPOINT_LOAD_ERRORS) or (
+        isinstance(error, OSError) and error.errno not in (None, errno.EINVAL)
+    ):
+        return None
+    text = " ".join(str(error).split())
+    if isinstance(error, pickle.UnpicklingError) and "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split(" Please use ")[0].split(" Check the doc")[0].strip()
+        if "Unsupported global" in text:  # a pickle of objects other than tensors and plain containers
+            return UnreadableFileError(
+                f"{path}: holds objects that timelit does not unpickle (it loads with weights_only=True): {text}"
+            )
+    text = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", text).split(". This is an internal")[0].strip()
+    return UnreadableFileError(f"{path}: not a torch checkpoint, or a truncated one ({text or 'the file ends early'})")
+
+
+def yaml_problem(error: BaseException) -> str:
+    """A YAML parse error (PyYAML's `MarkedYAMLError`, whose str() is five lines with a caret) as `line 4: expected
+    ',' or ']', but got '<stream end>' (while parsing a flow sequence)`; any other error as its message on one line."""
+    problem, mark = getattr(error, "problem", None), getattr(error, "problem_mark", None)
+    if not problem:
+        return " ".join(str(error).split())
+    context = getattr(error, "context", None)
+    return f"{f'line {mark.line + 1}: ' if mark is not None else ''}{problem}{f' ({context})' if context else ''}"
+
+
 def is_user_error(error: BaseException) -> bool:
-    return isinstance(error, (UserError, FileNotFoundError, NotADirectoryError))
+    return isinstance(error, (UserError, FileNotFoundError, NotADirectoryError)) or (
+        isinstance(error, OSError) and error.errno == errno.EISDIR  # IsADirectoryError, or a WriteError of one
+    )
 
 
 def find_user_error(error: BaseException) -> BaseException | None:

@@ -25,7 +25,9 @@ SHM = Path("/dev/shm")
 
 
 def checkpoint(step: int, megabytes: int = 4) -> dict:
-    return {"global_step": step, "weights": torch.full((megabytes * 2**18,), float(step))}
+    """A stand-in for a Lightning checkpoint (AtomicCheckpointIO refuses to load a file without Lightning's version)."""
+    weights = torch.full((megabytes * 2**18,), float(step))
+    return {"global_step": step, "weights": weights, "pytorch-lightning_version": L.__version__}
 
 
 def hidden_leftovers(folder: Path) -> list[str]:

@@ -14,6 +14,7 @@ import torch
 from timelit.commands.merge import merge_argv, merge_command
 from timelit.merging import ExpertStore, load_weights, merge, read_metadata
 from timelit.merging.safetensors_io import file_sha256
+from timelit.utilities.errors import UnreadableFileError
 
 
 def _cli(*args: str) -> object:
@@ -79,8 +80,12 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, clip_base, write)
             return (print, ("pwned",))
 
     torch.save({"state_dict": {f"model.{k}": v for k, v in clip_base.items()}, "x": Payload()}, tmp_path / "evil.ckpt")
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+    with pytest.raises(
+        UnreadableFileError, match=r"evil\.ckpt: holds objects that timelit does not unpickle"
+    ) as refused:
         merge_command(tmp_path / "evil.ckpt", write("e", clip_base), "average", tmp_path / "out.safetensors")
+    assert isinstance(refused.value.__cause__, pickle.UnpicklingError)  # torch's weights_only=True refused it
+    assert "GLOBAL print" in str(refused.value)
 
 
 def test_a_bad_hyperparameter_fails_before_any_weights_are_read(tmp_path):

@@ -33,7 +33,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from timelit.training.contracts import TaskStream, TrainingBatches, datamodule_as
-from timelit.training.flops import AttentionCount, Rounding, StepCost, measure_step, steps_for_budget
+from timelit.training.flops import AttentionCount, BudgetError, Rounding, StepCost, measure_step, steps_for_budget
 from timelit.training.lightning_internals import reaches_logger
 
 log = logging.getLogger(__name__)
@@ -69,19 +69,19 @@ class ComputeBudget(Callback):
         rounding: Rounding = "nearest",
     ):
         if total_gflops is not None and gflops_per_task is not None:
-            raise ValueError(
+            raise BudgetError(
                 f"budget.total_gflops={total_gflops:g} and budget.gflops_per_task={gflops_per_task:g} are both set; "
                 f"choose one"
             )
         for name, value in (("total_gflops", total_gflops), ("gflops_per_task", gflops_per_task)):
             if value is not None and not value > 0:
-                raise ValueError(f"budget.{name} must be a positive number of GFLOPs, got {value}")
+                raise BudgetError(f"budget.{name} must be a positive number of GFLOPs, got {value}")
         if not multiplier > 0:
-            raise ValueError(f"budget.multiplier must be positive, got {multiplier}")
+            raise BudgetError(f"budget.multiplier must be positive, got {multiplier}")
         if attention not in ("fused", "math"):
-            raise ValueError(f"budget.attention must be 'fused' or 'math', got {attention!r}")
+            raise BudgetError(f"budget.attention must be 'fused' or 'math', got {attention!r}")
         if rounding not in ("nearest", "floor"):
-            raise ValueError(f"budget.rounding must be 'nearest' or 'floor', got {rounding!r}")
+            raise BudgetError(f"budget.rounding must be 'nearest' or 'floor', got {rounding!r}")
         self.total_gflops = total_gflops
         self.gflops_per_task = gflops_per_task
         self.multiplier = multiplier
@@ -148,7 +148,7 @@ class ComputeBudget(Callback):
             raise RuntimeError(f"ranks derived different steps per task from the budget (rank 0 differs from {steps})")
         explicit = datamodule.steps_per_task
         if explicit is not None and explicit != steps:
-            raise ValueError(
+            raise BudgetError(
                 f"data.steps_per_task={explicit} conflicts with the compute budget, which gives {steps} steps per "
                 f"task ({self._describe()}); remove data.steps_per_task or the `budget:` section"
             )
@@ -174,7 +174,7 @@ class ComputeBudget(Callback):
                 if self.gflops_per_task is not None
                 else f"budget.total_gflops={self.total_gflops:g} over data.num_tasks={self.num_tasks} tasks"
             )
-            raise ValueError(
+            raise BudgetError(
                 f"{source} gives {per_task:,.6g} GFLOPs per task, less than one training step: "
                 f"{self._step_description(datamodule.batch_size)} costs {self.gflops_per_step:,.6g} GFLOPs. Raise the "
                 f"budget to at least {self.gflops_per_step * (self.num_tasks or 1):,.6g} GFLOPs in total, or lower "
@@ -309,7 +309,7 @@ class ComputeBudget(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("steps_per_task")
         if self.active and saved is not None and self.steps_per_task is not None and saved != self.steps_per_task:
-            raise ValueError(
+            raise BudgetError(
                 f"the checkpoint was trained with {saved} steps per task, but this configuration's compute budget "
                 f"gives {self.steps_per_task} ({self._describe()}); resume with the budget, model and batch size "
                 f"the run started with"

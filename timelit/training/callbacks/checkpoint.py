@@ -31,8 +31,10 @@ from typing_extensions import override
 from timelit.training import lightning_internals
 from timelit.utilities.atomic import remove_temporaries, replace_with, temporary_path
 from timelit.utilities.disk_space import is_disk_full, write_error
+from timelit.utilities.errors import CHECKPOINT_LOAD_ERRORS, UnreadableFileError, unreadable_checkpoint
 
 log = logging.getLogger(__name__)
+LIGHTNING_VERSION_KEY = "pytorch-lightning_version"  # in every checkpoint Lightning writes; it reads it first
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -48,8 +50,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     the new one. A save killed midway leaves only `.<name>.<host>.<pid>.tmp`, which no `last*.ckpt` glob matches; the
     next successful save on the same host removes such leftovers of processes that no longer exist.
 
-    Loading and `remove_checkpoint` are TorchCheckpointIO's. Paths on remote filesystems (`s3://...`) are saved by
-    TorchCheckpointIO as before (object stores have no partial objects).
+    Loading and `remove_checkpoint` are TorchCheckpointIO's, except that a file which is not a Lightning checkpoint
+    ends in a one-line user error. Paths on remote filesystems (`s3://...`) are saved by TorchCheckpointIO as before
+    (object stores have no partial objects).
     """
 
     @override
@@ -78,6 +81,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         # Leftovers of saves killed midway on this host (a checkpoint-sized file each); other hosts' pids mean
         # nothing here. A run also removes every leftover of its folders when it starts (timelit.utilities.atomic).
         remove_temporaries([target.parent], only_gone_writers=True)
+
+    @override
+    def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """TorchCheckpointIO's load; a file that is not a Lightning checkpoint or is cut short (a `--ckpt_path` to the
+        wrong file) is a user error naming it, not torch's several lines of advice or a KeyError under a traceback."""
+        try:
+            checkpoint = super().load_checkpoint(path, *args, **kwargs)  # its map_location default keeps tensors on CPU
+        except CHECKPOINT_LOAD_ERRORS as error:
+            if (unreadable := unreadable_checkpoint(path, error)) is None:
+                raise
+            raise unreadable from error
+        if not isinstance(checkpoint, dict) or LIGHTNING_VERSION_KEY not in checkpoint:  # Lightning's KeyError else
+            raise UnreadableFileError(
+                f"{path}: not a Lightning checkpoint (no {LIGHTNING_VERSION_KEY!r}); weights alone go in "
+                "--model.init_args.pretrained"
+            )
+        return checkpoint
 
 
 class StreamCheckpoint(ModelCheckpoint):

@@ -164,6 +164,7 @@ class TimeMerge(Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.settings.check_keys(self._base(pl_module))  # on every rank: each raises, none waits at the barrier
         if trainer.is_global_zero:
             self.files.save_base(self._base(pl_module))
         trainer.strategy.barrier("timelit-base")
