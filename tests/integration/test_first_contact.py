@@ -77,6 +77,7 @@ def bad(tiny_benchmark: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     (folder / "grid.yaml").write_text("name: x\naxes:\n  a: [1, 2\n")
     (folder / "a_folder.ckpt").mkdir()
     (folder / "a_file").write_text("")
+    (folder / "binary.yaml").write_bytes(bytes([0xF4, 0x00, 0xFF]) * 100)
     return folder
 
 
@@ -218,6 +219,13 @@ BAD_INPUTS = {
         ["budget", "--model_name", "timelit-micro-ViT", "--batch_size", "0", "--num_tasks", "2"],
         "batch_size must be at least 1, got 0",
     ),
+    "fit: a binary file as config": (
+        ["fit", "--config", "{bad}/binary.yaml"],
+        "config {bad}/binary.yaml is not a YAML text file (byte 0 is not UTF-8)",
+    ),
+    "data synth: negative scale": (
+        ["data", "synth", "--out", "{empty}/synth", "--scale", "-1"], "--scale must be a positive number"
+    ),
     "data stream: --out a folder": (
         ["data", "stream", "--out", "{bad}/a_folder.ckpt", "--manifests", "{bench}"],
         "Is a directory: {bad}/a_folder.ckpt",
@@ -244,3 +252,22 @@ def test_debug_shows_the_traceback_of_a_user_error(empty, tmp_path):
     assert result.returncode == 1 and "Traceback" in result.stderr and "no results.json under" in result.stderr
     result = timelit("--debug", "report", str(empty), cwd=tmp_path)
     assert result.returncode == 1 and "Traceback" in result.stderr
+
+
+def test_a_fit_into_a_folder_another_fit_holds_ends_in_one_line_naming_the_holder(
+    tiny_benchmark, tmp_path, quick_fit_args
+):
+    from timelit.utilities.folder_lock import lock_run_folder
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    held = lock_run_folder(run_dir)  # this process stands for the first fit
+    try:
+        result = timelit(*quick_fit_args(tiny_benchmark, tmp_path, tasks=1, steps=1), cwd=tmp_path)
+    finally:
+        held.release()
+    errors = [line for line in result.stderr.splitlines() if not line.startswith(LEVELS)]
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(errors) == 1 and errors[0].startswith(f"timelit fit: error: {run_dir} is in use"), result.stderr
+    assert f"pid {os.getpid()}" in errors[0]

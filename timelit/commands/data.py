@@ -14,12 +14,14 @@ its work when it runs (numpy, PIL and torch load only for the command that needs
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 from timelit.data.prepare.new import DEFAULT_PROMPT, QUICKSTART, NewLayout
 from timelit.data.prepare.options import PrepareOptions
 from timelit.data.prepare.stream_files import Ordering
+from timelit.utilities.errors import UsageError
 
 
 def new_command(
@@ -203,6 +205,8 @@ def synth_command(
     """
     from timelit.data.synth.benchmark import READY_FILE, synthesize
 
+    if not (math.isfinite(scale) and scale > 0):  # checked before anything is written into OUT
+        raise UsageError(f"--scale must be a positive number (a fraction shrinks every dataset), got {scale}")
     root = synthesize(out, seed=seed, scale=scale, base_model=base_model, base_steps=base_steps, force=force, size=size)
     report = json.loads((Path(root) / READY_FILE).read_text())
     print(f"quickstart benchmark in {root}")

@@ -23,6 +23,8 @@ import os
 import socket
 from pathlib import Path
 
+from timelit.utilities.errors import UserError
+
 log = logging.getLogger(__name__)
 
 FIT_LOCK = "fit.lock"
@@ -94,8 +96,9 @@ def lock_holder(path: str | os.PathLike[str]) -> str | None:
     return None
 
 
-class RunFolderBusy(RuntimeError):
-    """Another live `timelit fit` holds the run folder."""
+class RunFolderBusy(UserError, RuntimeError):
+    """Another live `timelit fit` holds the run folder: a user error (one line, exit status 2), since the fix is to
+    wait or to choose another folder."""
 
 
 def lock_run_folder(run_dir: str | os.PathLike[str]) -> FolderLock:

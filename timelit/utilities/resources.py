@@ -10,6 +10,8 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
+from timelit.utilities.errors import UsageError
+
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # timelit/
 MODEL_CONFIGS_DIR = PACKAGE_DIR / "training" / "model_configs"
 
@@ -41,7 +43,7 @@ def resolve_config(name: str) -> Path:
     """
     path = Path(name).expanduser()
     if path.is_file():
-        return path
+        return _text_file(path)
     shipped = configs_dir()
     for candidate in (shipped / name, shipped / f"{name}.yaml"):
         if candidate.is_file():
@@ -55,3 +57,16 @@ def resolve_config(name: str) -> Path:
     raise FileNotFoundError(
         f"config '{name}' is neither a file nor one of the {len(available)} configs shipped in {shipped}; {hint}"
     )
+
+
+def _text_file(path: Path) -> Path:
+    """`path`, if it reads as UTF-8 text; a binary file given as a config (a checkpoint, weights) would otherwise fail
+    deep inside jsonargparse with a UnicodeDecodeError traceback."""
+    try:
+        path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UsageError(
+            f"config {path} is not a YAML text file (byte {error.start} is not UTF-8); weights go in "
+            "--model.init_args.pretrained, checkpoints in --ckpt_path"
+        ) from None
+    return path
