@@ -401,7 +401,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--micro-batch", type=int, default=16)
     parser.add_argument("--micro-steps", type=int, default=201, help="steps per task of the micro-model variant")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
-    parser.add_argument("--eval-datasets", nargs="*", default=["COLOURS", "DIGITS"], help="evaluated after tasks")
+    parser.add_argument(
+        "--eval-datasets",
+        nargs="*",
+        default=["COLOURS", "CREATURES"],
+        help="evaluated after tasks (default: a held-out and an adaptation set that both benchmark sizes have)",
+    )
     parser.add_argument("--no-progress-bar", action="store_true", help="as `--trainer.enable_progress_bar false`")
     parser.add_argument("--tmp", default=None, help="where run folders go (default: the system temp dir)")
     parser.add_argument("--profile", action="store_true", help="also profile the micro model's fit (cProfile)")
