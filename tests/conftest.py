@@ -9,10 +9,18 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 os.environ.setdefault("TIMELIT_LOG_LEVEL", "WARNING")
+# One torch thread per process (unless the caller sets another number): the suite's models are micro-sized, where a
+# second thread buys nothing, and its multi-process tests (two DDP ranks, fits beside their launcher) would otherwise
+# put four spinning threads on the two cores, which makes every step several times slower (a TimeMerge test: 2.7 s
+# with one thread, 19.9 s with two while one other process ran). Subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case torch was imported before this file
 
 MICRO = "timelit-micro-ViT"
 
