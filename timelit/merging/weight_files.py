@@ -20,7 +20,7 @@ from timelit.merging.engine import DEFAULT_CHUNK_SIZE, DEFAULT_THREADS
 from timelit.merging.safetensors_io import atomic_file, file_sha256, save_weights
 from timelit.merging.store import ExpertStore
 from timelit.merging.technique import Technique
-from timelit.utilities.errors import CHECKPOINT_LOAD_ERRORS, UserError, unreadable_checkpoint
+from timelit.utilities.errors import UserError, reading_checkpoint
 
 MODEL_PREFIX = "model."
 """The timelit LightningModule holds the open_clip model as ``self.model``, so checkpoint keys are ``model.<key>``."""
@@ -103,12 +103,8 @@ def load_checkpoint_weights(path: str | os.PathLike[str]) -> dict[str, torch.Ten
 
     ``weights_only=True`` keeps pickle from running code in an untrusted file.
     """
-    try:
+    with reading_checkpoint(path):  # not a torch checkpoint, or cut short: one line naming it
         checkpoint = torch.load(path, weights_only=True, map_location="cpu")
-    except CHECKPOINT_LOAD_ERRORS as error:  # not a torch checkpoint, or cut short
-        if (unreadable := unreadable_checkpoint(path, error)) is None:
-            raise
-        raise unreadable from error
     state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
         raise MergeInputError(f"{path}: not a Lightning checkpoint (no 'state_dict')")

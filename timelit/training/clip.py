@@ -20,7 +20,7 @@ import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 from torch import nn
 
-from timelit.utilities.errors import CHECKPOINT_LOAD_ERRORS, UnreadableFileError, UserError, unreadable_checkpoint
+from timelit.utilities.errors import UnreadableFileError, UserError, reading_checkpoint
 from timelit.utilities.resources import MODEL_CONFIGS_DIR
 
 log = logging.getLogger(__name__)
@@ -121,12 +121,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except SafetensorError as error:
             raise UnreadableFileError(f"{path}: not a safetensors file, or a truncated one ({error})") from error
     else:
-        try:
+        with reading_checkpoint(path):  # not a torch file, cut short, or other objects than weights: one line
             loaded = torch.load(path, map_location="cpu", weights_only=True)
-        except CHECKPOINT_LOAD_ERRORS as error:  # not a torch file, cut short, or other objects than weights
-            if (unreadable := unreadable_checkpoint(path, error)) is None:
-                raise
-            raise unreadable from error
         state_dict = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
     if not isinstance(state_dict, dict):
         raise UnreadableFileError(f"'{path}' does not hold a state dict (found {type(state_dict).__name__})")

@@ -21,7 +21,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from timelit.training import lightning_internals
 from timelit.utilities import early_signals
-from timelit.utilities.errors import CHECKPOINT_LOAD_ERRORS, OneLineParserErrors, UserError, unreadable_checkpoint
+from timelit.utilities.errors import OneLineParserErrors, UserError, reading_checkpoint
 from timelit.utilities.resources import PACKAGE_DIR
 
 DEFAULTS_DIR = PACKAGE_DIR / "training" / "cli_defaults"
@@ -52,13 +52,9 @@ class TimeLightningCLI(LightningCLI):
         """LightningCLI's first read of `--ckpt_path` (for the hyperparameters saved in it), with a file that is not a
         torch checkpoint or is cut short reported in one line naming it. A private method of LightningCLI
         (timelit.training.lightning_internals lists it); its config parse raises UsageError, none of these."""
-        try:
+        subcommand = self.config.get("subcommand")
+        with reading_checkpoint(self.config[subcommand].get("ckpt_path") if subcommand else None):
             super()._parse_ckpt_path()
-        except CHECKPOINT_LOAD_ERRORS as error:
-            path = self.config[self.config.subcommand].get("ckpt_path")
-            if (unreadable := unreadable_checkpoint(path, error)) is None:
-                raise
-            raise unreadable from error
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         from timelit.training.callbacks.budget import ComputeBudget

@@ -18,12 +18,13 @@ Standard library only: every `timelit` command imports this module before anythi
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import errno
 import os
 import pickle
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 EXIT_CODE = 2  # argparse's status for a usage error
@@ -52,15 +53,7 @@ zip: RuntimeError, ValueError or OSError EINVAL; random bytes: UnpicklingError; 
 def unreadable_checkpoint(path: object, error: BaseException) -> UnreadableFileError | None:
     """`error`, raised by `torch.load(path, weights_only=True)`, as a user error that names the file and says in a few
     words what is wrong with it (torch's messages run to several lines of advice); None for an error of reading the
-    file (EIO, EACCES) rather than of its contents.
-
-        try:
-            checkpoint = torch.load(path, weights_only=True)
-        except CHECKPOINT_LOAD_ERRORS as error:
-            if (unreadable := unreadable_checkpoint(path, error)) is None:
-                raise
-            raise unreadable from error
-    """
+    file (EIO, EACCES) rather than of its contents. `reading_checkpoint` applies it around a load."""
     if not isinstance(error, CHECKPOINT_LOAD_ERRORS) or (
         isinstance(error, OSError) and error.errno not in (None, errno.EINVAL)
     ):
@@ -74,6 +67,23 @@ def unreadable_checkpoint(path: object, error: BaseException) -> UnreadableFileE
             )
     text = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", text).split(". This is an internal")[0].strip()
     return UnreadableFileError(f"{path}: not a torch checkpoint, or a truncated one ({text or 'the file ends early'})")
+
+
+@contextlib.contextmanager
+def reading_checkpoint(path: object) -> Iterator[None]:
+    """Around a `torch.load(path, weights_only=True)`: a file that is not a torch checkpoint or is cut short ends in
+    `unreadable_checkpoint`'s one-line user error; errors of reading it (EIO, EACCES) and all others pass unchanged.
+
+        with reading_checkpoint(path):
+            checkpoint = torch.load(path, weights_only=True, map_location="cpu")
+    """
+    try:
+        yield
+    except CHECKPOINT_LOAD_ERRORS as error:
+        unreadable = unreadable_checkpoint(path, error)
+        if unreadable is None:
+            raise
+        raise unreadable from error
 
 
 def yaml_problem(error: BaseException) -> str:

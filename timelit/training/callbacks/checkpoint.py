@@ -31,7 +31,7 @@ from typing_extensions import override
 from timelit.training import lightning_internals
 from timelit.utilities.atomic import remove_temporaries, replace_with, temporary_path
 from timelit.utilities.disk_space import is_disk_full, write_error
-from timelit.utilities.errors import CHECKPOINT_LOAD_ERRORS, UnreadableFileError, unreadable_checkpoint
+from timelit.utilities.errors import UnreadableFileError, reading_checkpoint
 
 log = logging.getLogger(__name__)
 LIGHTNING_VERSION_KEY = "pytorch-lightning_version"  # in every checkpoint Lightning writes; it reads it first
@@ -86,12 +86,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """TorchCheckpointIO's load; a file that is not a Lightning checkpoint or is cut short (a `--ckpt_path` to the
         wrong file) is a user error naming it, not torch's several lines of advice or a KeyError under a traceback."""
-        try:
+        with reading_checkpoint(path):
             checkpoint = super().load_checkpoint(path, *args, **kwargs)  # its map_location default keeps tensors on CPU
-        except CHECKPOINT_LOAD_ERRORS as error:
-            if (unreadable := unreadable_checkpoint(path, error)) is None:
-                raise
-            raise unreadable from error
         if not isinstance(checkpoint, dict) or LIGHTNING_VERSION_KEY not in checkpoint:  # Lightning's KeyError else
             raise UnreadableFileError(
                 f"{path}: not a Lightning checkpoint (no {LIGHTNING_VERSION_KEY!r}); weights alone go in "
