@@ -27,6 +27,15 @@ StateDict = Mapping[str, torch.Tensor]
 WeightsLike = StateDict | str | os.PathLike
 
 
+class NamedWeights(dict):
+    """A state dict that remembers the file it was read from (a Lightning checkpoint's weights), so that a mismatch
+    with the base names that file, as it does for a safetensors path, rather than its position in the list."""
+
+    def __init__(self, weights: StateDict, name: str) -> None:
+        super().__init__(weights)
+        self.name = name
+
+
 class IncompatibleWeightsError(UserError, ValueError):
     """Weights that do not fit the base (other keys, shapes or dtypes: another model), or a `skip` pattern that
     matches none of its keys; the message names the file and the key."""
@@ -75,7 +84,7 @@ def open_sources(base: WeightsLike, experts: Sequence[WeightsLike]) -> Iterator[
             if isinstance(weights, (str, os.PathLike)):
                 return stack.enter_context(SafetensorsReader(weights))
             if isinstance(weights, Mapping):
-                return MemorySource(weights, name)
+                return MemorySource(weights, weights.name if isinstance(weights, NamedWeights) else name)
             raise TypeError(f"{name}: expected a state dict or a safetensors path, got {type(weights).__name__}")
 
         base_source = source(base, "base")

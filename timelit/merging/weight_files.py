@@ -18,6 +18,7 @@ import torch
 from timelit.merging import merge
 from timelit.merging.engine import DEFAULT_CHUNK_SIZE, DEFAULT_THREADS
 from timelit.merging.safetensors_io import atomic_file, file_sha256, save_weights
+from timelit.merging.sources import NamedWeights
 from timelit.merging.store import ExpertStore
 from timelit.merging.technique import Technique
 from timelit.utilities.errors import UserError, reading_checkpoint
@@ -77,7 +78,7 @@ def _load(path: Path) -> tuple[Path | dict[str, torch.Tensor], str]:
     if path.suffix == ".safetensors":
         return path, file_sha256(path)
     if path.suffix == ".ckpt":
-        return load_checkpoint_weights(path), file_sha256(path)
+        return NamedWeights(load_checkpoint_weights(path), str(path)), file_sha256(path)
     raise MergeInputError(f"{path}: expected a .safetensors or .ckpt file")
 
 

@@ -88,6 +88,17 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, clip_base, write)
     assert "GLOBAL print" in str(refused.value)
 
 
+def test_a_checkpoint_of_another_model_is_named_by_its_file(tmp_path, clip_base, write):
+    other = {key: value for key, value in clip_base.items() if key != "visual.proj"}
+    torch.save({"state_dict": {f"model.{k}": v for k, v in other.items()}}, tmp_path / "other.ckpt")
+    torch.save({"state_dict": {f"model.{k}": v for k, v in clip_base.items()}}, tmp_path / "base.ckpt")
+    expert = write("e", clip_base)
+    with pytest.raises(
+        ValueError, match=r"other\.ckpt: keys differ from the base .*base\.ckpt: missing \['visual.proj'\]"
+    ):
+        merge_command(tmp_path / "base.ckpt", [expert, tmp_path / "other.ckpt"], "average", tmp_path / "o.safetensors")
+
+
 def test_a_bad_hyperparameter_fails_before_any_weights_are_read(tmp_path):
     with pytest.raises(ValueError, match="unknown hyperparameter 'kk' for 'ties'; did you mean 'k'"):
         merge_command(tmp_path / "missing.safetensors", [], "ties", tmp_path / "o.safetensors", hparams={"kk": 0.2})
