@@ -98,6 +98,21 @@ def test_budget_command_prints_the_plan(capsys: pytest.CaptureFixture[str]) -> N
     assert rows == {t: f"{s:,}" for t, s in REFERENCE_STEPS.items()}
 
 
+def test_budget_table_columns_stay_apart_for_huge_budgets(capsys: pytest.CaptureFixture[str]) -> None:
+    budget_command(model_name="timelit-micro-ViT", batch_size=8, total_gflops=1e15, num_tasks=1)
+    out = capsys.readouterr().out
+    header, row = out.split("\n\n")[1].splitlines()[:2]
+    assert header.split() == ["tasks", "GFLOPs/task", "steps/task", "samples/task", "total", "steps", "samples"]
+    table = out.split("\n\n")[1].splitlines()[1:]
+    for row in table:
+        cells = row.split()
+        assert len(cells) == 6, row  # six figures, none run into its neighbour
+        tasks, steps = int(cells[0]), int(cells[2].replace(",", ""))
+        assert tasks in (20, 50, 100, 200) and steps > 10**14 and cells[3] == f"{steps * 8:,}", row
+        assert len(row) == len(header), "rows and the header line up"
+    # Before the columns widened, a row read "2050,000,000,000,0004,331,998,846,648,627...": one token.
+
+
 def test_budget_command_reads_a_run_config_and_its_budget_fragment(capsys: pytest.CaptureFixture[str]) -> None:
     budget_command(fit_config=["quickstart.yaml", "budget/quickstart.yaml"])
     out = capsys.readouterr().out

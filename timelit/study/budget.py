@@ -121,17 +121,38 @@ def format_report(
             f"  note: the config's data.steps_per_task={config_steps} ({_fmt(config_steps * chosen.gflops_per_step)} "
             f"GFLOPs per task) conflicts with the budget; `timelit fit` refuses both together"
         )
-    header = f"{'tasks':>7}{'GFLOPs/task':>14}{'steps/task':>12}{'samples/task':>14}{'total steps':>13}{'samples':>14}"
-    lines += ["", header]
-    for plan in plans:
-        if plan.steps == 0:
-            lines.append(f"{plan.num_tasks:>7}{_fmt(plan.gflops_per_task):>14}   less than one step")
-            continue
-        lines.append(
-            f"{plan.num_tasks:>7}{_fmt(plan.gflops_per_task):>14}{plan.steps:>12,}{plan.samples:>14,}"
-            f"{plan.total_steps:>13,}{plan.total_steps * plan.batch_size:>14,}"
-        )
+    lines += ["", *_plan_table(plans)]
     return "\n".join(lines)
+
+
+_COLUMNS = (
+    ("tasks", 7),
+    ("GFLOPs/task", 14),
+    ("steps/task", 12),
+    ("samples/task", 14),
+    ("total steps", 13),
+    ("samples", 14),
+)
+
+
+def _plan_table(plans: list[TaskPlan]) -> list[str]:
+    """One right-aligned row per plan; a column widens past its usual width when a figure needs it (a budget of
+    billions of steps), so that neighbouring numbers never run together."""
+    rows = [
+        [f"{plan.num_tasks}", _fmt(plan.gflops_per_task)]
+        + (
+            [f"{plan.steps:,}", f"{plan.samples:,}", f"{plan.total_steps:,}", f"{plan.total_steps * plan.batch_size:,}"]
+            if plan.steps
+            else []
+        )
+        for plan in plans
+    ]
+    widths = [max([width, *(len(row[i]) + 2 for row in rows if i < len(row))]) for i, (_, width) in enumerate(_COLUMNS)]
+    lines = ["".join(f"{name:>{width}}" for (name, _), width in zip(_COLUMNS, widths))]
+    for row in rows:
+        text = "".join(f"{cell:>{width}}" for cell, width in zip(row, widths))
+        lines.append(text if len(row) == len(_COLUMNS) else text + "   less than one step")
+    return lines
 
 
 def _fmt(gflops: float) -> str:
