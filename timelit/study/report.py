@@ -22,6 +22,12 @@ Forgetting (`timelit.training.evaluation.forgetting`): backward transfer, averag
 each run, computed from its points and the datasets each task trains (`run.data.task_datasets`); "—" for runs written
 before that header field existed.
 
+Environments. Every results.json written since 2026-12-08 lists the code, torch, device, torch threads, precision and
+world size that computed its points (`environments`, timelit.utilities.environment). The report warns, on stderr and
+under report.md's tables, when the runs it compares were computed under different ones, or a run was resumed under
+another: on a CPU the thread count alone moves a final GM about as much as a seed, so such differences are not only the
+protocols'.
+
 Protocol fields come from the run header that callbacks write into results.json (`run.protocol` from TimeMerge,
 `run.budget` from ComputeBudget); a run without them reads "unknown". An incomplete run (killed, still running) keeps
 its row and is marked, so a half-finished sweep can be read.
@@ -47,6 +53,7 @@ from timelit.study.stats import (
     statistics_rows,
 )
 from timelit.training.evaluation.forgetting import NUMBERS, from_results
+from timelit.utilities.environment import differences
 from timelit.utilities.errors import UserError
 
 RESULTS_FILE = "results.json"
@@ -121,6 +128,7 @@ def parse_results(data: dict[str, Any], name: str, path: Path) -> RunResult:
         gflops_spent=_number(points[-1].get("gflops")) if points else math.nan,  # from ComputeBudget.task_record
         zero_shot_step=int(points[0].get("global_step") or 0) if points and points[0]["tasks_done"] == 0 else 0,
         forgetting=from_results(data),
+        environments=[e for e in data.get("environments") or [] if isinstance(e, dict)],
     )
 
 
@@ -172,13 +180,48 @@ def load_runs(paths: list[str]) -> tuple[list[RunResult], list[str]]:
 
 
 def check_runs(runs: list[RunResult]) -> list[str]:
-    """Warnings about figures that are not what their column says."""
-    return [
+    """Warnings about figures that are not what their column says, or that are compared across software or
+    machines that can change them."""
+    warnings = [
         f"{run.name}: the zero-shot point was recorded at training step {run.zero_shot_step}, not 0 (the run was "
         f"resumed and evaluated again before training); its zs_* figures are not the zero-shot model's"
         for run in runs
         if run.zero_shot_step > 0
     ]
+    return warnings + check_environments(runs)
+
+
+def check_environments(runs: list[RunResult]) -> list[str]:
+    """Runs computed under different code, torch, device, thread count, precision or world size
+    (timelit.utilities.environment.NUMERIC_FIELDS): their differences are not only the protocols' and seeds'."""
+    warnings = []
+    for run in runs:
+        steps = {f"from task {e.get('from_tasks_done')}": e for e in run.environments}
+        for field, values in differences(steps).items():
+            warnings.append(f"{run.name}: resumed under another {field}: {_values_text(values)}")
+    recorded = {run.name: run.environments[0] for run in runs if run.environments}
+    for field, values in differences(recorded).items():
+        warnings.append(
+            f"the runs were computed under different {field}: {_values_text(values)}; on a CPU the thread count "
+            "alone moves a final GM about as much as a seed does, so their differences are not only the protocols'"
+            if field == "torch_threads"
+            else f"the runs were computed under different {field}: {_values_text(values)}"
+        )
+    unrecorded = [run.name for run in runs if not run.environments]
+    if recorded and unrecorded:
+        warnings.append(
+            f"{len(unrecorded)} run(s) record no environment (written before timelit recorded it): "
+            f"{_names_text(unrecorded)}"
+        )
+    return warnings
+
+
+def _names_text(names: list[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def _values_text(values: dict[Any, list[str]]) -> str:
+    return "; ".join(f"{value} ({_names_text(names)})" for value, names in values.items())
 
 
 # ---------------------------------------------------------------------------------------------------- table

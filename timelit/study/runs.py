@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from timelit.training.evaluation.forgetting import ForgettingMatrix
 
@@ -36,6 +37,7 @@ class RunResult:
     gflops_spent: float = math.nan
     zero_shot_step: int = 0
     forgetting: ForgettingMatrix | None = None
+    environments: list[dict[str, Any]] = field(default_factory=list)  # results.json's, oldest first
 
     @property
     def protocol(self) -> str:

@@ -102,3 +102,27 @@ def test_without_a_stream_the_section_is_null(tmp_path):
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["forgetting"] is None and "data" not in data["run"]  # no task stream, no data header
     assert not math.isnan(data["points"][0]["A_KA"])
+
+
+def test_the_environment_of_the_points_is_recorded_and_survives_a_resume(tmp_path):
+    torch = pytest.importorskip("torch")
+    fake = trainer(tmp_path, Writer())
+    fake.accelerator, fake.precision, fake.world_size = SimpleNamespace(), "32-true", 1
+    threads = torch.get_num_threads()
+    callback = TaskResults()
+    try:
+        torch.set_num_threads(2)
+        callback._note_environment(fake, 0)
+        callback._note_environment(fake, 1)  # nothing changed: no second entry
+        resumed = TaskResults()
+        resumed.load_state_dict(json.loads(json.dumps(callback.state_dict())))  # through a checkpoint's JSON-able state
+        torch.set_num_threads(1)  # resumed elsewhere, with one thread
+        resumed._note_environment(fake, 2)
+        resumed.points.append(point(0, 10, 10, 10))
+        resumed._write(fake)
+    finally:
+        torch.set_num_threads(threads)
+    environments = json.loads((tmp_path / "results.json").read_text())["environments"]
+    assert [(e["from_tasks_done"], e["torch_threads"]) for e in environments] == [(0, 2), (2, 1)]
+    assert environments[0]["torch"] == torch.__version__ and environments[0]["precision"] == "32-true"
+    assert environments[0]["device"] and environments[0]["world_size"] == 1

@@ -191,6 +191,36 @@ def test_a_zero_shot_point_recorded_after_training_is_flagged(tmp_path, capsys):
     assert "training step 40" in (tmp_path / "out" / "report.md").read_text()
 
 
+def test_runs_computed_under_different_environments_are_flagged(tmp_path, capsys):
+    machine = {"from_tasks_done": 0, "commit": "abc", "torch": "2.14.1", "device": "cpu A", "torch_threads": 1,
+               "precision": "32-true", "world_size": 1, "host": "node1"}  # fmt: skip
+    runs = tmp_path / "runs"
+    for seed, environments in enumerate(
+        [
+            [machine],
+            [machine | {"host": "node2"}],  # another node of the same kind: not flagged
+            [machine | {"torch_threads": 2}],
+            [machine, machine | {"from_tasks_done": 1, "device": "cpu B"}],  # resumed on another machine
+        ]
+    ):
+        data = results([10, 20], [50, 40], num_tasks=1, protocol=protocol("ema", "ema"))
+        data["run"]["data"]["seed"] = seed
+        write(runs, f"seed={seed}", data | {"environments": environments})
+    write(runs, "old", results([10, 20], [50, 40], num_tasks=1, protocol=protocol("ema", "ema")))
+    report_command([str(runs)], out=str(tmp_path / "out"), plots=False)
+    err = capsys.readouterr().err
+    assert "seed=3: resumed under another device: cpu A (from task 0); cpu B (from task 1)" in err
+    assert "the runs were computed under different torch_threads: 1 (seed=0, seed=1, seed=3); 2 (seed=2)" in err
+    assert "different host" not in err and "different device" not in err  # seed=3 started on cpu A like the rest
+    assert "1 run(s) record no environment (written before timelit recorded it): old" in err
+    assert "different torch_threads" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_runs_of_one_environment_raise_no_warning(sweep, tmp_path, capsys):
+    report_command([str(sweep)], out=str(tmp_path / "out"), plots=False)  # none records an environment
+    assert "environment" not in capsys.readouterr().err
+
+
 def test_command_line_with_run_dirs_as_positionals(sweep, tmp_path):
     """How cli.py dispatches it: jsonargparse with as_positional=False, the run dirs gathered by report_argv."""
     out = tmp_path / "cli"
@@ -235,3 +265,14 @@ def test_the_scaling_plots_keep_runs_without_replay_apart(tmp_path):
     no_replay = dataclasses.replace(run, mixture="pool 0 · replay 0")
     assert _group_label(replay, ["mixture"]) != _group_label(no_replay, ["mixture"])
     assert _group_label(replay, []) == _group_label(no_replay, [])
+
+
+def test_the_report_starts_without_torch():
+    """docs/ARCHITECTURE.md: `timelit report` imports torch only inside the one plot function that needs it (its
+    environment check reads results.json's records; timelit.utilities.environment imports torch only to make them)."""
+    import subprocess
+    import sys
+
+    code = "import sys, timelit.study.report; print(sorted({'torch', 'lightning'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

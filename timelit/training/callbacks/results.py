@@ -18,6 +18,10 @@ tasks done and `columns` = datasets, each dataset's `own_task`, backward transfe
 drop, and their `history` per task). It needs `run.data.task_datasets`, the datasets each task trains, read from the
 data module's stream.
 
+`environments` lists the software and machine that computed the points (versions, git commit, device, torch threads,
+precision, world size; timelit.utilities.environment), one entry from the first point and one more from each point
+where a resumed run found them changed; validate_results.json has its one `environment`.
+
 A callback contributes fields to a point by defining `task_record(trainer) -> dict`, to the run header by defining
 `run_record(trainer) -> dict`, and top-level sections by defining `results_record(trainer) -> dict` (SkippedSamples'
 `skipped`).
@@ -54,6 +58,7 @@ from timelit.training.evaluation.evaluator import summary_figure
 from timelit.training.evaluation.forgetting import NUMBERS, ForgettingMatrix, forgetting_matrix
 from timelit.training.evaluation.metrics import summarize
 from timelit.utilities.atomic import write_text
+from timelit.utilities.environment import run_environment
 
 log = logging.getLogger(__name__)
 SUMMARY = ("A_KA", "A_ZS", "GM")
@@ -110,6 +115,9 @@ class TaskResults(Callback):
         self.points: list[dict[str, Any]] = []
         self.full: dict[str, dict[str, Any]] = {}
         self.complete = False
+        # One entry per change of software or machine over the run's points: a resume on another node, with another
+        # torch or thread count, adds one (timelit.utilities.environment says why it matters).
+        self.environments: list[dict[str, Any]] = []
 
     # ---------------------------------------------------------------- recording
 
@@ -155,6 +163,7 @@ class TaskResults(Callback):
             return
         tasks_done = 0 if trainer.sanity_checking else trainer.current_epoch + 1
         point = self._point(trainer, evaluation, tasks_done)
+        self._note_environment(trainer, tasks_done)
         self.points = [p for p in self.points if p["tasks_done"] != tasks_done] + [point]
         self.points.sort(key=lambda p: p["tasks_done"])
         stream = datamodule_as(trainer, TaskStream)
@@ -194,6 +203,12 @@ class TaskResults(Callback):
             if callback is not self:
                 point.update(callback.task_record(trainer))
         return point
+
+    def _note_environment(self, trainer: L.Trainer, tasks_done: int) -> None:
+        current = run_environment(trainer)
+        last = {k: v for k, v in self.environments[-1].items() if k != "from_tasks_done"} if self.environments else None
+        if current != last:
+            self.environments.append({"from_tasks_done": tasks_done, **current})
 
     @staticmethod
     def _figures(datasets: dict[str, Any], scope: str) -> dict[str, Any]:
@@ -252,6 +267,7 @@ class TaskResults(Callback):
             "points": self.points,
             "full": self.full,
             "forgetting": None if forgetting is None else forgetting.to_dict(),
+            "environments": self.environments,
         }
         for callback in callbacks_with(trainer, ResultsRecordSource):
             record.update(callback.results_record(trainer))
@@ -266,6 +282,7 @@ class TaskResults(Callback):
             "scope": scope,
             **summarize(evaluation["datasets"], scope),
             "datasets": self._figures(evaluation["datasets"], scope),
+            "environment": run_environment(trainer),
         }
         for callback in callbacks_with(trainer, ResultsRecordSource):
             record.update(callback.results_record(trainer))
@@ -312,9 +329,10 @@ class TaskResults(Callback):
     # ---------------------------------------------------------------- checkpoint
 
     def state_dict(self) -> dict[str, Any]:
-        return {"points": self.points, "full": self.full, "complete": self.complete}
+        return {"points": self.points, "full": self.full, "complete": self.complete, "environments": self.environments}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.points = list(state_dict.get("points", []))
         self.full = dict(state_dict.get("full", {}))
         self.complete = bool(state_dict.get("complete", False))
+        self.environments = list(state_dict.get("environments", []))
