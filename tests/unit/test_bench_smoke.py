@@ -166,3 +166,17 @@ def test_boundary_incremental(bench, tmp_path: Path) -> None:
     assert [(r["t"], r["identical"]) for r in report["results"]] == [(3, True), (5, True)]
     assert all(r["full_s"] > 0 and r["incremental_s"] > 0 and r["state_mb"] > 0 for r in report["results"])
     assert not list(tmp_path.glob("boundary_incremental_*")), "the experts' temporary folder is removed"
+
+
+def test_quickstart_fresh(bench, tiny_benchmark: Path, tmp_path: Path) -> None:
+    keep = tmp_path / "fresh"
+    bench("quickstart_fresh").main(["--quick", "--data-root", str(tiny_benchmark), "--out", str(tmp_path),
+                                    "--keep", str(keep)])  # fmt: skip
+    report = written(tmp_path, "quickstart_fresh")
+    [run] = report["runs"]
+    assert run["total_s"] > 0 and run["fit_s"] == run["total_s"], "the benchmark was there: the whole run is the fit"
+    assert run["GM_final"] > 0 and run["peak_rss_mb"] > 0
+    folder = Path(run["folder"])
+    # The run saw an empty home and an empty working folder: it wrote its runs/ there, nowhere else.
+    assert (folder / "work" / "runs" / "quickstart" / "results.json").exists()
+    assert not (folder / "home" / ".cache" / "timelit" / "quickstart").exists()
