@@ -31,12 +31,12 @@ def _version(package: str) -> str | None:
 
 
 def _cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo; empty off Linux, where `platform.processor()` is used instead."""
     try:
         with open("/proc/cpuinfo") as file:
             return next((line.split(":", 1)[1].strip() for line in file if line.startswith("model name")), "")
     except OSError:
         return ""
-    # Not on Linux: platform.processor() below is the best there is.
 
 
 def _source_commit() -> str | None:
